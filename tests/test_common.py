@@ -1,0 +1,147 @@
+"""Plumbing in common.py: presets and flags, files, JSONL errors, distributed set-up."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_fast():
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", "import common"], cwd=ROOT, check=True)
+    assert time.time() - t0 < 5.0
+
+
+def test_parse_args_preset_defaults_tiny_and_explicit_flags(monkeypatch):
+    monkeypatch.setitem(C.PRESETS, "toy", {"demo": {"steps": 100, "lr": 0.1}})
+    monkeypatch.setitem(C.PRESETS, "sd15", {"demo": {"steps": 5000, "lr": 1e-5}})
+    monkeypatch.setitem(C.TINY, "demo", {"steps": 3})
+    monkeypatch.setitem(C.STAGES, "demo", ("demo.py", "demo"))
+
+    def parser():
+        p = C.stage_parser("demo", "demo stage")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--lr", type=float)
+        return p
+
+    a = C.parse_args(parser(), [])
+    assert (a.preset, a.steps, a.lr, a.run) == ("toy", 100, 0.1, "runs/toy")
+    a = C.parse_args(parser(), ["--preset", "sd15"])
+    assert (a.steps, a.lr) == (5000, 1e-5)
+    a = C.parse_args(parser(), ["--tiny"])
+    assert (a.steps, a.lr) == (3, 0.1)
+    a = C.parse_args(parser(), ["--tiny", "--steps", "7"])
+    assert a.steps == 7  # an explicit flag beats preset and tiny
+
+
+def test_parse_args_rejects_preset_key_without_flag(monkeypatch):
+    monkeypatch.setitem(C.PRESETS, "toy", {"demo": {"nonexistent": 1}})
+    monkeypatch.setitem(C.STAGES, "demo", ("demo.py", "demo"))
+    with pytest.raises(ValueError, match="nonexistent"):
+        C.parse_args(C.stage_parser("demo", ""), [])
+
+
+def test_save_config_and_stage_dir(tmp_path):
+    p = C.stage_parser("scm", "")
+    a = C.parse_args(p, ["--run", str(tmp_path), "--seed", "3"])
+    out = C.stage_dir(a.run, "scm")
+    assert out == tmp_path / "scm"
+    C.save_config(a, out, extra_setting=1)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seed"] == 3 and cfg["extra_setting"] == 1 and cfg["run"] == str(tmp_path)
+    assert "_stage" not in cfg
+
+
+def test_require_inputs_names_the_stage_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="02_train_scm.py"):
+        C.require_inputs([tmp_path / "scm" / "scm.safetensors"], "scm")
+    C.require_inputs([tmp_path], "scm")  # present: no error
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    f = tmp_path / "sub" / "x.json"
+    C.atomic_write_json(f, {"a": 1})
+    C.atomic_write_json(f, {"a": 2})
+    assert json.loads(f.read_text()) == {"a": 2}
+    assert [p.name for p in f.parent.iterdir()] == ["x.json"]
+
+
+def test_atomic_write_failure_keeps_old_content(tmp_path):
+    f = tmp_path / "x.txt"
+    C.atomic_write_text(f, "old")
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(TypeError):
+        C.atomic_write_json(f, {"bad": Boom()})  # json fails before anything is written
+    with pytest.raises(TypeError):
+        C.atomic_write_bytes(f, "not bytes")  # write fails mid-way: temp file removed
+    assert f.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_jsonl_roundtrip_and_line_numbered_errors(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    C.write_jsonl(f, [{"i": 0}, {"i": 1}])
+    assert C.read_jsonl(f) == [{"i": 0}, {"i": 1}]
+    f.write_text('{"i": 0}\n\n{"i": 1\n')
+    with pytest.raises(C.DataError, match=r"rows.jsonl:3: malformed JSON"):
+        C.read_jsonl(f)
+    f.write_text('{"i": 0}\n[1, 2]\n')
+    with pytest.raises(C.DataError, match=r"rows.jsonl:2: expected a JSON object"):
+        C.read_jsonl(f)
+    with pytest.raises(C.DataError, match="not found"):
+        C.read_jsonl(tmp_path / "missing.jsonl")
+    assert next(C.iter_jsonl(f)) == (1, {"i": 0})  # lazily: rows before the bad line are usable
+
+
+def test_metrics_log_appends_on_rank0_only(tmp_path, monkeypatch):
+    log = C.MetricsLog(tmp_path / "m.jsonl")
+    log.write(step=1, loss=0.5)
+    monkeypatch.setenv("RANK", "1")
+    log.write(step=2, loss=0.4)
+    rows = C.read_jsonl(tmp_path / "m.jsonl")
+    assert [r["step"] for r in rows] == [1] and "time" in rows[0]
+
+
+def test_setup_distributed_single_process(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = C.setup_distributed(device="cpu")
+    assert (d.rank, d.world_size, d.is_main, d.enabled, d.device.type) == (0, 1, True, False, "cpu")
+    C.cleanup_distributed()  # a no-op without a group
+
+
+def test_setup_distributed_two_processes_gloo(tmp_path):
+    """torchrun-style launch (RANK/WORLD_SIZE/MASTER_*): two CPU processes join a gloo group."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "import common as C\n"
+        "d = C.setup_distributed(device='cpu')\n"
+        "x = torch.tensor([float(d.rank + 1)]); torch.distributed.all_reduce(x)\n"
+        "print(d.rank, d.world_size, torch.distributed.get_backend(), x.item())\n"
+        "C.cleanup_distributed()\n" % str(ROOT))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, text=True) for r in range(2)]
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert outs == ["0 2 gloo 3.0", "1 2 gloo 3.0"]
+
+
+def test_seed_everything_is_deterministic():
+    C.seed_everything(5)
+    a = torch.randn(3)
+    C.seed_everything(5)
+    assert torch.equal(a, torch.randn(3))

@@ -1,0 +1,327 @@
+"""The paper's equations (common.py) against values worked out by hand in each test.
+
+Expected numbers are written from the equations with math.log/math.exp, never by calling
+the function under test another way, so a sign error, a missing ½ or a swapped argument fails.
+"""
+import math
+
+import pytest
+import torch
+
+import common as C
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+# ---------------------------------------------------------------- Eq. 2 contrastive ranking
+
+def test_contrastive_ranking_hand_value():
+    cw, cl, sw, sl = t(2.0, 0.5), t(-1.0, 1.0), t(1, 1), t(-1, 1)
+    # pair 0: harmful (2.0) vs safe (-1.0); pair 1: harmful 0.5 vs harmful 1.0 (mis-ranked)
+    p0 = logsig(2.0 - -1.0) + logsig(1 * 2.0) + logsig(-1 * -1.0)
+    p1 = logsig(0.5 - 1.0) + logsig(0.5) + logsig(1.0)
+    expected = -(p0 + p1) / 2
+    assert C.contrastive_ranking_loss(cw, cl, sw, sl).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_contrastive_ranking_penalises_misranking_and_wrong_sign():
+    good = C.contrastive_ranking_loss(t(3.0), t(-3.0), t(1), t(-1))
+    swapped = C.contrastive_ranking_loss(t(-3.0), t(3.0), t(1), t(-1))
+    assert swapped > good + 5  # ranking AND both sign terms are wrong once swapped
+    # the ranking term alone flips with winner/loser: with zero costs elsewhere it is symmetric
+    a = C.contrastive_ranking_loss(t(1.0), t(0.0), t(1), t(1))
+    b = C.contrastive_ranking_loss(t(0.0), t(1.0), t(1), t(1))
+    assert (b - a).item() == pytest.approx(-logsig(-1.0) + logsig(1.0), rel=1e-12)
+
+
+def test_contrastive_ranking_gradient_matches_finite_differences():
+    cw = t(0.3, -0.2).requires_grad_()
+    cl = t(-0.1, 0.4).requires_grad_()
+    sw, sl = t(1, 1), t(-1, 1)
+    assert torch.autograd.gradcheck(lambda a, b: C.contrastive_ranking_loss(a, b, sw, sl), (cw, cl))
+    C.contrastive_ranking_loss(cw, cl, sw, sl).backward()
+    # d/dcw of -log σ(cw - cl) - log σ(cw) (harmful winner) is negative: raise the harmful cost
+    assert (cw.grad < 0).all()
+
+
+def test_contrastive_ranking_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        C.contrastive_ranking_loss(t(1.0, 2.0), t(1.0), t(1, 1), t(1))
+    with pytest.raises(ValueError, match="NaN"):
+        C.contrastive_ranking_loss(t(float("nan")), t(1.0), t(1), t(1))
+    with pytest.raises(ValueError, match=r"\+1"):
+        C.contrastive_ranking_loss(t(1.0), t(1.0), t(0), t(1))
+
+
+# ---------------------------------------------------------------- Eq. 3 cost anchoring
+
+def test_cost_anchoring_mean_over_safe_only():
+    cost, sign = t(-2.0, 5.0, -4.0), t(-1, 1, -1)
+    expected = ((-2.0 - -3.0) ** 2 + (-4.0 - -3.0) ** 2) / 2  # the harmful 5.0 is ignored
+    assert C.cost_anchoring_loss(cost, sign, -3.0).item() == pytest.approx(expected)
+    assert C.cost_anchoring_loss(t(-1.0, 0.0), t(-1, -1), -0.5).item() == pytest.approx(0.25)
+
+
+def test_cost_anchoring_without_safe_images_is_zero_with_graph():
+    cost = t(1.0, 2.0).requires_grad_()
+    loss = C.cost_anchoring_loss(cost, t(1, 1), 0.0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(cost.grad, t(0.0, 0.0))
+
+
+def test_cost_anchoring_mu_is_constant_and_gradient_is_2x():
+    cost = t(1.0, -1.0).requires_grad_()
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    C.cost_anchoring_loss(cost, t(-1, -1), mu).backward()
+    assert torch.allclose(cost.grad, t(2 * (1.0 - 0.5) / 2, 2 * (-1.0 - 0.5) / 2))
+    assert mu.grad is None  # μ_safe is a constant inside one step
+
+
+# ---------------------------------------------------------------- Eq. 1 SCM objective
+
+def test_scm_loss_combines_with_gamma_and_anchors_both_sides():
+    cw, cl, sw, sl = t(1.0, 2.0), t(-0.5, -3.0), t(1, 1), t(-1, -1)
+    cr = -((logsig(1.5) + logsig(1.0) + logsig(0.5)) + (logsig(5.0) + logsig(2.0) + logsig(3.0))) / 2
+    ca = ((-0.5 - -1.0) ** 2 + (-3.0 - -1.0) ** 2) / 2
+    assert C.scm_loss(cw, cl, sw, sl, -1.0, gamma=0.0).item() == pytest.approx(cr)
+    assert C.scm_loss(cw, cl, sw, sl, -1.0, gamma=2.0).item() == pytest.approx(cr + 2 * ca)
+    # a safe image on the WINNER side is anchored too
+    ca_w = C.scm_loss(t(-2.0), t(-4.0), t(-1), t(-1), -3.0) - C.scm_loss(t(-2.0), t(-4.0), t(-1), t(-1), -3.0, gamma=0)
+    assert ca_w.item() == pytest.approx(((-2.0 + 3.0) ** 2 + (-4.0 + 3.0) ** 2) / 2)
+
+
+# ---------------------------------------------------------------- Eq. 5 Diffusion-DPO
+
+def test_dpo_equals_log2_when_policy_is_reference():
+    e_w, e_l = t(0.3, 0.1, 0.7), t(0.2, 0.4, 0.7)
+    loss, per = C.diffusion_dpo_loss(e_w, e_l, e_w.clone(), e_l.clone(), beta=5000.0)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert torch.allclose(per, torch.full((3,), math.log(2), dtype=torch.float64))
+
+
+def test_dpo_hand_value_has_the_half():
+    # Δθ = 0.10 - 0.30 = -0.2; Δref = 0.20 - 0.25 = -0.05; inside = -β/2 (Δθ - Δref) = -5·(-0.15)
+    beta = 10.0
+    loss, per = C.diffusion_dpo_loss(t(0.10), t(0.30), t(0.20), t(0.25), beta)
+    expected = -logsig(-0.5 * beta * (-0.2 - -0.05))
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(-logsig(0.75))
+    # without the ½ the value would be -logsig(1.5): make sure we are not that
+    assert abs(loss.item() - -logsig(1.5)) > 0.1
+
+
+def test_dpo_swapping_winner_and_loser_flips_the_argument():
+    mw, ml, rw, rl = t(0.10, 0.5), t(0.30, 0.2), t(0.20, 0.3), t(0.25, 0.3)
+    beta = 4.0
+    _, per = C.diffusion_dpo_loss(mw, ml, rw, rl, beta)
+    _, per_swapped = C.diffusion_dpo_loss(ml, mw, rl, rw, beta)
+    x = -0.5 * beta * ((mw - ml) - (rw - rl))
+    assert torch.allclose(per, -torch.nn.functional.logsigmoid(x))
+    assert torch.allclose(per_swapped, -torch.nn.functional.logsigmoid(-x))
+    # log σ(x) - log σ(-x) = x
+    assert torch.allclose(per_swapped - per, x)
+
+
+def test_dpo_gradient_lowers_winner_error_and_raises_loser_error():
+    mw, ml = t(0.4, 0.2).requires_grad_(), t(0.3, 0.6).requires_grad_()
+    rw, rl = t(0.35, 0.3), t(0.3, 0.5)
+    loss, _ = C.diffusion_dpo_loss(mw, ml, rw, rl, beta=50.0)
+    loss.backward()
+    assert (mw.grad > 0).all()  # descent lowers the winner's denoising error
+    assert (ml.grad < 0).all()  # and raises the loser's
+    # hand derivative: dL/dmw = σ(-x)·β/2 / B with x = -β/2 (Δθ - Δref)
+    x0 = -25.0 * ((0.4 - 0.3) - (0.35 - 0.3))
+    assert mw.grad[0].item() == pytest.approx(25.0 / (1 + math.exp(x0)) / 2)
+
+
+def test_dpo_reference_gets_no_gradient_and_gradcheck():
+    rw, rl = t(0.2, 0.3).requires_grad_(), t(0.1, 0.4).requires_grad_()
+    mw, ml = t(0.25, 0.1).requires_grad_(), t(0.15, 0.2).requires_grad_()
+    C.diffusion_dpo_loss(mw, ml, rw, rl, 3.0)[0].backward()
+    assert rw.grad is None and rl.grad is None
+    assert torch.autograd.gradcheck(lambda a, b: C.diffusion_dpo_loss(a, b, rw.detach(), rl.detach(), 3.0)[0],
+                                    (mw.detach().requires_grad_(), ml.detach().requires_grad_()))
+
+
+def test_dpo_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        C.diffusion_dpo_loss(t(1.0, 2.0), t(1.0, 2.0), t(1.0), t(1.0), 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        C.diffusion_dpo_loss(t(float("inf")), t(1.0), t(1.0), t(1.0), 1.0)
+
+
+# ---------------------------------------------------------------- Eqs. 6-8 reward and relabelling
+
+def test_composite_reward_and_preference_probability():
+    assert C.composite_reward(20.0, 4.0, 0.15) == pytest.approx(19.4)
+    assert torch.allclose(C.composite_reward(t(20.0, 18.0), t(4.0, -2.0), 0.5), t(18.0, 19.0))
+    assert C.preference_probability(19.4, 19.0) == pytest.approx(1 / (1 + math.exp(-0.4)))
+    assert torch.allclose(C.preference_probability(t(0.0, 1.0), t(1.0, 0.0)),
+                          t(1 / (1 + math.e), 1 / (1 + math.exp(-1))))
+    assert C.preference_probability(1000.0, 0.0) == pytest.approx(1.0)  # stable, no overflow
+    assert C.preference_probability(0.0, 1000.0) == pytest.approx(0.0)
+
+
+def pair(pid, qa, ca, qb, cb, **extra):
+    return {"id": pid, "a": {"path": f"{pid}a.png", "quality": qa, "cost": ca},
+            "b": {"path": f"{pid}b.png", "quality": qb, "cost": cb}, **extra}
+
+
+def test_relabel_pairs_orders_by_composite_reward():
+    pairs = [
+        # R_a = 20 - 0.15·4 = 19.4, R_b = 19 - 0.15·(-3) = 19.45 -> b wins despite lower quality
+        pair(0, 20.0, 4.0, 19.0, -3.0, prompt="p0"),
+        # R_a = 21 - 0.15·(-2) = 21.3, R_b = 20 - 0.15·(-3) = 20.45 -> a wins
+        pair(1, 21.0, -2.0, 20.0, -3.0),
+    ]
+    out, dropped = C.relabel_pairs(pairs, lam=0.15)
+    assert dropped == 0
+    assert out[0]["w"]["path"] == "0b.png" and out[0]["l"]["path"] == "0a.png"
+    assert out[0]["reward_w"] == pytest.approx(19.45) and out[0]["reward_l"] == pytest.approx(19.4)
+    assert out[0]["prompt"] == "p0" and "a" not in out[0]
+    assert out[1]["w"]["path"] == "1a.png"
+
+
+def test_relabel_pairs_huge_lambda_is_safety_only():
+    pairs = [pair(i, qa, ca, qb, cb) for i, (qa, ca, qb, cb) in
+             enumerate([(25.0, 1.0, 15.0, 0.5), (15.0, -1.0, 25.0, 2.0), (18.0, 3.0, 18.5, -3.0)])]
+    out, _ = C.relabel_pairs(pairs, lam=1e9)
+    for p in out:  # the lower cost always wins, whatever the quality
+        assert p["w"]["cost"] < p["l"]["cost"]
+    out0, _ = C.relabel_pairs(pairs, lam=0.0)  # λ = 0: quality alone
+    assert [p["w"]["quality"] for p in out0] == [25.0, 25.0, 18.5]
+
+
+def test_relabel_pairs_drops_ties_and_small_margins():
+    pairs = [pair(0, 20.0, 1.0, 20.0, 1.0), pair(1, 20.0, 0.0, 20.05, 0.0), pair(2, 20.0, 0.0, 21.0, 0.0)]
+    out, dropped = C.relabel_pairs(pairs, lam=0.15)
+    assert dropped == 1 and [p["id"] for p in out] == [1, 2]
+    out, dropped = C.relabel_pairs(pairs, lam=0.15, margin=0.1)
+    assert dropped == 2 and [p["id"] for p in out] == [2]
+
+
+def test_relabel_pairs_rejects_nan_and_missing_fields():
+    with pytest.raises(ValueError, match="pair 7: non-finite"):
+        C.relabel_pairs([pair(7, float("nan"), 0.0, 1.0, 0.0)], lam=0.15)
+    with pytest.raises(ValueError, match="pair 3"):
+        C.relabel_pairs([{"id": 3, "a": {"quality": 1.0}, "b": {"quality": 2.0, "cost": 0.0}}], lam=0.15)
+
+
+# ---------------------------------------------------------------- Eq. 10 descent-rate queue
+
+def test_descent_rate_hand_value():
+    q = C.DescentRateQueue(k=4)
+    for loss in (1.0, 0.7, 0.6, 0.2):
+        q.update(["p"], [loss])
+    # v = ((1.0-0.7) + (0.7-0.6) + (0.6-0.2)) / 3
+    assert q.rate("p") == pytest.approx(0.8 / 3)
+    q.update(["p"], [0.3])  # queue now 0.7, 0.6, 0.2, 0.3 (oldest dropped)
+    assert q.rate("p") == pytest.approx(((0.7 - 0.6) + (0.6 - 0.2) + (0.2 - 0.3)) / 3)
+    assert C.DescentRateQueue(k=5).rate("never-seen") is None
+
+
+def test_descent_rate_flags_stagnating_pair_not_falling_ones():
+    q = C.DescentRateQueue(k=3, tau=0.2, patience=2)
+    flagged = []
+    for step in range(8):
+        falling = [1.0 - 0.1 * step, 2.0 - 0.2 * step]
+        flat = 0.9  # never improves
+        flagged.append(q.update(["fast", "steady", "stuck"], falling + [flat]))
+    # queues fill at step 2; v̄ = (0.1 + 0.2 + 0) / 3 = 0.1, τ·v̄ = 0.02 > 0 = v_stuck
+    # step 2 is the first strike, step 3 the second (patience 2) -> flagged from step 3 on
+    assert flagged[:3] == [[], [], []]
+    assert all(f == ["stuck"] for f in flagged[3:])
+
+
+def test_descent_rate_batch_mean_uses_full_queues_only_and_streak_resets():
+    q = C.DescentRateQueue(k=2, tau=0.5, patience=1)
+    q.update(["a", "b"], [1.0, 1.0])
+    # "new" has a 1-long queue and must not enter v̄: v̄ = mean(0.4, 0.1) = 0.25, τ·v̄ = 0.125
+    assert q.update(["a", "b", "new"], [0.6, 0.9, 5.0]) == ["b"]
+    assert q.rate("new") is None
+    # b recovers: v_b = 0.5 > τ·v̄ -> streak back to 0, not flagged
+    assert q.update(["a", "b"], [0.5, 0.4]) == ["a"]
+    assert q.streak["b"] == 0
+
+
+def test_descent_rate_uniform_stagnation_is_not_hard():
+    # hard means lagging BEHIND the batch: when nothing moves, v_i = v̄ = 0 and 0 < 0 is false
+    q = C.DescentRateQueue(k=2, tau=0.2, patience=1)
+    for _ in range(4):
+        assert q.update(["a", "b"], [0.5, 0.5]) == []
+
+
+def test_descent_rate_state_roundtrip_resumes_exactly():
+    import json
+    a = C.DescentRateQueue(k=3, tau=0.2, patience=2)
+    b = C.DescentRateQueue(k=3, tau=0.2, patience=2)
+    seq = [([0, 1, 2], [1.0, 1.0, 1.0]), ([0, 1, 2], [0.8, 0.5, 1.0]), ([0, 2], [0.6, 1.0]),
+           ([0, 1, 2], [0.4, 0.2, 1.0]), ([0, 1, 2], [0.3, 0.1, 1.0]), ([0, 1, 2], [0.2, 0.05, 1.0])]
+    for ids, ls in seq[:3]:
+        a.update(ids, ls)
+        b.update(ids, ls)
+    c = C.DescentRateQueue()
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))  # through JSON, as a checkpoint would
+    for ids, ls in seq[3:]:
+        assert a.update(ids, ls) == c.update(ids, ls)
+    assert a.state_dict() == c.state_dict()
+
+
+def test_descent_rate_rejects_bad_input():
+    q = C.DescentRateQueue()
+    with pytest.raises(ValueError, match="non-finite"):
+        q.update([1], [float("nan")])
+    with pytest.raises(ValueError, match="ids but"):
+        q.update([1, 2], [0.1])
+    with pytest.raises(ValueError):
+        C.DescentRateQueue(k=1)
+
+
+# ---------------------------------------------------------------- Eq. 11 augmentation choice
+
+def test_choose_augmentation_picks_largest_direction_change():
+    g = t(1.0, 0.0)
+    candidates = [t(2.0, 0.0),      # cos 1   -> change 0
+                  t(0.0, 1.0),      # cos 0   -> change 1
+                  t(-1.0, 1.0),     # cos -1/√2 -> change 1.707 (largest)
+                  t(1.0, 1.0)]      # cos 1/√2 -> change 0.293
+    assert C.choose_augmentation(g, candidates) == 2
+    assert C.choose_augmentation(g, torch.stack(candidates[:2])) == 1
+    # it is the direction that counts, not the magnitude
+    assert C.choose_augmentation(g, [t(-0.001, 0.0), t(100.0, 1.0)]) == 0
+
+
+def test_choose_augmentation_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        C.choose_augmentation(t(1.0, 0.0), [t(1.0, 0.0, 0.0)])
+    with pytest.raises(ValueError, match="NaN"):
+        C.choose_augmentation(t(1.0, float("nan")), [t(1.0, 0.0)])
+
+
+# ---------------------------------------------------------------- Eq. 12 UAScore
+
+def test_ua_score_reproduces_paper_rows():
+    # Table 2, SD-v1.5 on I2P-Sexual: PS 19.33, SC -0.41 -> 0.302
+    assert round(C.ua_score(19.33, -0.41), 3) == 0.302
+    # Table 2, T2I-SPO on I2P-Sexual: PS 19.38, SC -8.14 -> 0.757
+    assert round(C.ua_score(19.38, -8.14), 3) == 0.757
+    # hand value: ½σ(0) + ½σ(0) = ½ at the centres
+    assert C.ua_score(19.31, -2.62) == pytest.approx(0.5)
+    expected = 0.5 / (1 + math.exp(-(20.0 - 19.0))) + 0.5 / (1 + math.exp(-(-(1.0 - 0.0))))
+    assert C.ua_score(20.0, 1.0, mu_ps=19.0, mu_sc=0.0) == pytest.approx(expected)
+
+
+def test_ua_score_on_tensors_and_direction():
+    out = C.ua_score(t(19.33, 19.38), t(-0.41, -8.14))
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    expected = t(0.5 * sig(0.02) + 0.5 * sig(-2.21), 0.5 * sig(0.07) + 0.5 * sig(5.52))
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert C.ua_score(20.0, -3.0) > C.ua_score(19.0, -3.0)  # better quality -> higher
+    assert C.ua_score(19.0, -5.0) > C.ua_score(19.0, 0.0)  # lower cost -> higher
