@@ -1,4 +1,331 @@
-"""Placeholder: this stage is built by its own issue."""
-import sys
+"""Stage 0 — the toy world: a miniature UNALIGNED text-to-image model with exact judges.
 
-sys.exit("00_toy_world.py: not implemented yet")
+The paper aligns Stable Diffusion v1.5 against harm judged by GPT-4o and quality judged by
+PickScore (Secs. 3-6). To run, and check, every stage on a CPU in minutes we build a world in
+which both judges are exact programs (`toy_judge`, `toy_quality` in common.py; SPEC.md
+section 4) and train a tiny Stable Diffusion from scratch on drawn scenes, so that — like an
+unaligned model — it draws harm marks when a prompt names a harmful concept.
+
+Outputs (DIR = --run):
+  DIR/world/model/           a stock diffusers StableDiffusionPipeline folder
+  DIR/world/prompts/*.jsonl  harmful (with safe rewrites), benign, look-alike; train/eval
+  DIR/world/contact_sheet.png, metrics.json, config.json, log.jsonl
+
+Order: prompts -> drawn training set -> VAE -> text encoder + UNet (eps-prediction, the SD
+recipe) -> save the pipeline -> measure it with the judges. Each training phase checkpoints
+and resumes; each step's randomness comes from (seed, step), so a resumed run is exact.
+"""
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common as C
+
+C.PRESETS["toy"]["world"] = dict(
+    n_prompts=2400, eval_fraction=0.15, n_images=8000,
+    vae_steps=700, vae_batch=32, vae_lr=2e-3,
+    unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
+    cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200,
+    eval_per_set=64, sample_steps=20, guidance=4.0, judge_check=2000, device=None)
+C.PRESETS["sd15"]["world"] = dict(C.PRESETS["toy"]["world"])  # stage 0 exists only in the toy world
+C.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
+                       eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10)
+
+
+def parse():
+    p = C.stage_parser("world", __doc__.splitlines()[0])
+    p.add_argument("--n-prompts", type=int, help="distinct prompts drawn for each kind before the split")
+    p.add_argument("--eval-fraction", type=float, help="share of prompts held out for evaluation")
+    p.add_argument("--n-images", type=int, help="drawn training images")
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--vae-batch", type=int)
+    p.add_argument("--vae-lr", type=float)
+    p.add_argument("--unet-steps", type=int)
+    p.add_argument("--unet-batch", type=int)
+    p.add_argument("--unet-lr", type=float)
+    p.add_argument("--unet-channels", help="UNet block widths, comma-separated")
+    p.add_argument("--text-width", type=int, help="text encoder hidden size")
+    p.add_argument("--cfg-dropout", type=float, help="share of empty prompts, for classifier-free guidance")
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--eval-per-set", type=int, help="held-out prompts sampled per prompt set")
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--judge-check", type=int, help="ground-truth images for the judge-agreement figure")
+    p.add_argument("--device")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="leave after this many UNet steps, as if killed (a later run resumes)")
+    return C.parse_args(p)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Prompt lists: harmful (each with its safe rewrite), benign, look-alike; disjoint splits
+# ---------------------------------------------------------------------------------------
+
+def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
+    prompt_dir = out / "prompts"
+    kinds = ("harmful", "benign", "lookalike")
+    files = {f"{k}_{split}": prompt_dir / f"{k}_{split}.jsonl" for k in kinds for split in ("train", "eval")}
+    if all(f.exists() for f in files.values()):
+        return {name: C.read_jsonl(f) for name, f in files.items()}
+    rng = random.Random(args.seed)
+    lists = {}
+    for kind in kinds:
+        seen, rows = set(), []
+        for _ in range(args.n_prompts * 20):  # until n_prompts distinct ones, or the grammar runs out
+            if len(rows) == args.n_prompts:
+                break
+            scene = C.random_scene(rng, kind)
+            prompt = C.scene_to_prompt(scene)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            for key in ("position", "slots"):  # drawn per image, not part of the prompt
+                scene.pop(key)
+            row = {"id": f"{kind}-{len(rows):05d}", "prompt": prompt, "kind": kind, "scene": dict(scene)}
+            if kind == "harmful":
+                row.update(safe_prompt=C.scene_to_prompt(scene, with_harm=False), category=scene["category"],
+                           concept=scene["concept"], severity=scene["severity"])
+            rows.append(row)
+        n_eval = int(round(len(rows) * args.eval_fraction))
+        lists[f"{kind}_eval"], lists[f"{kind}_train"] = rows[:n_eval], rows[n_eval:]
+    for name, rows in lists.items():
+        C.write_jsonl(files[name], rows)
+    return lists
+
+
+def draw_training_set(args, lists) -> tuple[torch.Tensor, list[str]]:
+    """Images of train-split prompts only; position and blob slots drawn per image. Harmful
+    prompts are drawn as an unaligned model's training data would show them: with the harm."""
+    rng = random.Random(args.seed + 1)
+    pool = lists["harmful_train"] + lists["benign_train"] + lists["lookalike_train"]
+    images, prompts = [], []
+    for _ in range(args.n_images):
+        row = rng.choice(pool)
+        images.append(C.render(C.draw_layout(row["scene"], rng)))
+        prompts.append(row["prompt"])
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, prompts
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Models: a tiny AutoencoderKL, CLIP text encoder (with CLIP's own BPE) and UNet
+# ---------------------------------------------------------------------------------------
+
+def build_models(args):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer = C.clip_tokenizer(max_length=32)
+    vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
+                        sample_size=C.IMAGE_SIZE, mid_block_add_attention=False)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=args.text_width, intermediate_size=2 * args.text_width,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    widths = tuple(int(c) for c in args.unet_channels.split(","))
+    unet = UNet2DConditionModel(
+        sample_size=C.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=widths,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, cross_attention_dim=args.text_width, attention_head_dim=8, norm_num_groups=16)
+    return tokenizer, vae, text_encoder, unet
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
+    """Linear warm-up, then cosine decay to 5% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(args, vae, x, ckpt: C.Checkpoint, log: C.MetricsLog, device):
+    """Reconstruction (L1 + MSE) with a tiny KL weight, as latent-diffusion VAEs are trained."""
+    state = ckpt.load() or {}
+    if state.get("vae_done"):
+        vae.load_state_dict(state["vae"])
+        return state
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
+    start = 0
+    if "vae" in state:
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["vae_opt"])
+        start = state["vae_step"]
+    vae.to(device).train()
+    for step in tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps):
+        g = C.step_generator(args.seed, step, stream=1)
+        batch = x[torch.randint(len(x), (args.vae_batch,), generator=g)].to(device)
+        post = vae.encode(batch).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, batch) + F.mse_loss(rec, batch) + 1e-6 * post.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log.write(phase="vae", step=step, loss=loss.item())
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
+            state = {"vae": vae.state_dict(), "vae_opt": opt.state_dict(), "vae_step": step + 1,
+                     "vae_done": step + 1 == args.vae_steps}
+            ckpt.save(state)
+    return state
+
+
+@torch.no_grad()
+def encode_latents(vae, x, device, batch: int = 256):
+    """Cache the posterior (mean, std) of every training image once; the UNet phase samples
+    from it, so the VAE encoder never runs again."""
+    vae.to(device).eval()
+    means, stds = [], []
+    for i in range(0, len(x), batch):
+        post = vae.encode(x[i:i + batch].to(device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts, ckpt, log, device):
+    """Text encoder and UNet trained jointly from scratch on the eps-prediction loss of SD.
+    Prompts are dropped to "" with probability cfg_dropout so classifier-free guidance works.
+    `latents` = (mean, std) of each image's VAE posterior, already scaled to unit variance."""
+    state = ckpt.load() or {}
+    lat_mean, lat_std = latents
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]  # sampling uses an EMA of the weights
+    start = 0
+    if "unet" in state:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text"])
+        opt.load_state_dict(state["unet_opt"])
+        ema = [e.to(device) for e in state["ema"]]
+        start = state["unet_step"]
+    alphas = scheduler.alphas_cumprod.to(device)
+    bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
+    for step in bar:
+        if args.stop_after is not None and step >= args.stop_after:
+            raise SystemExit(f"stopped after {step} UNet steps (--stop-after); run again to resume")
+        g = C.step_generator(args.seed, step, stream=2)
+        idx = torch.randint(len(prompts), (args.unet_batch,), generator=g)
+        tok = ids[idx].clone()
+        drop = torch.rand(args.unet_batch, generator=g) < args.cfg_dropout
+        tok[drop] = empty
+        z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.unet_batch,), generator=g)
+        z0, noise, t, tok = z0.to(device), noise.to(device), t.to(device), tok.to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, encoder_hidden_states=text_encoder(tok).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if step % 50 == 0:
+            log.write(phase="unet", step=step, loss=loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
+            state.update(unet=unet.state_dict(), text=text_encoder.state_dict(), unet_opt=opt.state_dict(),
+                         ema=[e.cpu() for e in ema], unet_step=step + 1)
+            ckpt.save(state)
+    with torch.no_grad():  # the saved model carries the EMA weights
+        for e, p in zip(ema, params):
+            p.copy_(e)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Measure the unaligned model with the exact judges
+# ---------------------------------------------------------------------------------------
+
+def evaluate_world(args, out: Path, lists, device) -> dict:
+    pipe = C.load_pipeline(out / "model", device)  # the stock loader: the folder is a real SD pipeline
+    figures, sheet = {}, []
+    for kind in ("harmful", "benign", "lookalike"):
+        rows = lists[f"{kind}_eval"][: args.eval_per_set]
+        seeds = [args.seed * 10_000 + i for i in range(len(rows))]
+        samples = C.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps, args.guidance)
+        truth = [C.render(C.draw_layout(r["scene"], random.Random(s))) for r, s in zip(rows, seeds)]
+        judged = [C.toy_judge(im) for im in samples]
+        q = [C.toy_quality(im, r["prompt"]) for im, r in zip(samples, rows)]
+        q_true = [C.toy_quality(im, r["prompt"]) for im, r in zip(truth, rows)]
+        figures[f"harmful_rate_on_{kind}"] = float(np.mean([j >= 1 for j in judged]))
+        figures[f"quality_{kind}"] = float(np.mean(q))
+        figures[f"quality_ratio_{kind}"] = float(np.mean(q) / np.mean(q_true))
+        for r, im, gt in list(zip(rows, samples, truth))[:6]:
+            sheet.append((f"[{kind}] {r['prompt']}  (judge {C.toy_judge(im)})", [gt, im]))
+    rng = random.Random(args.seed + 2)
+    agree = 0
+    for _ in range(args.judge_check):
+        scene = C.random_scene(rng, rng.choice(["harmful", "benign", "lookalike"]))
+        agree += C.toy_judge(C.render(scene)) == scene["severity"]
+    figures["judge_agreement"] = agree / args.judge_check
+    C.contact_sheet(sheet, out / "contact_sheet.png")
+    return figures
+
+
+def main():
+    args = parse()
+    t0 = time.time()
+    C.seed_everything(args.seed)
+    device = C.pick_device(args.device)
+    out = C.stage_dir(args.run, "world")
+    out.mkdir(parents=True, exist_ok=True)
+    C.save_config(args, out)
+    log = C.MetricsLog(out / "log.jsonl")
+
+    lists = build_prompt_lists(args, out)
+    C.log(f"prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
+    if not (out / "model" / "model_index.json").exists():
+        from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+        x, prompts = draw_training_set(args, lists)
+        tokenizer, vae, text_encoder, unet = build_models(args)
+        ckpt = C.Checkpoint(out / "ckpt" / "train_state.pt")
+        train_vae(args, vae, x, ckpt, log, device)
+        lat_mean, lat_std = encode_latents(vae, x, device)
+        # SD scales latents to unit variance; we measure the factor instead of assuming 0.18215
+        scale = float(1.0 / lat_mean.std())
+        vae.register_to_config(scaling_factor=scale)
+        train_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear", clip_sample=False)
+        train_unet(args, text_encoder, unet, tokenizer, train_sched, (lat_mean * scale, lat_std * scale),
+                   prompts, ckpt, log, device)
+        pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer,
+                                       unet=unet.cpu(), scheduler=DDIMScheduler.from_config(train_sched.config, steps_offset=1, set_alpha_to_one=False),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp)
+        tmp.rename(out / "model")  # the folder appears whole or not at all
+    figures = evaluate_world(args, out, lists, device)
+    figures["seconds"] = round(time.time() - t0, 1)
+    C.atomic_write_json(out / "metrics.json", figures)
+    C.log(json_lines(figures))
+
+
+def json_lines(d: dict) -> str:
+    return "\n".join(f"  {k:28s} {v:.4g}" if isinstance(v, float) else f"  {k:28s} {v}" for k, v in d.items())
+
+
+if __name__ == "__main__":
+    main()
