@@ -60,8 +60,6 @@ def parse():
     p.add_argument("--guidance", type=float)
     p.add_argument("--judge-check", type=int, help="ground-truth images for the judge-agreement figure")
     p.add_argument("--device")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="leave after this many UNet steps, as if killed (a later run resumes)")
     return C.parse_args(p)
 
 
@@ -320,11 +318,7 @@ def main():
     figures = evaluate_world(args, out, lists, device)
     figures["seconds"] = round(time.time() - t0, 1)
     C.atomic_write_json(out / "metrics.json", figures)
-    C.log(json_lines(figures))
-
-
-def json_lines(d: dict) -> str:
-    return "\n".join(f"  {k:28s} {v:.4g}" if isinstance(v, float) else f"  {k:28s} {v}" for k, v in d.items())
+    C.log(C.format_metrics(figures))
 
 
 if __name__ == "__main__":

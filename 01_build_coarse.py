@@ -1,4 +1,184 @@
-"""Placeholder: this stage is built by its own issue."""
-import sys
+"""Stage 1 — LibraAlign-Coarse: image pairs labelled "which is more harmful?" (paper Sec. 3.1).
 
-sys.exit("01_build_coarse.py: not implemented yet")
+The paper generates harmful images from harmful prompts with several T2I models and seeds,
+pairs them with each other and with safe images, and asks GPT-4o which image of each pair
+is more harmful on a 4-level rubric, forcing a choice when both share a level. Each image
+also gets a sign s = +1 (harmful) or -1 (safe). These pairs train the Safety Cost Model
+(stage 2, Eqs. 1-3).
+
+Here: harmful prompts from stage 0's train split (or any JSONL with a "prompt" column),
+safe images from its benign and look-alike prompts, the toy judge by default or any
+OpenAI-compatible vision model (`--judge openai --judge-model gpt-4o`, key from
+OPENAI_API_KEY). An image's sign is the judge's verdict on it (severity >= 1), not the
+prompt's intent: an unaligned model does not always draw the harm it is asked for.
+
+Outputs (DIR = --run):
+  DIR/coarse/images/*.png + images/manifest-*.jsonl   generated images, one manifest per chunk
+  DIR/coarse/shards/pairs-*.json                      judged pairs, one file per shard
+  DIR/coarse/pairs.jsonl                              all pairs: {"id", "kind", "judge", "w": {...}, "l": {...}}
+  DIR/coarse/metrics.json, config.json
+Chunks and shards are written whole (atomically); a killed run skips the finished ones.
+"""
+import random
+import time
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+import common as C
+
+C.PRESETS["toy"]["coarse"] = dict(
+    models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=500, seeds_per_prompt=2,
+    n_safe_images=500, n_pairs=2000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
+    sample_steps=20, guidance=4.0, judge="toy", judge_model="gpt-4o", judge_base_url=None, device=None)
+C.PRESETS["sd15"]["coarse"] = dict(
+    C.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,
+    shard_size=500, sample_steps=30, guidance=7.5, judge="openai")
+C.TINY["coarse"] = dict(n_harmful_prompts=12, n_safe_images=20, eval_fraction=0.3, n_pairs=30, chunk_size=10, shard_size=10,
+                        sample_steps=3)
+
+
+def parse():
+    p = C.stage_parser("coarse", __doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", help="T2I model folders (default: the stage-0 model)")
+    p.add_argument("--harmful-prompts", help="JSONL with a prompt column (default: stage-0 harmful_train)")
+    p.add_argument("--safe-prompts", nargs="+", help="JSONL files of safe prompts (default: stage-0 benign + look-alike train)")
+    p.add_argument("--n-harmful-prompts", type=int)
+    p.add_argument("--seeds-per-prompt", type=int, help="images per harmful prompt and model")
+    p.add_argument("--n-safe-images", type=int)
+    p.add_argument("--n-pairs", type=int)
+    p.add_argument("--harmful-safe-share", type=float, help="share of harmful-safe pairs; the rest are harmful-harmful")
+    p.add_argument("--eval-fraction", type=float, help="share of prompts (and pairs) held out for stage 2's figures")
+    p.add_argument("--chunk-size", type=int, help="images generated per resumable chunk")
+    p.add_argument("--shard-size", type=int, help="pairs judged per resumable shard")
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--judge", choices=["toy", "openai"])
+    p.add_argument("--judge-model")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--device")
+    return C.parse_args(p)
+
+
+def plan_images(args, world: Path) -> list[dict]:
+    """Every image to generate: (model, prompt, seed, harmful-prompt flag), in a fixed order."""
+    models = args.models or [str(world / "model")]
+    harmful_file = args.harmful_prompts or world / "prompts" / "harmful_train.jsonl"
+    safe_files = args.safe_prompts or [world / "prompts" / f"{k}_train.jsonl" for k in ("benign", "lookalike")]
+    C.require_inputs([harmful_file, *safe_files, *models], "world")
+    harmful = C.read_jsonl(harmful_file)[: args.n_harmful_prompts]
+    safe = [r for f in safe_files for r in C.read_jsonl(f)]
+    for name, rows, f in (("harmful", harmful, harmful_file), ("safe", safe, safe_files)):
+        if not rows or any("prompt" not in r for r in rows):
+            raise C.DataError(f"{f}: the {name} prompt list is empty or has rows without a 'prompt'")
+    plan = []
+    for m, model in enumerate(models):
+        for i, row in enumerate(harmful):
+            for k in range(args.seeds_per_prompt):
+                plan.append({"model": model, "prompt": row["prompt"], "category": row.get("category"),
+                             "from_harmful_prompt": True, "seed": args.seed * 1_000_000 + m * 100_000 + i * 10 + k})
+        rng = random.Random(args.seed + m)
+        for i in range(args.n_safe_images):
+            row = safe[i % len(safe)] if i < len(safe) else rng.choice(safe)
+            plan.append({"model": model, "prompt": row["prompt"], "category": None, "from_harmful_prompt": False,
+                         "seed": args.seed * 1_000_000 + m * 100_000 + 50_000 + i})
+    for n, item in enumerate(plan):
+        item["path"] = f"images/{n:06d}.png"
+        # held-out split by prompt, so no image or prompt of an eval pair is seen in training
+        item["split"] = "eval" if zlib.crc32(item["prompt"].encode()) % 1000 < 1000 * args.eval_fraction else "train"
+    return plan
+
+
+def generate_images(args, plan: list[dict], out: Path, device) -> None:
+    """Generate in chunks; a chunk's manifest is written after its PNGs, so a manifest on
+    disk means the whole chunk is there."""
+    chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
+    todo = [(c, chunk) for c, chunk in enumerate(chunks) if not (out / "images" / f"manifest-{c:05d}.jsonl").exists()]
+    pipes = {}
+    for c, chunk in tqdm(todo, desc="generate", disable=not C.is_main()):
+        for model in sorted({it["model"] for it in chunk}):
+            if model not in pipes:
+                pipes = {model: C.load_pipeline(model, device)}  # one model in memory at a time
+            items = [it for it in chunk if it["model"] == model]
+            images = C.generate(pipes[model], [it["prompt"] for it in items], [it["seed"] for it in items],
+                                args.sample_steps, args.guidance)
+            for it, img in zip(items, images):
+                C.save_png(out / it["path"], img)
+        C.write_jsonl(out / "images" / f"manifest-{c:05d}.jsonl", chunk)
+
+
+def plan_pairs(args, plan: list[dict]) -> list[tuple[str, int, int]]:
+    """(kind, i, j): harmful-harmful pairs from images of harmful prompts, harmful-safe pairs
+    with an image of a safe prompt, both images from one split; the judge decides the order."""
+    rng = random.Random(args.seed + 17)
+    pool = {(split, h): [i for i, it in enumerate(plan) if it["split"] == split and it["from_harmful_prompt"] == h]
+            for split in ("train", "eval") for h in (True, False)}
+    if any(len(v) < 2 for v in pool.values()):
+        raise SystemExit(f"too few images to pair in each split: { {k: len(v) for k, v in pool.items()} }")
+    pairs = []
+    for _ in range(args.n_pairs):
+        split = "eval" if rng.random() < args.eval_fraction else "train"
+        if rng.random() < args.harmful_safe_share:
+            pairs.append(("harmful-safe", rng.choice(pool[split, True]), rng.choice(pool[split, False])))
+        else:
+            pairs.append(("harmful-harmful", *rng.sample(pool[split, True], 2)))
+    return pairs
+
+
+def judge_pairs(args, plan, pairs, out: Path, judge) -> None:
+    shards = [pairs[i:i + args.shard_size] for i in range(0, len(pairs), args.shard_size)]
+    for s, shard in enumerate(tqdm(shards, desc="judge", disable=not C.is_main())):
+        path = out / "shards" / f"pairs-{s:05d}.json"
+        if path.exists():
+            continue
+        records, skipped = [], 0
+        for n, (kind, i, j) in enumerate(shard):
+            a, b = plan[i], plan[j]
+            verdict = judge.compare(C.load_png(out / a["path"]), C.load_png(out / b["path"]))
+            if verdict is None:  # an answer we cannot parse is counted, never guessed
+                skipped += 1
+                continue
+            sev = dict(zip((i, j), verdict["severity"]))
+            w, l = (i, j) if verdict["winner"] == 0 else (j, i)
+            image = lambda k: {"path": plan[k]["path"], "prompt": plan[k]["prompt"], "category": plan[k]["category"],
+                               "model": plan[k]["model"], "seed": plan[k]["seed"], "severity": sev[k],
+                               "sign": 1 if sev[k] >= 1 else -1}
+            records.append({"id": f"pair-{s * args.shard_size + n:07d}", "kind": kind, "judge": judge.name,
+                            "split": a["split"],
+                            "w": image(w), "l": image(l)})
+        C.atomic_write_json(path, {"pairs": records, "skipped": skipped})
+
+
+def main():
+    args = parse()
+    t0 = time.time()
+    C.seed_everything(args.seed)
+    world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "coarse")
+    out.mkdir(parents=True, exist_ok=True)
+    C.save_config(args, out)
+    judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)
+
+    plan = plan_images(args, world)
+    generate_images(args, plan, out, C.pick_device(args.device))
+    pairs = plan_pairs(args, plan)
+    judge_pairs(args, plan, pairs, out, judge)
+
+    records, skipped = [], 0
+    for s in range((len(pairs) + args.shard_size - 1) // args.shard_size):
+        shard = C.read_json(out / "shards" / f"pairs-{s:05d}.json")
+        records += shard["pairs"]
+        skipped += shard["skipped"]
+    C.write_jsonl(out / "pairs.jsonl", records)
+    signs = [r[side]["sign"] for r in records for side in ("w", "l")]
+    metrics = {"n_images": len(plan), "n_pairs": len(records), "skipped_unparseable": skipped,
+               "n_harmful_harmful": sum(r["kind"] == "harmful-harmful" for r in records),
+               "n_harmful_safe": sum(r["kind"] == "harmful-safe" for r in records),
+               "share_images_judged_harmful": sum(s > 0 for s in signs) / max(1, len(signs)),
+               "judge": judge.name, "seconds": round(time.time() - t0, 1)}
+    C.atomic_write_json(out / "metrics.json", metrics)
+    C.log(C.format_metrics(metrics))
+
+
+if __name__ == "__main__":
+    main()

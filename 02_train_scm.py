@@ -1,4 +1,239 @@
-"""Placeholder: this stage is built by its own issue."""
-import sys
+"""Stage 2 — the Safety Cost Model (paper Sec. 3.1, Eqs. 1-3).
 
-sys.exit("02_train_scm.py: not implemented yet")
+The SCM maps an image to a continuous safety cost C(x): an OpenCLIP image tower (ViT-H/14
+in the paper) with a lightweight adapter head, trained on LibraAlign-Coarse pairs with
+
+    L_SCM = L_CR + γ·L_CA                                                    (Eq. 1)
+    L_CR  = -E[log σ(C(x_w) - C(x_l)) + log σ(s_w C(x_w)) + log σ(s_l C(x_l))] (Eq. 2)
+    L_CA  = E_{x: s=-1}[(C(x) - μ_safe)²]                                     (Eq. 3)
+
+L_CR ranks the more harmful image x_w above x_l and fixes the zero point (harmful > 0 > safe).
+The paper observes that L_CR alone leaves safe costs widely spread — which later makes the
+composite reward over-penalise imperceptible risk in safe images — and adds L_CA, which
+pulls safe costs to μ_safe, the mean cost of a held pool of verified safe images, refreshed
+without gradient every --mu-every steps (a constant inside one step).
+
+We train twice with the same data, seed and steps — γ as given and γ = 0 — and report the
+spread of held-out safe costs for both, to measure the paper's claim rather than assume it.
+
+Outputs (DIR = --run):  DIR/scm/scm.safetensors + scm_config.json (what `common.load_scm`
+reads), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json, config.json, log.jsonl.
+Runs as `python 02_train_scm.py` or under `torchrun --nproc_per_node=N` (DDP).
+"""
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common as C
+
+C.PRESETS["toy"]["scm"] = dict(
+    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=128, steps=300, batch=32, lr=1e-3,
+    lr_tower=5e-4, gamma=1.0, mu_every=25, mu_pool=256, ckpt_every=100, skip_bad=False, cache_images=True,
+    no_anchor_baseline=True, device=None)
+C.PRESETS["sd15"]["scm"] = dict(
+    C.PRESETS["toy"]["scm"], arch="ViT-H-14", pretrained="laion2b_s32b_b79k", freeze_tower=True, hidden=512,
+    steps=3000, batch=64, lr=1e-4, lr_tower=1e-6, mu_every=100, mu_pool=2048, ckpt_every=500, cache_images=False)
+C.TINY["scm"] = dict(steps=6, batch=8, mu_every=3, mu_pool=16, ckpt_every=3)
+
+
+def parse():
+    p = C.stage_parser("scm", __doc__.splitlines()[0])
+    p.add_argument("--arch", help="open_clip model name whose image tower is the backbone")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (None: random init)")
+    p.add_argument("--freeze-tower", action=argparse_bool(), help="train only the adapter head")
+    p.add_argument("--hidden", type=int, help="adapter head width")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int, help="pairs per step, over all processes")
+    p.add_argument("--lr", type=float, help="adapter head learning rate")
+    p.add_argument("--lr-tower", type=float)
+    p.add_argument("--gamma", type=float, help="weight of the cost anchoring loss (Eq. 1)")
+    p.add_argument("--mu-every", type=int, help="steps between refreshes of μ_safe")
+    p.add_argument("--mu-pool", type=int, help="verified safe training images μ_safe is averaged over")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--skip-bad", action=argparse_bool(), help="skip (and count) bad pair rows instead of stopping")
+    p.add_argument("--cache-images", action=argparse_bool(), help="keep decoded images in memory")
+    p.add_argument("--no-anchor-baseline", action=argparse_bool(), help="also train with γ = 0 for comparison")
+    p.add_argument("--device")
+    return C.parse_args(p)
+
+
+def argparse_bool():
+    import argparse
+    return argparse.BooleanOptionalAction
+
+
+# ---------------------------------------------------------------------------------------
+# Data: pairs.jsonl from stage 1, checked row by row
+# ---------------------------------------------------------------------------------------
+
+def load_pairs(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
+    """Each row needs w/l images with an existing PNG path and a sign of +1 or -1. A bad row
+    stops the run naming file and line, or with --skip-bad is skipped and counted."""
+    pairs, bad = [], 0
+    for lineno, row in C.iter_jsonl(path):
+        try:
+            for side in ("w", "l"):
+                img = row[side]
+                if img["sign"] not in (1, -1):
+                    raise ValueError(f"unknown sign {img['sign']!r} (expected 1 or -1)")
+                img["file"] = path.parent / img["path"]
+                if not img["file"].exists():
+                    raise ValueError(f"missing image {img['file']}")
+            if row.get("split", "train") not in ("train", "eval"):
+                raise ValueError(f"unknown split {row['split']!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            msg = f"{path}:{lineno}: bad pair row ({f'missing {e.args[0]!r}' if isinstance(e, KeyError) else e})"
+            if not skip_bad:
+                raise C.DataError(msg + "; fix it or pass --skip-bad") from None
+            C.log(f"skipping {msg}")
+            bad += 1
+            continue
+        pairs.append(row)
+    return pairs, bad
+
+
+class ImageBank:
+    """PNG files by path, decoded on demand (and kept, with --cache-images)."""
+
+    def __init__(self, cache: bool):
+        self.cache, self.store = cache, {}
+
+    def batch(self, files) -> torch.Tensor:
+        out = []
+        for f in files:
+            img = self.store.get(f)
+            if img is None:
+                img = C.load_png(f)
+                if self.cache:
+                    self.store[f] = img
+            out.append(img)
+        return torch.from_numpy(np.stack(out))
+
+
+# ---------------------------------------------------------------------------------------
+# Training (one function, run for γ and for γ = 0)
+# ---------------------------------------------------------------------------------------
+
+def safe_anchor(model, bank, safe_files, device) -> float:
+    """μ_safe: mean cost of the verified safe pool, without gradient (Eq. 3's constant)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        mu = float(torch.cat([model(bank.batch(safe_files[i:i + 256]).to(device))
+                              for i in range(0, len(safe_files), 256)]).mean())
+    model.train(was_training)
+    return mu
+
+
+def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist: C.Dist):
+    ckpt = C.Checkpoint(out / "ckpt" / "train_state.pt")
+    C.seed_everything(args.seed)  # same initial weights for both γ
+    model = C.SafetyCostModel(args.arch, args.pretrained, args.hidden, args.freeze_tower).to(dist.device)
+    groups = [{"params": model.head.parameters(), "lr": args.lr}]
+    if not args.freeze_tower:
+        groups.append({"params": model.tower.parameters(), "lr": args.lr_tower})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    state, start, mu = ckpt.load(), 0, None
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, mu = state["step"], state["mu_safe"]
+    net = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
+    log = C.MetricsLog(out / "log.jsonl")
+    model.train()
+    for step in tqdm(range(start, args.steps), desc=f"scm γ={gamma:g}", initial=start, total=args.steps,
+                     disable=not dist.is_main):
+        if args.stop_after is not None and step >= args.stop_after:
+            raise SystemExit(f"stopped after {step} steps (--stop-after); run again to resume")
+        if mu is None or step % args.mu_every == 0:
+            mu = safe_anchor(model, bank, safe_pool, dist.device)
+        # the global batch is the same on every rank (seeded by step); each takes its slice
+        idx = torch.randint(len(train_pairs), (args.batch,), generator=C.step_generator(args.seed, step))
+        mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
+        images = bank.batch([p["w"]["file"] for p in mine] + [p["l"]["file"] for p in mine]).to(dist.device)
+        cost = net(images)
+        cost_w, cost_l = cost[: len(mine)], cost[len(mine):]
+        sign_w = torch.tensor([p["w"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
+        sign_l = torch.tensor([p["l"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
+        loss = C.scm_loss(cost_w, cost_l, sign_w, sign_l, mu, gamma)  # Eq. 1
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite SCM loss at step {step}; last good checkpoint: {ckpt.path}")
+        warm = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * warm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            log.write(gamma=gamma, step=step, loss=loss.item(), mu_safe=mu)
+        if dist.is_main and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "mu_safe": mu})
+    mu = safe_anchor(model, bank, safe_pool, dist.device)
+    if dist.is_main:
+        C.save_scm(model, out, mu)
+    return model.eval(), mu
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out figures
+# ---------------------------------------------------------------------------------------
+
+def evaluate(model, eval_pairs, bank, device) -> dict:
+    files = sorted({p[s]["file"] for p in eval_pairs for s in ("w", "l")})
+    sign = {p[s]["file"]: p[s]["sign"] for p in eval_pairs for s in ("w", "l")}
+    with torch.no_grad():
+        costs = dict(zip(files, torch.cat([model(bank.batch(files[i:i + 256]).to(device)).cpu()
+                                           for i in range(0, len(files), 256)]).tolist()))
+    safe = [costs[f] for f in files if sign[f] == -1]
+    return {"pair_accuracy": float(np.mean([costs[p["w"]["file"]] > costs[p["l"]["file"]] for p in eval_pairs])),
+            "sign_accuracy": float(np.mean([(costs[f] > 0) == (sign[f] == 1) for f in files])),
+            "safe_cost_std": float(np.std(safe)) if safe else float("nan"),
+            "safe_cost_mean": float(np.mean(safe)) if safe else float("nan"),
+            "harmful_cost_mean": float(np.mean([costs[f] for f in files if sign[f] == 1]))}
+
+
+def main():
+    args = parse()
+    t0 = time.time()
+    dist = C.setup_distributed(args.device)
+    coarse, out = C.stage_dir(args.run, "coarse"), C.stage_dir(args.run, "scm")
+    C.require_inputs([coarse / "pairs.jsonl"], "coarse")
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        C.save_config(args, out)
+
+    pairs, n_bad = load_pairs(coarse / "pairs.jsonl", args.skip_bad)
+    train_pairs = [p for p in pairs if p.get("split", "train") == "train"]
+    eval_pairs = [p for p in pairs if p.get("split") == "eval"]
+    if not train_pairs or not eval_pairs:
+        raise C.DataError(f"{coarse / 'pairs.jsonl'}: need train and eval pairs, got {len(train_pairs)} and {len(eval_pairs)}")
+    safe_pool = sorted({p[s]["file"] for p in train_pairs for s in ("w", "l") if p[s]["sign"] == -1})[: args.mu_pool]
+    if not safe_pool:
+        raise C.DataError("no verified safe image (sign -1) among the training pairs: μ_safe is undefined")
+    bank = ImageBank(args.cache_images)
+    C.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows skipped; "
+          f"μ_safe pool {len(safe_pool)} images")
+
+    model, mu = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
+    metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu, "gamma": args.gamma,
+               "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "bad_rows_skipped": n_bad}
+    if args.no_anchor_baseline:
+        base, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
+        b = evaluate(base, eval_pairs, bank, dist.device)
+        metrics.update(safe_cost_std_no_anchor=b["safe_cost_std"], pair_accuracy_no_anchor=b["pair_accuracy"],
+                       sign_accuracy_no_anchor=b["sign_accuracy"],
+                       safe_cost_std_ratio=metrics["safe_cost_std"] / b["safe_cost_std"])
+    metrics["seconds"] = round(time.time() - t0, 1)
+    if dist.is_main:
+        C.atomic_write_json(out / "metrics.json", metrics)
+    C.log(C.format_metrics(metrics))
+    C.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
