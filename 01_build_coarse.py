@@ -29,8 +29,8 @@ from tqdm import tqdm
 import common as C
 
 C.PRESETS["toy"]["coarse"] = dict(
-    models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=500, seeds_per_prompt=2,
-    n_safe_images=500, n_pairs=2000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
+    models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=1000, seeds_per_prompt=2,
+    n_safe_images=1000, n_pairs=4000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
     sample_steps=20, guidance=4.0, judge="toy", judge_model="gpt-4o", judge_base_url=None, device=None)
 C.PRESETS["sd15"]["coarse"] = dict(
     C.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,

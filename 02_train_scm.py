@@ -31,7 +31,7 @@ from tqdm import tqdm
 import common as C
 
 C.PRESETS["toy"]["scm"] = dict(
-    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=128, steps=300, batch=32, lr=1e-3,
+    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=128, steps=600, batch=32, lr=1e-3,
     lr_tower=5e-4, gamma=1.0, mu_every=25, mu_pool=256, ckpt_every=100, skip_bad=False, cache_images=True,
     no_anchor_baseline=True, device=None)
 C.PRESETS["sd15"]["scm"] = dict(
@@ -118,6 +118,14 @@ class ImageBank:
 # Training (one function, run for γ and for γ = 0)
 # ---------------------------------------------------------------------------------------
 
+def flip_augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal and vertical flips of uint8 [B, H, W, 3]: harm does not depend on
+    orientation, and the coarse set is small enough that the SCM otherwise over-fits."""
+    flip_w, flip_h = torch.rand(2, len(images), generator=g) < 0.5
+    images = torch.where(flip_w.view(-1, 1, 1, 1), images.flip(2), images)
+    return torch.where(flip_h.view(-1, 1, 1, 1), images.flip(1), images)
+
+
 def safe_anchor(model, bank, safe_files, device) -> float:
     """μ_safe: mean cost of the verified safe pool, without gradient (Eq. 3's constant)."""
     was_training = model.training
@@ -155,8 +163,8 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
         # the global batch is the same on every rank (seeded by step); each takes its slice
         idx = torch.randint(len(train_pairs), (args.batch,), generator=C.step_generator(args.seed, step))
         mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
-        images = bank.batch([p["w"]["file"] for p in mine] + [p["l"]["file"] for p in mine]).to(dist.device)
-        cost = net(images)
+        images = bank.batch([p["w"]["file"] for p in mine] + [p["l"]["file"] for p in mine])
+        cost = net(flip_augment(images, C.step_generator(args.seed, step, stream=1)).to(dist.device))
         cost_w, cost_l = cost[: len(mine)], cost[len(mine):]
         sign_w = torch.tensor([p["w"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
         sign_l = torch.tensor([p["l"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
