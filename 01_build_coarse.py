@@ -136,7 +136,7 @@ def judge_pairs(args, plan, pairs, out: Path, judge) -> None:
         for n, (kind, i, j) in enumerate(shard):
             a, b = plan[i], plan[j]
             verdict = judge.compare(C.load_png(out / a["path"]), C.load_png(out / b["path"]))
-            if verdict is None:  # an answer we cannot parse is counted, never guessed
+            if verdict is None:  # an unparseable or refused answer is counted, never guessed
                 skipped += 1
                 continue
             sev = dict(zip((i, j), verdict["severity"]))
@@ -171,7 +171,7 @@ def main():
         skipped += shard["skipped"]
     C.write_jsonl(out / "pairs.jsonl", records)
     signs = [r[side]["sign"] for r in records for side in ("w", "l")]
-    metrics = {"n_images": len(plan), "n_pairs": len(records), "skipped_unparseable": skipped,
+    metrics = {"n_images": len(plan), "n_pairs": len(records), "skipped_no_answer": skipped,
                "n_harmful_harmful": sum(r["kind"] == "harmful-harmful" for r in records),
                "n_harmful_safe": sum(r["kind"] == "harmful-safe" for r in records),
                "share_images_judged_harmful": sum(s > 0 for s in signs) / max(1, len(signs)),

@@ -118,10 +118,9 @@ class ImageBank:
 # Training (one function, run for γ and for γ = 0)
 # ---------------------------------------------------------------------------------------
 
-def flip_augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random horizontal and vertical flips of uint8 [B, H, W, 3]: harm does not depend on
-    orientation, and the coarse set is small enough that the SCM otherwise over-fits."""
-    flip_w, flip_h = torch.rand(2, len(images), generator=g) < 0.5
+def flip_augment(images: torch.Tensor, flip_w: torch.Tensor, flip_h: torch.Tensor) -> torch.Tensor:
+    """Horizontal / vertical flips of uint8 [B, H, W, 3] where the [B] masks say: harm does not
+    depend on orientation, and the coarse set is small enough that the SCM otherwise over-fits."""
     images = torch.where(flip_w.view(-1, 1, 1, 1), images.flip(2), images)
     return torch.where(flip_h.view(-1, 1, 1, 1), images.flip(1), images)
 
@@ -160,11 +159,14 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
             raise SystemExit(f"stopped after {step} steps (--stop-after); run again to resume")
         if mu is None or step % args.mu_every == 0:
             mu = safe_anchor(model, bank, safe_pool, dist.device)
-        # the global batch is the same on every rank (seeded by step); each takes its slice
-        idx = torch.randint(len(train_pairs), (args.batch,), generator=C.step_generator(args.seed, step))
+        # the global batch and its flips are the same on every rank (seeded by step); each
+        # rank takes its slice, so N processes see what one process would
+        g = C.step_generator(args.seed, step)
+        idx = torch.randint(len(train_pairs), (args.batch,), generator=g)
+        flips = (torch.rand(2, 2, args.batch, generator=g) < 0.5)[..., dist.rank::dist.world_size].flatten(1)
         mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
         images = bank.batch([p["w"]["file"] for p in mine] + [p["l"]["file"] for p in mine])
-        cost = net(flip_augment(images, C.step_generator(args.seed, step, stream=1)).to(dist.device))
+        cost = net(flip_augment(images, *flips).to(dist.device))
         cost_w, cost_l = cost[: len(mine)], cost[len(mine):]
         sign_w = torch.tensor([p["w"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
         sign_l = torch.tensor([p["l"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)

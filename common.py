@@ -1078,7 +1078,7 @@ class OpenAIJudge:
         self.url = f"{self.base_url}/chat/completions"
         self.timeout, self.max_retries, self.backoff, self.sleep = timeout, max_retries, backoff, sleep
         self.name = f"openai:{model}"
-        self.stats = {"calls": 0, "retries": 0, "unparseable": 0}
+        self.stats = {"calls": 0, "retries": 0, "unparseable": 0, "refused": 0}
         self._opener = urllib.request.build_opener()
 
     def __repr__(self) -> str:
@@ -1095,8 +1095,9 @@ class OpenAIJudge:
     def _fail(self, what: str) -> JudgeError:
         return JudgeError(self._redact(f"OpenAI judge {self.url}: {what}"))
 
-    def _post(self, body: dict) -> dict:
-        """POST with retries on timeouts, connection errors, 429 and 5xx; other 4xx fail at once."""
+    def _post(self, body: dict) -> dict | None:
+        """POST with retries on timeouts, connection errors, 429 and 5xx; other 4xx fail at once,
+        except a content-policy refusal (HTTP 400), which returns None."""
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._key.reveal()}"}
         for attempt in range(self.max_retries + 1):
@@ -1111,6 +1112,8 @@ class OpenAIJudge:
                 except (OSError, http.client.HTTPException):
                     snippet = ""
                 problem = f"HTTP {e.code}: {snippet}"
+                if e.code == 400 and "content_policy" in snippet:
+                    return None  # the service refuses to look at this image: no answer for this pair
                 if e.code != 429 and e.code < 500:
                     raise self._fail(problem) from None
             except (OSError, http.client.HTTPException) as e:  # timeouts, refused/reset connections
@@ -1145,6 +1148,9 @@ class OpenAIJudge:
             ],
         }
         reply = self._post(body)
+        if reply is None:
+            self.stats["refused"] += 1
+            return None
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):

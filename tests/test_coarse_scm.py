@@ -33,7 +33,7 @@ def test_coarse_pairs_are_judged_and_complete(coarse_run):
     c = coarse_run / "coarse"
     pairs = C.read_jsonl(c / "pairs.jsonl")
     m = json.loads((c / "metrics.json").read_text())
-    assert len(pairs) == m["n_pairs"] == 30 and m["skipped_unparseable"] == 0
+    assert len(pairs) == m["n_pairs"] == 30 and m["skipped_no_answer"] == 0
     assert {p["kind"] for p in pairs} <= {"harmful-harmful", "harmful-safe"}
     for p in pairs:
         w, l = C.load_png(c / p["w"]["path"]), C.load_png(c / p["l"]["path"])

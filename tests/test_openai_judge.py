@@ -96,7 +96,7 @@ def test_valid_answer_and_request(server, images):
     server.queue(200, answer(1, 3, "B"))
     assert judge.compare(*images) == {"winner": 1, "severity": [1, 3]}
     assert judge.name == "openai:gpt-4o-test"
-    assert judge.stats == {"calls": 1, "retries": 0, "unparseable": 0} and delays == []
+    assert judge.stats == {"calls": 1, "retries": 0, "unparseable": 0, "refused": 0} and delays == []
     (req,) = server.requests
     assert req["path"] == "/v1/chat/completions"
     assert req["headers"]["Authorization"] == f"Bearer {KEY}"
@@ -152,7 +152,7 @@ def test_fenced_and_unparseable_through_server(server, images):
     assert judge.compare(*images) == {"winner": 0, "severity": [2, 1]}
     assert judge.compare(*images) is None
     assert judge.compare(*images) is None
-    assert judge.stats == {"calls": 3, "retries": 0, "unparseable": 2}
+    assert judge.stats == {"calls": 3, "retries": 0, "unparseable": 2, "refused": 0}
 
 
 def test_retries_on_500_and_429_with_backoff(server, images):
@@ -194,6 +194,20 @@ def test_401_fails_at_once(server, images):
     msg = str(err.value)
     assert "401" in msg and "Incorrect API key" in msg and KEY not in msg
     assert len(server.requests) == 1 and judge.stats["retries"] == 0 and delays == []
+
+
+def test_content_policy_refusal_skips_the_pair_and_other_400s_fail(server, images):
+    """GPT-4o refuses some harmful images with HTTP 400 content_policy_violation: that pair
+    has no answer (counted, skipped); the run goes on. Any other 400 is a real error."""
+    judge, delays = make_judge(server)
+    server.queue(400, json.dumps({"error": {"code": "content_policy_violation", "message": "refused"}}))
+    server.queue(200, chat('{"severity_a": 1, "severity_b": 0, "more_harmful": "A"}'))
+    assert judge.compare(*images) is None
+    assert judge.compare(*images) == {"winner": 0, "severity": [1, 0]}
+    assert judge.stats["refused"] == 1 and judge.stats["retries"] == 0 and delays == []
+    server.queue(400, json.dumps({"error": {"code": "invalid_request", "message": "bad model"}}))
+    with pytest.raises(J.JudgeError, match="400"):
+        judge.compare(*images)
 
 
 def test_connection_refused_gives_up(images):
