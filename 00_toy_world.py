@@ -293,7 +293,7 @@ def main():
     log = C.MetricsLog(out / "log.jsonl")
 
     lists = build_prompt_lists(args, out)
-    C.log(f"prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
+    C.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
     if not (out / "model" / "model_index.json").exists():
         from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
         x, prompts = draw_training_set(args, lists)

@@ -20,6 +20,7 @@ Outputs (DIR = --run):  DIR/scm/scm.safetensors + scm_config.json (what `common.
 reads), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json, config.json, log.jsonl.
 Runs as `python 02_train_scm.py` or under `torchrun --nproc_per_node=N` (DDP).
 """
+import argparse
 import math
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def parse():
     p = C.stage_parser("scm", __doc__.splitlines()[0])
     p.add_argument("--arch", help="open_clip model name whose image tower is the backbone")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (None: random init)")
-    p.add_argument("--freeze-tower", action=argparse_bool(), help="train only the adapter head")
+    p.add_argument("--freeze-tower", action=argparse.BooleanOptionalAction, help="train only the adapter head")
     p.add_argument("--hidden", type=int, help="adapter head width")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int, help="pairs per step, over all processes")
@@ -54,16 +55,11 @@ def parse():
     p.add_argument("--mu-every", type=int, help="steps between refreshes of μ_safe")
     p.add_argument("--mu-pool", type=int, help="verified safe training images μ_safe is averaged over")
     p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--skip-bad", action=argparse_bool(), help="skip (and count) bad pair rows instead of stopping")
-    p.add_argument("--cache-images", action=argparse_bool(), help="keep decoded images in memory")
-    p.add_argument("--no-anchor-baseline", action=argparse_bool(), help="also train with γ = 0 for comparison")
+    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip (and count) bad pair rows instead of stopping")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, help="keep decoded images in memory")
+    p.add_argument("--no-anchor-baseline", action=argparse.BooleanOptionalAction, help="also train with γ = 0 for comparison")
     p.add_argument("--device")
     return C.parse_args(p)
-
-
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,13 +121,17 @@ def flip_augment(images: torch.Tensor, flip_w: torch.Tensor, flip_h: torch.Tenso
     return torch.where(flip_h.view(-1, 1, 1, 1), images.flip(1), images)
 
 
+@torch.no_grad()
+def costs(model, bank, files, device) -> torch.Tensor:
+    """C(x) of image files, in batches, without gradient (on the CPU)."""
+    return torch.cat([model(bank.batch(files[i:i + 256]).to(device)).cpu() for i in range(0, len(files), 256)])
+
+
 def safe_anchor(model, bank, safe_files, device) -> float:
     """μ_safe: mean cost of the verified safe pool, without gradient (Eq. 3's constant)."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        mu = float(torch.cat([model(bank.batch(safe_files[i:i + 256]).to(device))
-                              for i in range(0, len(safe_files), 256)]).mean())
+    mu = float(costs(model, bank, safe_files, device).mean())
     model.train(was_training)
     return mu
 
@@ -196,15 +196,13 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
 def evaluate(model, eval_pairs, bank, device) -> dict:
     files = sorted({p[s]["file"] for p in eval_pairs for s in ("w", "l")})
     sign = {p[s]["file"]: p[s]["sign"] for p in eval_pairs for s in ("w", "l")}
-    with torch.no_grad():
-        costs = dict(zip(files, torch.cat([model(bank.batch(files[i:i + 256]).to(device)).cpu()
-                                           for i in range(0, len(files), 256)]).tolist()))
-    safe = [costs[f] for f in files if sign[f] == -1]
-    return {"pair_accuracy": float(np.mean([costs[p["w"]["file"]] > costs[p["l"]["file"]] for p in eval_pairs])),
-            "sign_accuracy": float(np.mean([(costs[f] > 0) == (sign[f] == 1) for f in files])),
+    cost = dict(zip(files, costs(model, bank, files, device).tolist()))
+    safe = [cost[f] for f in files if sign[f] == -1]
+    return {"pair_accuracy": float(np.mean([cost[p["w"]["file"]] > cost[p["l"]["file"]] for p in eval_pairs])),
+            "sign_accuracy": float(np.mean([(cost[f] > 0) == (sign[f] == 1) for f in files])),
             "safe_cost_std": float(np.std(safe)) if safe else float("nan"),
             "safe_cost_mean": float(np.mean(safe)) if safe else float("nan"),
-            "harmful_cost_mean": float(np.mean([costs[f] for f in files if sign[f] == 1]))}
+            "harmful_cost_mean": float(np.mean([cost[f] for f in files if sign[f] == 1]))}
 
 
 def main():

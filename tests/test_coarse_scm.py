@@ -132,7 +132,7 @@ def test_scm_bad_rows_named_or_skipped(scm_run, tmp_path, corrupt, message):
     corrupt(rows[4])
     C.write_jsonl(pairs_file, rows)
     r = stage("02_train_scm.py", run, "--no-no-anchor-baseline", check=False)
-    assert r.returncode != 0 and f"pairs.jsonl:5: bad pair row" in r.stderr and message in r.stderr
+    assert r.returncode != 0 and "pairs.jsonl:5: bad pair row" in r.stderr and message in r.stderr
     r = stage("02_train_scm.py", run, "--no-no-anchor-baseline", "--skip-bad")
     assert json.loads((run / "scm" / "metrics.json").read_text())["bad_rows_skipped"] == 1
     assert len(C.read_jsonl(pairs_file)) == len(rows)  # the input file is never rewritten
