@@ -32,7 +32,7 @@ from tqdm import tqdm
 import common as C
 
 C.PRESETS["toy"]["scm"] = dict(
-    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=128, steps=600, batch=32, lr=1e-3,
+    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=256, steps=750, batch=32, lr=1e-3,
     lr_tower=5e-4, gamma=1.0, mu_every=25, mu_pool=256, ckpt_every=100, skip_bad=False, cache_images=True,
     no_anchor_baseline=True, device=None)
 C.PRESETS["sd15"]["scm"] = dict(

@@ -1245,9 +1245,9 @@ def openclip_image_tower(arch: str, pretrained: str | None = None):
     from TOY_OPENCLIP; `pretrained` names open_clip weights (from the local cache) or a file."""
     import open_clip
     if arch == "toy-ViT-tiny" and arch not in open_clip.list_models():
-        folder = Path(tempfile.mkdtemp(prefix="openclip-cfg-"))
-        (folder / f"{arch}.json").write_text(json.dumps(TOY_OPENCLIP))
-        open_clip.add_model_config(folder)
+        with tempfile.TemporaryDirectory(prefix="openclip-cfg-") as folder:  # read at once, then gone
+            (Path(folder) / f"{arch}.json").write_text(json.dumps(TOY_OPENCLIP))
+            open_clip.add_model_config(folder)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "no pretrained weights" noise
     pretrained = pretrained or None  # "" (e.g. `--pretrained ''`): random init
     tag = pretrained and not Path(pretrained).is_file() and open_clip.get_pretrained_cfg(arch, pretrained)

@@ -31,3 +31,13 @@ def test_bench_spo_step_same_losses_and_speedup_line(tmp_path):
     first_hard = 3  # steps 0-2 fill the queues; a copy first trains at step 2 at the earliest
     assert dfm["losses"][:first_hard] == opt["losses"][:first_hard]
     assert dfm["losses"][-1] != opt["losses"][-1]
+
+
+def test_bench_unet_variants_prints_each_variant():
+    r = subprocess.run([sys.executable, "bench/bench_unet_variants.py", "--run", "runs/absent", "--batch", "2",
+                        "--reps", "1", "--warmup", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^\s*(\w+): policy forward\+backward\s+([\d.]+) ms\s+reference forward\s+([\d.]+) ms$",
+                      r.stdout, re.M)
+    assert [name for name, *_ in rows] == ["fp32", "bf16", "channels_last"]
+    assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows)
