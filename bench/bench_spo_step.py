@@ -99,13 +99,17 @@ def parse(argv=None):
 # Data
 # ---------------------------------------------------------------------------------------
 
-def random_toy_model(folder: Path) -> Path:
-    """Stage 0's architecture with random weights (no training): enough to time a step."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def random_toy_models():
+    """Stage 0's tokenizer, VAE, text encoder and UNet with random weights (no training)."""
     world = module("00_toy_world.py")
     torch.manual_seed(0)
-    world_args = argparse.Namespace(**C.preset_defaults("toy", "world", False))
-    tokenizer, vae, text_encoder, unet = world.build_models(world_args)
+    return world.build_models(argparse.Namespace(**C.preset_defaults("toy", "world", False)))
+
+
+def random_toy_model(folder: Path) -> Path:
+    """Stage 0's architecture with random weights as a pipeline folder: enough to time a step."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    tokenizer, vae, text_encoder, unet = random_toy_models()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                            beta_end=0.012, clip_sample=False),

@@ -15,29 +15,19 @@ toy architecture with random weights (the cost does not depend on the weights).
 """
 import argparse
 import contextlib
-import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common as C  # noqa: E402
+from bench_spo_step import ROOT, random_toy_models
 
 
 def toy_unet(run: Path):
     from diffusers import UNet2DConditionModel
     folder = run / "world" / "model" / "unet"
-    if folder.is_dir():
-        return UNet2DConditionModel.from_pretrained(folder)
-    spec = importlib.util.spec_from_file_location("toy_world", ROOT / "00_toy_world.py")
-    world = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(world)
-    torch.manual_seed(0)
-    return world.build_models(argparse.Namespace(**C.preset_defaults("toy", "world", False)))[3]
+    return UNet2DConditionModel.from_pretrained(folder) if folder.is_dir() else random_toy_models()[3]
 
 
 def median_ms(fn, warmup: int, reps: int, sync) -> float:
