@@ -150,7 +150,7 @@ def train_vae(args, vae, x, ckpt: C.Checkpoint, log: C.MetricsLog, device):
     if state.get("vae_done"):
         vae.load_state_dict(state["vae"])
         return state
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
+    opt = C.adamw(vae.parameters(), lr=args.vae_lr)
     start = 0
     if "vae" in state:
         vae.load_state_dict(state["vae"])
@@ -203,7 +203,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
     unet.to(device).train()
     text_encoder.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
+    opt = C.adamw(params, lr=args.unet_lr, weight_decay=0.0)
     ema = [p.detach().clone() for p in params]  # sampling uses an EMA of the weights
     start = 0
     if "unet" in state:

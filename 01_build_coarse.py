@@ -31,7 +31,7 @@ import common as C
 C.PRESETS["toy"]["coarse"] = dict(
     models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=1000, seeds_per_prompt=2,
     n_safe_images=1000, n_pairs=4000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
-    sample_steps=20, guidance=4.0, judge="toy", judge_model="gpt-4o", judge_base_url=None, device=None)
+    sample_steps=20, guidance=4.0, dtype="auto", judge="toy", judge_model="gpt-4o", judge_base_url=None, device=None)
 C.PRESETS["sd15"]["coarse"] = dict(
     C.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,
     shard_size=500, sample_steps=30, guidance=7.5, judge="openai")
@@ -54,6 +54,7 @@ def parse():
     p.add_argument("--shard-size", type=int, help="pairs judged per resumable shard")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
+    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES, help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
     p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
@@ -90,7 +91,7 @@ def plan_images(args, world: Path) -> list[dict]:
     return plan
 
 
-def generate_images(args, plan: list[dict], out: Path, device) -> None:
+def generate_images(args, plan: list[dict], out: Path, device, dtype) -> None:
     """Generate in chunks; a chunk's manifest is written after its PNGs, so a manifest on
     disk means the whole chunk is there."""
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
@@ -99,7 +100,7 @@ def generate_images(args, plan: list[dict], out: Path, device) -> None:
     for c, chunk in tqdm(todo, desc="generate", disable=not C.is_main()):
         for model in sorted({it["model"] for it in chunk}):
             if model not in pipes:
-                pipes = {model: C.load_pipeline(model, device)}  # one model in memory at a time
+                pipes = {model: C.load_pipeline(model, device, dtype)}  # one model in memory at a time
             items = [it for it in chunk if it["model"] == model]
             images = C.generate(pipes[model], [it["prompt"] for it in items], [it["seed"] for it in items],
                                 args.sample_steps, args.guidance)
@@ -156,11 +157,13 @@ def main():
     C.seed_everything(args.seed)
     world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "coarse")
     out.mkdir(parents=True, exist_ok=True)
-    C.save_config(args, out)
+    device = C.pick_device(args.device)
+    dtype = C.sample_dtype(args.dtype, device)
+    C.save_config(args, out, sample_dtype=str(dtype))
     judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)
 
     plan = plan_images(args, world)
-    generate_images(args, plan, out, C.pick_device(args.device))
+    generate_images(args, plan, out, device, dtype)
     pairs = plan_pairs(args, plan)
     judge_pairs(args, plan, pairs, out, judge)
 

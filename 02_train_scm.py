@@ -133,7 +133,7 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
     groups = [{"params": model.head.parameters(), "lr": args.lr}]
     if not args.freeze_tower:
         groups.append({"params": model.tower.parameters(), "lr": args.lr_tower})
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    opt = C.adamw(groups, weight_decay=0.01)
     base_lrs = [g["lr"] for g in opt.param_groups]
     state, start, mu = ckpt.load(), 0, None
     if state:

@@ -39,7 +39,7 @@ import common as C
 C.PRESETS["toy"]["hf"] = dict(
     model=None, img2img_model=None, harmful_prompts=None, safe_prompts=None, safe_pairs=None,
     n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=20, guidance=4.0,
-    safe_guidances=[1.0, 2.0, 4.0, 7.0], chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
+    safe_guidances=[1.0, 2.0, 4.0, 7.0], dtype="auto", chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
     quality="toy", pickscore_model=None, pickscore_processor=None, device=None)
 C.PRESETS["sd15"]["hf"] = dict(
     C.PRESETS["toy"]["hf"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", n_harmful_safe=10000, n_safe_safe=0,
@@ -63,6 +63,7 @@ def parse():
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float, help="guidance scale of harmful images and their safe counterparts")
     p.add_argument("--safe-guidances", type=float, nargs="+", help="guidance scales safe-safe samples draw from")
+    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES, help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
     p.add_argument("--chunk-size", type=int, help="pairs per resumable chunk")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
@@ -216,8 +217,9 @@ def main():
     model = args.model or world / "model"
     C.require_inputs([scm_dir / "scm.safetensors"], "scm")
     out.mkdir(parents=True, exist_ok=True)
-    C.save_config(args, out)
     device = C.pick_device(args.device)
+    dtype = C.sample_dtype(args.dtype, device)
+    C.save_config(args, out, sample_dtype=str(dtype))
 
     plan = plan_pairs(args, world)
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
@@ -225,9 +227,9 @@ def main():
     todo = [c for c in range(len(chunks)) if not shard(c).exists()]
     if todo:
         from diffusers import AutoPipelineForImage2Image
-        pipe = C.from_pretrained_or_exit(lambda m: C.load_pipeline(m, device), model, "the T2I model", "--model")
-        i2i = (C.from_pretrained_or_exit(AutoPipelineForImage2Image.from_pretrained, args.img2img_model,
-                                         "the img2img model", "--img2img-model").to(device)
+        pipe = C.from_pretrained_or_exit(lambda m: C.load_pipeline(m, device, dtype), model, "the T2I model", "--model")
+        i2i = (C.from_pretrained_or_exit(lambda m: AutoPipelineForImage2Image.from_pretrained(m, dtype=dtype),
+                                         args.img2img_model, "the img2img model", "--img2img-model").to(device)
                if args.img2img_model else AutoPipelineForImage2Image.from_pipe(pipe))
         i2i.set_progress_bar_config(disable=True)
         judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)

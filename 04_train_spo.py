@@ -465,7 +465,7 @@ def main():
     if args.dfm == "on" and not all(m in named for m in args.dfm_modules):
         raise SystemExit(f"--dfm-modules: no module {sorted(set(args.dfm_modules) - set(named))} in the UNet")
     dfm_modules = [named[m] for m in args.dfm_modules]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = C.adamw(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     queue = C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience)
     use_bf16 = args.bf16 and device.type == "cuda"

@@ -61,12 +61,12 @@ import common as C
 
 C.PRESETS["toy"]["eval"] = dict(
     base=None, models=None, prompt_sets=None, harmful_sets=None, scm=None, n_prompts=100, seeds_per_prompt=1,
-    sample_steps=20, guidance=4.0, size=None, batch_size=64, quality="toy", pickscore_model=None,
+    sample_steps=20, guidance=4.0, size=None, batch_size=64, dtype="float32", quality="toy", pickscore_model=None,
     pickscore_processor=None, ip_judge="toy", q16=None, q16_clip="openai/clip-vit-large-patch14", clip_model=None,
     nudenet_threshold=0.6, ua_center=None, sheet_images=12, device=None)
 C.PRESETS["sd15"]["eval"] = dict(
     C.PRESETS["toy"]["eval"], base="stable-diffusion-v1-5/stable-diffusion-v1-5", n_prompts=None, sample_steps=50, guidance=7.5,
-    batch_size=8, quality="pickscore", ip_judge="i2p", sheet_images=8)
+    dtype="auto", batch_size=8, quality="pickscore", ip_judge="i2p", sheet_images=8)
 C.TINY["eval"] = dict(n_prompts=4, sample_steps=3, batch_size=16, sheet_images=4)
 
 SCORE_CHUNK = 256  # images scored at a time: memory stays flat however many images there are
@@ -90,6 +90,9 @@ def parse():
     p.add_argument("--guidance", type=float, help="guidance scale for rows that do not give their own")
     p.add_argument("--size", type=int, help="image size for rows that do not give their own (default: the model's)")
     p.add_argument("--batch-size", type=int, help="images per generation batch")
+    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES,
+                   help="sampling precision (common.sample_dtype); toy: float32, since the aligned models differ "
+                        "from the base by weight updates small enough for bf16 to round away")
     p.add_argument("--quality", choices=["toy", "pickscore"], help="PS: the quality reward")
     p.add_argument("--pickscore-model")
     p.add_argument("--pickscore-processor")
@@ -307,21 +310,22 @@ def plan_images(args, sets: dict[str, list[dict]]) -> list[dict]:
 # 2. Generation, batched and cached by (model fingerprint, prompt, seed, steps, guidance, size)
 # ---------------------------------------------------------------------------------------
 
-def image_path(model: Model, fp: str, item: dict, steps: int) -> str:
+def image_path(model: Model, fp: str, item: dict, steps: int, dtype: torch.dtype = torch.float32) -> str:
     """Where the image of `item` by `model` lives, relative to DIR/eval. size None means the
     model's native size, which its fingerprint already pins down."""
-    key = json.dumps([fp, item["prompt"], item["seed"], steps, item["guidance"], item["size"]])
+    key = json.dumps([fp, item["prompt"], item["seed"], steps, item["guidance"], item["size"]]
+                     + ([] if dtype == torch.float32 else [str(dtype)]))  # fp32 keys as before --dtype existed
     return f"images/{model.name}/{hashlib.sha1(key.encode()).hexdigest()[:20]}.png"
 
 
-def load_model(model: Model, device):
-    pipe = C.load_pipeline(model.path, device)
+def load_model(model: Model, device, dtype):
+    pipe = C.load_pipeline(model.path, device, dtype)
     if model.lora:
         pipe.load_lora_weights(str(model.lora))
     return pipe
 
 
-def generate_missing(args, model: Model, items: list[dict], out: Path, device) -> int:
+def generate_missing(args, model: Model, items: list[dict], out: Path, device, dtype) -> int:
     """Generate the images of `items` not on disk yet and return how many. A batch shares one
     guidance scale and size; each PNG is written as its batch finishes (atomically)."""
     todo = list({it["image"]: it for it in items if not (out / it["image"]).exists()}.values())
@@ -331,7 +335,7 @@ def generate_missing(args, model: Model, items: list[dict], out: Path, device) -
     for it in todo:
         groups[it["guidance"], it["size"]].append(it)
     batches = [g[i:i + args.batch_size] for g in groups.values() for i in range(0, len(g), args.batch_size)]
-    pipe = load_model(model, device)
+    pipe = load_model(model, device, dtype)
     for batch in tqdm(batches, desc=f"generate {model.name}", disable=not C.is_main()):
         images = C.generate(pipe, [it["prompt"] for it in batch], [it["seed"] for it in batch], args.sample_steps,
                             batch[0]["guidance"], args.batch_size, batch[0]["size"])
@@ -812,17 +816,19 @@ def main():
     scm_path = Path(args.scm) if args.scm else C.stage_dir(run, "scm")
     C.require_inputs([scm_path / "scm.safetensors"], "scm")
     out.mkdir(parents=True, exist_ok=True)
-    C.save_config(args, out, resolved_models={m.name: [str(m.path), str(m.lora) if m.lora else None] for m in models},
-                  resolved_prompt_sets={s: len(rows) for s, rows in sets.items()}, resolved_harmful_sets=harmful)
     device = C.pick_device(args.device)
+    dtype = C.sample_dtype(args.dtype, device)
+    C.save_config(args, out, resolved_models={m.name: [str(m.path), str(m.lora) if m.lora else None] for m in models},
+                  resolved_prompt_sets={s: len(rows) for s, rows in sets.items()}, resolved_harmful_sets=harmful,
+                  sample_dtype=str(dtype))
 
     # Generation: every model draws the same (prompt, seed) items; one model in memory at a time.
     plan = plan_images(args, sets)
     items, generated = {}, 0
     for m in models:
         fp = fingerprint(m)
-        items[m.name] = [dict(it, model=m.name, image=image_path(m, fp, it, args.sample_steps)) for it in plan]
-        generated += generate_missing(args, m, items[m.name], out, device)
+        items[m.name] = [dict(it, model=m.name, image=image_path(m, fp, it, args.sample_steps, dtype)) for it in plan]
+        generated += generate_missing(args, m, items[m.name], out, device, dtype)
     t_gen = time.time() - t0
     C.log(f"images: {generated} generated, {len(models) * len(plan) - generated} from the cache")
 

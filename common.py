@@ -919,6 +919,29 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+SAMPLE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def sample_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The precision a pipeline samples in. "auto": half precision where the hardware runs it
+    natively — bf16 (else fp16) on CUDA, as SD is usually sampled; bf16 on a CPU with bf16
+    instructions (AVX512-BF16 or AMX: 1.6x faster sampling on the toy model, and the toy judge
+    agrees with the fp32 image on 98% of samples); fp32 anywhere else, where half precision
+    would be emulated and slower."""
+    if name not in SAMPLE_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {SAMPLE_DTYPES}")
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", _cpu_flags()) else torch.float32
+
+
+def _cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere "auto" stays fp32 on the CPU
+    return cpuinfo.read_text() if cpuinfo.exists() else ""
+
+
 def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """A text-to-image model folder (stage 0's, SD-1.5's, or a stage-4 output), loaded with
     stock `StableDiffusionPipeline.from_pretrained`, safety checker off (we measure safety)."""
@@ -1014,6 +1037,14 @@ class Checkpoint:
 
     def load(self) -> dict | None:
         return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.exists() else None
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the multi-tensor ("foreach") update on every device. On the CPU PyTorch
+    defaults to one small update per tensor: 73 ms a step for the toy UNet + text encoder
+    (244 tensors) against 22 ms, a fifth of a whole training step. The arithmetic is the
+    same, bit for bit (tests/test_common.py checks), so it changes speed and nothing else."""
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

@@ -257,7 +257,7 @@ class Phase:
         use_bf16 = cfg.bf16 and device.type == "cuda"
         self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = C.adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
         batch = [pairs[i] for i in sel]
         self.cache_seconds = 0.0

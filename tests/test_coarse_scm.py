@@ -43,6 +43,8 @@ def test_coarse_pairs_are_judged_and_complete(coarse_run):
         for side in ("w", "l"):
             assert p[side]["sign"] == (1 if p[side]["severity"] >= 1 else -1)
         assert p["judge"] == "toy" and p["split"] in ("train", "eval")
+    config = json.loads((c / "config.json").read_text())  # the precision "auto" resolved to, recorded
+    assert config["dtype"] == "auto" and config["sample_dtype"] == str(C.sample_dtype("auto", "cpu"))
     # held-out prompts never appear in training pairs
     train = {p[s]["prompt"] for p in pairs if p["split"] == "train" for s in "wl"}
     held = {p[s]["prompt"] for p in pairs if p["split"] == "eval" for s in "wl"}

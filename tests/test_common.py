@@ -20,6 +20,22 @@ def test_import_is_fast():
     assert time.time() - t0 < 5.0
 
 
+def test_sample_dtype_explicit_and_auto(monkeypatch):
+    assert [C.sample_dtype(n, "cpu") for n in ("float32", "bfloat16", "float16")] == [
+        torch.float32, torch.bfloat16, torch.float16]
+    # "auto" on a CPU: bf16 only with native bf16 instructions, else fp32 (emulated bf16 is slower)
+    monkeypatch.setattr(C, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert C.sample_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(C, "_cpu_flags", lambda: "flags\t: fpu avx2 amx_bf16 amx_tile")
+    assert C.sample_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(C, "_cpu_flags", lambda: "flags\t: fpu avx2 avx512f avx512bw")
+    assert C.sample_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(C, "_cpu_flags", lambda: "")  # not Linux
+    assert C.sample_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        C.sample_dtype("fp8", "cpu")
+
+
 def test_parse_args_preset_defaults_tiny_and_explicit_flags(monkeypatch):
     monkeypatch.setitem(C.PRESETS, "toy", {"demo": {"steps": 100, "lr": 0.1}})
     monkeypatch.setitem(C.PRESETS, "sd15", {"demo": {"steps": 5000, "lr": 1e-5}})
@@ -138,6 +154,27 @@ def test_setup_distributed_two_processes_gloo(tmp_path):
     outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert all(p.returncode == 0 for p in procs)
     assert outs == ["0 2 gloo 3.0", "1 2 gloo 3.0"]
+
+
+def test_adamw_foreach_is_bit_identical_to_the_per_tensor_loop():
+    """C.adamw only changes speed: the same weights, bit for bit, as PyTorch's CPU default."""
+    def train(make_opt):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Flatten(),
+                                  torch.nn.Linear(8 * 6 * 6, 4))
+        opt = make_opt([{"params": net[:2].parameters(), "lr": 1e-2}, {"params": net[3].parameters(), "lr": 3e-3}])
+        for step in range(6):
+            x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+            for g, base in zip(opt.param_groups, (1e-2, 3e-3)):
+                g["lr"] = base * (step + 1) / 6
+            opt.zero_grad(set_to_none=True)
+            net(x).pow(2).mean().backward()
+            opt.step()
+        return net.state_dict()
+    ours = train(lambda groups: C.adamw(groups, weight_decay=0.01))
+    loop = train(lambda groups: torch.optim.AdamW(groups, weight_decay=0.01, foreach=False))
+    assert ours.keys() == loop.keys() and all(torch.equal(ours[k], loop[k]) for k in ours)
+    assert not torch.equal(ours["3.weight"], train(lambda g: torch.optim.AdamW(g, weight_decay=0.1))["3.weight"])
 
 
 def test_seed_everything_is_deterministic():

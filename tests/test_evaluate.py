@@ -338,6 +338,10 @@ def test_rerun_uses_the_cache_and_a_retrained_model_gets_new_images(eval_run, tm
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert ev.image_path(spo, ev.fingerprint(spo), item, 3) != old
     assert ev.image_path(spo, ev.fingerprint(spo), item, 4) != ev.image_path(spo, ev.fingerprint(spo), item, 3)
+    # another sampling precision is another image; fp32 keeps the key it had before --dtype
+    fp = ev.fingerprint(spo)
+    assert ev.image_path(spo, fp, item, 3, torch.float32) == ev.image_path(spo, fp, item, 3)
+    assert ev.image_path(spo, fp, item, 3, torch.bfloat16) != ev.image_path(spo, fp, item, 3)
 
 
 def test_lora_model_and_i2p_csv_with_pickscore_clip_and_q16(eval_run, tiny_clip, tmp_path):
