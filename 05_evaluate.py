@@ -91,8 +91,8 @@ def parse():
     p.add_argument("--size", type=int, help="image size for rows that do not give their own (default: the model's)")
     p.add_argument("--batch-size", type=int, help="images per generation batch")
     p.add_argument("--dtype", choices=C.SAMPLE_DTYPES,
-                   help="sampling precision (common.sample_dtype); toy: float32, since the aligned models differ "
-                        "from the base by weight updates small enough for bf16 to round away")
+                   help="sampling precision (common.sample_dtype); toy: float32, since its figures compare models "
+                        "whose quality differs by fractions of a percent, and bf16 moves it by about 0.1%%")
     p.add_argument("--quality", choices=["toy", "pickscore"], help="PS: the quality reward")
     p.add_argument("--pickscore-model")
     p.add_argument("--pickscore-processor")

@@ -925,9 +925,9 @@ SAMPLE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def sample_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """The precision a pipeline samples in. "auto": half precision where the hardware runs it
     natively — bf16 (else fp16) on CUDA, as SD is usually sampled; bf16 on a CPU with bf16
-    instructions (AVX512-BF16 or AMX: 1.6x faster sampling on the toy model, and the toy judge
-    agrees with the fp32 image on 98% of samples); fp32 anywhere else, where half precision
-    would be emulated and slower."""
+    instructions (AVX512-BF16 or AMX: the toy model samples 1.4x faster, and the toy judge
+    agrees with the fp32 image on 98% of samples; bench/bench_toy_pipeline.py); fp32 anywhere
+    else, where half precision would be emulated and slower."""
     if name not in SAMPLE_DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose from {SAMPLE_DTYPES}")
     if name != "auto":
@@ -1041,9 +1041,10 @@ class Checkpoint:
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with the multi-tensor ("foreach") update on every device. On the CPU PyTorch
-    defaults to one small update per tensor: 73 ms a step for the toy UNet + text encoder
-    (244 tensors) against 22 ms, a fifth of a whole training step. The arithmetic is the
-    same, bit for bit (tests/test_common.py checks), so it changes speed and nothing else."""
+    defaults to one small update per tensor: 42 ms a step for stage 0's UNet + text encoder
+    (244 tensors) against 25 ms (bench/bench_toy_pipeline.py). The arithmetic is the same,
+    bit for bit (tests/test_common.py checks), so it changes speed and nothing else. (The
+    fused kernel takes 8 ms but rounds differently, so it would change every toy result.)"""
     return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 

@@ -41,3 +41,16 @@ def test_bench_unet_variants_prints_each_variant():
                       r.stdout, re.M)
     assert [name for name, *_ in rows] == ["fp32", "bf16", "channels_last"]
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows)
+
+
+def test_bench_toy_pipeline_adamw_and_sampling_lines():
+    r = subprocess.run([sys.executable, "bench/bench_toy_pipeline.py", "--run", "runs/absent", "--n", "4", "--batch", "2",
+                        "--adam-steps", "2", "--reps", "1", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    adam = dict(re.findall(r"^\s*(.+?): +[\d.]+ ms/step \(rounds [\d., ]+\)   after 2 steps: (.+)$", r.stdout, re.M))
+    assert list(adam) == ["loop (CPU default)", "foreach (common.adamw)", "fused"]
+    assert adam["foreach (common.adamw)"] == "bit-identical to the loop"  # what C.adamw promises
+    sampled = re.findall(r"^\s*torch\.(\w+): +[\d.]+ s for 4 images", r.stdout, re.M)
+    assert sampled == ["float32", "bfloat16"]
+    assert re.search(r"^  bf16 / fp32 time: [\d.]+; image by image, the toy judge agrees on [\d.]+%, mean \|Δpixel\| [\d.]+ of 255$",
+                     r.stdout, re.M)

@@ -1,0 +1,119 @@
+"""Two speed-ups of the toy pipeline, measured: the AdamW update and the sampling precision.
+
+  adamw     one optimizer step over stage 0's UNet + text encoder (the largest set of tensors a
+            toy stage trains): PyTorch's CPU default (a loop, one small update per tensor),
+            `common.adamw` (the multi-tensor "foreach" update) and the fused kernel; and whether
+            each gives the loop's weights bit for bit after --adam-steps steps.
+  sampling  --n images of held-out harmful and benign prompts, 20 DDIM steps with guidance, in
+            fp32 and in bf16 (what `--dtype auto` picks on a CPU with native bf16, or on CUDA):
+            seconds, and how far the images agree (toy judge, toy quality, pixels).
+
+The model is RUN/world/model when it exists (prompts from its held-out lists), else stage 0's
+architecture with random weights (timings only: its images are noise).
+BENCHMARKS.md reports the figures.
+
+    python bench/bench_toy_pipeline.py --run runs/toy [--n 256] [--device cuda]
+"""
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_spo_step import ROOT, C, random_toy_model
+
+
+def time_adamw(unet, text_encoder, steps: int, reps: int, rounds: int) -> None:
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    print(f"AdamW over {len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.1f}M parameters "
+          f"(median ms per step; {rounds} rounds of {reps} steps, variants alternating round by round)")
+    variants = {"loop (CPU default)": dict(foreach=False), "foreach (common.adamw)": dict(foreach=True),
+                "fused": dict(fused=True)}
+    weights, opts = {}, {}
+    for name, kw in variants.items():
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opts[name] = torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, **kw)
+        g = torch.Generator().manual_seed(0)
+        for step in range(steps):  # the same gradients for every variant
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * 1e-3
+            opts[name].step()
+        weights[name] = [p.detach().clone() for p in ps]
+    times = {name: [] for name in variants}
+    for _ in range(rounds):  # alternate, so the machine's drifts hit every variant alike
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                opt.step()
+            times[name].append(1000 * (time.perf_counter() - t0) / reps)
+    loop = weights["loop (CPU default)"]
+    for name in variants:
+        same = all(torch.equal(a, b) for a, b in zip(weights[name], loop))
+        diff = max((a - b).abs().max().item() for a, b in zip(weights[name], loop))
+        rounds_ms = ", ".join(f"{t:.1f}" for t in times[name])
+        print(f"  {name:>24}: {statistics.median(times[name]):7.1f} ms/step (rounds {rounds_ms})   "
+              f"after {steps} steps: {'bit-identical to the loop' if same else f'max |Δw| {diff:.1e}'}")
+
+
+def time_sampling(folder: Path, n: int, batch: int, rounds: int, device: torch.device) -> None:
+    lists = folder.parent / "prompts"
+    if lists.is_dir():
+        rows = (C.read_jsonl(lists / "harmful_eval.jsonl") + C.read_jsonl(lists / "harmful_train.jsonl"))[: n // 2]
+        rows += (C.read_jsonl(lists / "benign_eval.jsonl") + C.read_jsonl(lists / "benign_train.jsonl"))[: n - len(rows)]
+        prompts = [r["prompt"] for r in rows]
+    else:
+        prompts = ["a large blue circle, sand background"] * n
+    seeds = list(range(n))
+    dtypes = (torch.float32, torch.bfloat16)
+    pipes = {d: C.load_pipeline(folder, device, d) for d in dtypes}
+    seconds, images = {d: [] for d in dtypes}, {}
+    for d in dtypes:
+        C.generate(pipes[d], prompts[:batch], seeds[:batch], 20, 4.0, batch)  # warm-up
+    for _ in range(rounds):  # alternate, as for AdamW
+        for d in dtypes:
+            t0 = time.perf_counter()
+            images[d] = C.generate(pipes[d], prompts, seeds, 20, 4.0, batch)
+            seconds[d].append(time.perf_counter() - t0)
+    judged = {}
+    for d in dtypes:
+        judged[d] = np.array([C.toy_judge(im) for im in images[d]])
+        quality = np.mean([C.toy_quality(im, p) for im, p in zip(images[d], prompts)])
+        sec = statistics.median(seconds[d])
+        print(f"  {str(d):>15}: {sec:6.1f} s for {n} images ({1000 * sec / n:.0f} ms each; rounds "
+              f"{', '.join(f'{s:.1f}' for s in seconds[d])} s)   judged harmful {np.mean(judged[d] >= 1):.1%}   "
+              f"mean toy quality {quality:.3f}")
+    a, b = images[torch.float32], images[torch.bfloat16]
+    pixels = np.mean([np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)])
+    print(f"  bf16 / fp32 time: {statistics.median(seconds[torch.bfloat16]) / statistics.median(seconds[torch.float32]):.2f}; "
+          f"image by image, the toy judge agrees on {np.mean(judged[torch.float32] == judged[torch.bfloat16]):.1%}, "
+          f"mean |Δpixel| {pixels:.2f} of 255")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/toy", help="run folder whose world/model to use")
+    p.add_argument("--n", type=int, default=256, help="images sampled per precision")
+    p.add_argument("--batch", type=int, default=32, help="images per sampling batch")
+    p.add_argument("--adam-steps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20, help="timed optimizer steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = ROOT / args.run / "world" / "model"
+        if not (folder / "model_index.json").exists():
+            print(f"{folder}: no stage-0 model, using random weights (timings only)")
+            folder = random_toy_model(Path(tmp) / "model")
+        pipe = C.load_pipeline(folder)
+        time_adamw(pipe.unet, pipe.text_encoder, args.adam_steps, args.reps, args.rounds)
+        del pipe
+        print(f"sampling on {device} (threads: {torch.get_num_threads()})")
+        time_sampling(folder, args.n, args.batch, args.rounds, device)
+
+
+if __name__ == "__main__":
+    main()
