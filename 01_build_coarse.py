@@ -54,7 +54,8 @@ def parse():
     p.add_argument("--shard-size", type=int, help="pairs judged per resumable shard")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES, help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
+    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES,
+                   help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
     p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")

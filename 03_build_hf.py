@@ -63,7 +63,8 @@ def parse():
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float, help="guidance scale of harmful images and their safe counterparts")
     p.add_argument("--safe-guidances", type=float, nargs="+", help="guidance scales safe-safe samples draw from")
-    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES, help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
+    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES,
+                   help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
     p.add_argument("--chunk-size", type=int, help="pairs per resumable chunk")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
