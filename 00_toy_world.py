@@ -33,7 +33,7 @@ C.PRESETS["toy"]["world"] = dict(
     vae_steps=700, vae_batch=32, vae_lr=2e-3,
     unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
     cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200,
-    eval_per_set=64, sample_steps=20, guidance=4.0, judge_check=2000, device=None)
+    eval_per_set=64, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None)
 C.PRESETS["sd15"]["world"] = dict(C.PRESETS["toy"]["world"])  # stage 0 exists only in the toy world
 C.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
                        eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10)

@@ -18,6 +18,8 @@ Outputs (DIR = --run):
   DIR/coarse/pairs.jsonl                              all pairs: {"id", "kind", "judge", "w": {...}, "l": {...}}
   DIR/coarse/metrics.json, config.json
 Chunks and shards are written whole (atomically); a killed run skips the finished ones.
+Runs as `python 01_build_coarse.py` or under `torchrun --nproc_per_node=N` (one process per
+GPU, or per core on a CPU): each process generates every N-th chunk and judges every N-th shard.
 """
 import random
 import time
@@ -31,7 +33,8 @@ import common as C
 C.PRESETS["toy"]["coarse"] = dict(
     models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=1000, seeds_per_prompt=2,
     n_safe_images=1000, n_pairs=4000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
-    sample_steps=20, guidance=4.0, dtype="auto", judge="toy", judge_model="gpt-4o", judge_base_url=None, device=None)
+    sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, dtype="auto", judge="toy", judge_model="gpt-4o", judge_base_url=None,
+    device=None)
 C.PRESETS["sd15"]["coarse"] = dict(
     C.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,
     shard_size=500, sample_steps=30, guidance=7.5, judge="openai")
@@ -97,6 +100,7 @@ def generate_images(args, plan: list[dict], out: Path, device, dtype) -> None:
     disk means the whole chunk is there."""
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     todo = [(c, chunk) for c, chunk in enumerate(chunks) if not (out / "images" / f"manifest-{c:05d}.jsonl").exists()]
+    todo = C.my_share(todo)  # under torchrun each process generates every N-th chunk
     pipes = {}
     for c, chunk in tqdm(todo, desc="generate", disable=not C.is_main()):
         for model in sorted({it["model"] for it in chunk}):
@@ -130,7 +134,7 @@ def plan_pairs(args, plan: list[dict]) -> list[tuple[str, int, int]]:
 
 def judge_pairs(args, plan, pairs, out: Path, judge) -> None:
     shards = [pairs[i:i + args.shard_size] for i in range(0, len(pairs), args.shard_size)]
-    for s, shard in enumerate(tqdm(shards, desc="judge", disable=not C.is_main())):
+    for s, shard in tqdm(C.my_share(enumerate(shards)), desc="judge", disable=not C.is_main()):
         path = out / "shards" / f"pairs-{s:05d}.json"
         if path.exists():
             continue
@@ -156,17 +160,23 @@ def main():
     args = parse()
     t0 = time.time()
     C.seed_everything(args.seed)
+    dist = C.setup_distributed(args.device)  # optional: torchrun splits the chunks over processes
     world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "coarse")
     out.mkdir(parents=True, exist_ok=True)
-    device = C.pick_device(args.device)
-    dtype = C.sample_dtype(args.dtype, device)
-    C.save_config(args, out, sample_dtype=str(dtype))
+    dtype = C.sample_dtype(args.dtype, dist.device)
+    if dist.is_main:
+        C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
     judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)
 
     plan = plan_images(args, world)
-    generate_images(args, plan, out, device, dtype)
+    generate_images(args, plan, out, dist.device, dtype)
+    C.barrier()  # every image on disk before any pair is judged
     pairs = plan_pairs(args, plan)
     judge_pairs(args, plan, pairs, out, judge)
+    C.barrier()
+    if not dist.is_main:  # rank 0 assembles what every process wrote
+        C.cleanup_distributed()
+        return
 
     records, skipped = [], 0
     for s in range((len(pairs) + args.shard_size - 1) // args.shard_size):
@@ -182,6 +192,7 @@ def main():
                "judge": judge.name, "seconds": round(time.time() - t0, 1)}
     C.atomic_write_json(out / "metrics.json", metrics)
     C.log(C.format_metrics(metrics))
+    C.cleanup_distributed()
 
 
 if __name__ == "__main__":

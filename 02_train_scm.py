@@ -14,7 +14,8 @@ pulls safe costs to μ_safe, the mean cost of a held pool of verified safe image
 without gradient every --mu-every steps (a constant inside one step).
 
 We train twice with the same data, seed and steps — γ as given and γ = 0 — and report the
-spread of held-out safe costs for both, to measure the paper's claim rather than assume it.
+spread of held-out safe costs for both, to measure the paper's claim rather than assume it
+(on a CPU the two train side by side, one process each: --baseline-in-parallel).
 
 Outputs (DIR = --run):  DIR/scm/scm.safetensors + scm_config.json (what `common.load_scm`
 reads), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json, config.json, log.jsonl.
@@ -22,7 +23,9 @@ Runs as `python 02_train_scm.py` or under `torchrun --nproc_per_node=N` (DDP).
 """
 import argparse
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ import common as C
 C.PRESETS["toy"]["scm"] = dict(
     arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=256, steps=750, batch=32, lr=1e-3,
     lr_tower=5e-4, gamma=1.0, mu_every=25, mu_pool=256, ckpt_every=100, skip_bad=False, cache_images=True,
-    no_anchor_baseline=True, device=None)
+    no_anchor_baseline=True, baseline_in_parallel=True, device=None)
 C.PRESETS["sd15"]["scm"] = dict(
     C.PRESETS["toy"]["scm"], arch="ViT-H-14", pretrained="laion2b_s32b_b79k", freeze_tower=True, hidden=512,
     steps=3000, batch=64, lr=1e-4, lr_tower=1e-6, mu_every=100, mu_pool=2048, ckpt_every=500, cache_images=False)
@@ -58,6 +61,9 @@ def parse():
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip (and count) bad pair rows instead of stopping")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, help="keep decoded images in memory")
     p.add_argument("--no-anchor-baseline", action=argparse.BooleanOptionalAction, help="also train with γ = 0 for comparison")
+    p.add_argument("--baseline-in-parallel", action=argparse.BooleanOptionalAction,
+                   help="on a CPU, single process: train the γ = 0 model in a second process at the same time, "
+                        "half the threads each")
     p.add_argument("--device")
     return C.parse_args(p)
 
@@ -195,6 +201,17 @@ def evaluate(model, eval_pairs, bank, device) -> dict:
             "harmful_cost_mean": float(np.mean([cost[f] for f in files if sign[f] == 1]))}
 
 
+def train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out: Path, threads: int | None = None,
+                    dist: C.Dist | None = None, bank: ImageBank | None = None) -> dict:
+    """The same training with γ = 0, and its held-out figures (in a child process when `threads`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    dist = dist or C.Dist(0, 1, 0, torch.device("cpu"))
+    bank = bank or ImageBank(args.cache_images)
+    model, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
+    return evaluate(model, eval_pairs, bank, dist.device)
+
+
 def main():
     args = parse()
     t0 = time.time()
@@ -217,12 +234,26 @@ def main():
     C.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows skipped; "
           f"μ_safe pool {len(safe_pool)} images")
 
+    # The γ = 0 model needs nothing from the γ model. On a CPU a small model uses two cores
+    # far from twice as well as one (BENCHMARKS.md), so one process per half of the cores
+    # finishes both sooner than training them one after the other.
+    parallel = (args.no_anchor_baseline and args.baseline_in_parallel and dist.world_size == 1
+                and dist.device.type == "cpu" and torch.get_num_threads() >= 2)
+    if parallel:
+        threads = torch.get_num_threads()
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out, threads // 2)
+        torch.set_num_threads(threads - threads // 2)
     model, mu = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
     metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu, "gamma": args.gamma,
                "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "bad_rows_skipped": n_bad}
     if args.no_anchor_baseline:
-        base, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
-        b = evaluate(base, eval_pairs, bank, dist.device)
+        if parallel:
+            b = baseline.result()  # re-raises the child's error, if any
+            pool.shutdown()
+            torch.set_num_threads(threads)
+        else:
+            b = train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out, dist=dist, bank=bank)
         metrics.update(safe_cost_std_no_anchor=b["safe_cost_std"], pair_accuracy_no_anchor=b["pair_accuracy"],
                        sign_accuracy_no_anchor=b["sign_accuracy"],
                        safe_cost_std_ratio=metrics["safe_cost_std"] / b["safe_cost_std"])

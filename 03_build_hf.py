@@ -24,7 +24,8 @@ Outputs (DIR = --run):
   DIR/hf/shards/pairs-*.json           annotated pairs, one file per chunk (written whole)
   DIR/hf/hf_pairs.jsonl                all pairs: {"id", "kind", "prompt", "category", "a": {...}, "b": {...}}
   DIR/hf/metrics.json, config.json
-A killed run skips the chunks whose shard exists.
+A killed run skips the chunks whose shard exists. Runs as `python 03_build_hf.py` or under
+`torchrun --nproc_per_node=N`: each process builds every N-th chunk, rank 0 assembles.
 """
 import random
 import time
@@ -38,7 +39,7 @@ import common as C
 
 C.PRESETS["toy"]["hf"] = dict(
     model=None, img2img_model=None, harmful_prompts=None, safe_prompts=None, safe_pairs=None,
-    n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=20, guidance=4.0,
+    n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0,
     safe_guidances=[1.0, 2.0, 4.0, 7.0], dtype="auto", chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
     quality="toy", pickscore_model=None, pickscore_processor=None, device=None)
 C.PRESETS["sd15"]["hf"] = dict(
@@ -213,19 +214,21 @@ def main():
     args = parse()
     t0 = time.time()
     C.seed_everything(args.seed)
+    dist = C.setup_distributed(args.device)  # optional: torchrun splits the chunks over processes
+    device = dist.device
     world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "hf")
     scm_dir = C.stage_dir(args.run, "scm")
     model = args.model or world / "model"
     C.require_inputs([scm_dir / "scm.safetensors"], "scm")
     out.mkdir(parents=True, exist_ok=True)
-    device = C.pick_device(args.device)
     dtype = C.sample_dtype(args.dtype, device)
-    C.save_config(args, out, sample_dtype=str(dtype))
+    if dist.is_main:
+        C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
 
     plan = plan_pairs(args, world)
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     shard = lambda c: out / "shards" / f"pairs-{c:05d}.json"
-    todo = [c for c in range(len(chunks)) if not shard(c).exists()]
+    todo = C.my_share([c for c in range(len(chunks)) if not shard(c).exists()])  # every N-th chunk per process
     if todo:
         from diffusers import AutoPipelineForImage2Image
         pipe = C.from_pretrained_or_exit(lambda m: C.load_pipeline(m, device, dtype), model, "the T2I model", "--model")
@@ -236,8 +239,12 @@ def main():
         judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)
         quality = C.make_quality_reward(args.quality, device, args.pickscore_model, args.pickscore_processor)
         scm = C.load_scm(scm_dir, device)
-        for c in tqdm(todo, desc="LibraAlign-HF chunks"):
+        for c in tqdm(todo, desc="LibraAlign-HF chunks", disable=not dist.is_main):
             C.atomic_write_json(shard(c), build_chunk(args, chunks[c], pipe, i2i, judge, quality, scm, out))
+    C.barrier()
+    if not dist.is_main:  # rank 0 assembles what every process wrote
+        C.cleanup_distributed()
+        return
 
     shards = [C.read_json(shard(c)) for c in range(len(chunks))]
     records = [p for s in shards for p in s["pairs"]]
@@ -259,6 +266,7 @@ def main():
         "seconds": round(time.time() - t0, 1)}
     C.atomic_write_json(out / "metrics.json", metrics)
     C.log(C.format_metrics(metrics))
+    C.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ import common as C
 
 C.PRESETS["toy"]["eval"] = dict(
     base=None, models=None, prompt_sets=None, harmful_sets=None, scm=None, n_prompts=100, seeds_per_prompt=1,
-    sample_steps=20, guidance=4.0, size=None, batch_size=64, dtype="float32", quality="toy", pickscore_model=None,
-    pickscore_processor=None, ip_judge="toy", q16=None, q16_clip="openai/clip-vit-large-patch14", clip_model=None,
+    sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, size=None, batch_size=64, dtype="float32", quality="toy",
+    pickscore_model=None, pickscore_processor=None, ip_judge="toy", q16=None, q16_clip="openai/clip-vit-large-patch14", clip_model=None,
     nudenet_threshold=0.6, ua_center=None, sheet_images=12, device=None)
 C.PRESETS["sd15"]["eval"] = dict(
     C.PRESETS["toy"]["eval"], base="stable-diffusion-v1-5/stable-diffusion-v1-5", n_prompts=None, sample_steps=50, guidance=7.5,
@@ -326,8 +326,9 @@ def load_model(model: Model, device, dtype):
 
 
 def generate_missing(args, model: Model, items: list[dict], out: Path, device, dtype) -> int:
-    """Generate the images of `items` not on disk yet and return how many. A batch shares one
-    guidance scale and size; each PNG is written as its batch finishes (atomically)."""
+    """Generate the images of `items` not on disk yet and return how many (over all processes).
+    A batch shares one guidance scale and size; each PNG is written as its batch finishes
+    (atomically)."""
     todo = list({it["image"]: it for it in items if not (out / it["image"]).exists()}.values())
     if not todo:
         return 0
@@ -335,6 +336,7 @@ def generate_missing(args, model: Model, items: list[dict], out: Path, device, d
     for it in todo:
         groups[it["guidance"], it["size"]].append(it)
     batches = [g[i:i + args.batch_size] for g in groups.values() for i in range(0, len(g), args.batch_size)]
+    batches = C.my_share(batches)  # under torchrun each process draws every N-th batch
     pipe = load_model(model, device, dtype)
     for batch in tqdm(batches, desc=f"generate {model.name}", disable=not C.is_main()):
         images = C.generate(pipe, [it["prompt"] for it in batch], [it["seed"] for it in batch], args.sample_steps,
@@ -808,6 +810,7 @@ def main():
     args = parse()
     t0 = time.time()
     C.seed_everything(args.seed)
+    dist = C.setup_distributed(args.device)  # optional: torchrun splits the generation over processes
     run, out = Path(args.run), C.stage_dir(args.run, "eval")
     models = resolve_models(args, run)
     sets = load_prompt_sets(args, run)
@@ -816,11 +819,12 @@ def main():
     scm_path = Path(args.scm) if args.scm else C.stage_dir(run, "scm")
     C.require_inputs([scm_path / "scm.safetensors"], "scm")
     out.mkdir(parents=True, exist_ok=True)
-    device = C.pick_device(args.device)
+    device = dist.device
     dtype = C.sample_dtype(args.dtype, device)
-    C.save_config(args, out, resolved_models={m.name: [str(m.path), str(m.lora) if m.lora else None] for m in models},
-                  resolved_prompt_sets={s: len(rows) for s, rows in sets.items()}, resolved_harmful_sets=harmful,
-                  sample_dtype=str(dtype))
+    if dist.is_main:
+        C.save_config(args, out, resolved_models={m.name: [str(m.path), str(m.lora) if m.lora else None] for m in models},
+                      resolved_prompt_sets={s: len(rows) for s, rows in sets.items()}, resolved_harmful_sets=harmful,
+                      sample_dtype=str(dtype), processes=dist.world_size)
 
     # Generation: every model draws the same (prompt, seed) items; one model in memory at a time.
     plan = plan_images(args, sets)
@@ -829,6 +833,10 @@ def main():
         fp = fingerprint(m)
         items[m.name] = [dict(it, model=m.name, image=image_path(m, fp, it, args.sample_steps, dtype)) for it in plan]
         generated += generate_missing(args, m, items[m.name], out, device, dtype)
+    C.barrier()
+    if not dist.is_main:  # rank 0 scores every image and writes the report
+        C.cleanup_distributed()
+        return
     t_gen = time.time() - t0
     C.log(f"images: {generated} generated, {len(models) * len(plan) - generated} from the cache")
 
@@ -854,6 +862,7 @@ def main():
     C.atomic_write_json(out / "metrics.json", metrics)
     C.log("\n" + table + "\n")
     C.log(f"report:  {out / 'report.md'}\nmetrics: {out / 'metrics.json'}")
+    C.cleanup_distributed()
 
 
 if __name__ == "__main__":

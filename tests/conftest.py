@@ -1,7 +1,10 @@
 """Tests import the top-level scripts' shared module and never touch the network."""
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,3 +15,18 @@ def pytest_configure(config):
     # `slow` (tests/test_real_size.py, about 2 minutes) still runs by default, as in CI;
     # `pytest -m "not slow"` leaves it out
     config.addinivalue_line("markers", "slow: real-size models on the CPU (minutes); selected by default")
+
+
+def _torchrun(script, run, *extra, nproc=2, port=29550, env=None):
+    """`torchrun --nproc_per_node=N SCRIPT --tiny --run-dir RUN ...` from the repository root."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={port}", script, "--tiny", "--run-dir", str(run), *extra],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture
+def torchrun():
+    return _torchrun

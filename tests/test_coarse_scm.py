@@ -67,6 +67,24 @@ def test_coarse_resumes_without_redoing_or_duplicating(coarse_run, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (c / "images").glob("*.png")} == mtimes  # nothing regenerated
 
 
+def test_coarse_two_processes_build_what_one_builds(coarse_run, tmp_path, torchrun):
+    """Under torchrun each process generates every 2nd chunk and judges every 2nd shard; the
+    pairs and images are those of one process (one thread each, so the arithmetic matches)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run in (one, two):
+        shutil.copytree(coarse_run, run, ignore=shutil.ignore_patterns("coarse"))
+    stage("01_build_coarse.py", one, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun("01_build_coarse.py", two, env={"OMP_NUM_THREADS": "1"})
+    rows = lambda run: [{**r, "w": {**r["w"], "model": None}, "l": {**r["l"], "model": None}}
+                        for r in C.read_jsonl(run / "coarse" / "pairs.jsonl")]
+    assert rows(two) == rows(one) and len(rows(one)) == 30
+    pngs = sorted(p.name for p in (one / "coarse" / "images").glob("*.png"))
+    assert pngs == sorted(p.name for p in (two / "coarse" / "images").glob("*.png")) and pngs
+    assert all((C.load_png(one / "coarse" / "images" / f) == C.load_png(two / "coarse" / "images" / f)).all()
+               for f in pngs)
+    assert json.loads((two / "coarse" / "config.json").read_text())["processes"] == 2
+
+
 def test_coarse_says_which_stage_to_run(tmp_path):
     r = stage("01_build_coarse.py", tmp_path, check=False)
     assert r.returncode != 0 and "00_toy_world.py" in r.stderr
@@ -80,7 +98,7 @@ def test_openai_judge_needs_a_key(coarse_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def scm_run(coarse_run):
-    stage("02_train_scm.py", coarse_run)
+    stage("02_train_scm.py", coarse_run, env={**os.environ, "OMP_NUM_THREADS": "2"})  # γ = 0 beside γ
     return coarse_run
 
 
@@ -101,9 +119,10 @@ def test_scm_outputs_and_load_scm(scm_run):
 def test_scm_resume_is_exact(scm_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(scm_run, run, ignore=shutil.ignore_patterns("scm"))
-    r = stage("02_train_scm.py", run, "--stop-after", "4", "--no-no-anchor-baseline", check=False)  # killed ...
-    assert r.returncode != 0 and "stopped after 4" in r.stderr
-    stage("02_train_scm.py", run, "--no-no-anchor-baseline")  # ... resumed to 6 steps
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the fixture's γ model trained
+    r = stage("02_train_scm.py", run, "--stop-after", "4", "--no-no-anchor-baseline", check=False, env=one_thread)
+    assert r.returncode != 0 and "stopped after 4" in r.stderr  # killed ...
+    stage("02_train_scm.py", run, "--no-no-anchor-baseline", env=one_thread)  # ... resumed to 6 steps
     from safetensors.torch import load_file
     a, b = load_file(scm_run / "scm" / "scm.safetensors"), load_file(run / "scm" / "scm.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -119,6 +138,22 @@ def test_scm_ddp_two_processes_match_one(scm_run, tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(scm_run / "scm" / "scm.safetensors"), load_file(run / "scm" / "scm.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_scm_no_anchor_baseline_in_parallel_matches_sequential(scm_run, tmp_path):
+    """The fixture trained its γ = 0 model in a second process beside the γ model (one thread
+    each on a 2-core machine); trained after it in one process at one thread, both models and
+    every figure are the same."""
+    run = tmp_path / "run"
+    shutil.copytree(scm_run, run, ignore=shutil.ignore_patterns("scm"))
+    stage("02_train_scm.py", run, "--no-baseline-in-parallel", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from safetensors.torch import load_file
+    for sub in ("", "no_anchor"):
+        a, b = (load_file(r / "scm" / sub / "scm.safetensors") for r in (scm_run, run))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((r / "scm" / "metrics.json").read_text()) for r in (scm_run, run))
+    assert {k: v for k, v in ma.items() if k != "seconds"} == {k: v for k, v in mb.items() if k != "seconds"}
+    assert ma["safe_cost_std_no_anchor"] > 0
 
 
 @pytest.mark.parametrize("corrupt, message", [

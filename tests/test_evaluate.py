@@ -321,6 +321,25 @@ def test_smoke_outputs_and_shapes(eval_run):
     assert cfg["resolved_harmful_sets"] == ["harmful"] and set(cfg["resolved_models"]) == {"base", "spo"}
 
 
+def test_two_processes_generate_what_one_generates(eval_run, tmp_path, torchrun):
+    """Under torchrun each process draws every 2nd batch and rank 0 scores and reports: the
+    images and scores of one process at the same thread count."""
+    run, _ = eval_run
+    one, two = tmp_path / "one", tmp_path / "two"
+    for dst in (one, two):
+        shutil.copytree(run, dst, ignore=shutil.ignore_patterns("eval"))
+    subprocess.run([sys.executable, "05_evaluate.py", "--tiny", "--run", str(one)], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun("05_evaluate.py", two, env={"OMP_NUM_THREADS": "1"})
+    assert "harmful UAS↑" in r.stdout and r.stdout.count("report:") == 1  # rank 0 alone reports
+    rows = lambda run: [{k: v for k, v in row.items() if k != "source"}  # "source" names the run's own file
+                        for row in C.read_jsonl(run / "eval" / "scores.jsonl")]
+    assert rows(two) == rows(one) and len(rows(one)) == 24
+    assert all(np.array_equal(C.load_png(one / "eval" / row["image"]), C.load_png(two / "eval" / row["image"]))
+               for row in rows(one))
+    assert json.loads((two / "eval" / "metrics.json").read_text())["images_generated"] == 24
+
+
 def test_rerun_uses_the_cache_and_a_retrained_model_gets_new_images(eval_run, tmp_path):
     run, _ = eval_run
     out = run / "eval"

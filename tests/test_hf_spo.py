@@ -4,6 +4,7 @@ with two processes equal to one, LoRA that stock diffusers loads, bad input)."""
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,21 @@ def test_hf_resumes_only_missing_chunks(hf_run, tmp_path):
     stage("03_build_hf.py", run)
     assert C.read_jsonl(hf / "hf_pairs.jsonl") == before
     assert {f: f.stat().st_mtime_ns for f in kept} == kept
+
+
+def test_hf_two_processes_build_what_one_builds(hf_run, tmp_path, torchrun):
+    """Under torchrun each process builds every 2nd chunk and rank 0 assembles: the same pairs,
+    annotations and images as one process at the same thread count."""
+    one, two = copy_run(hf_run, tmp_path / "one", "hf"), copy_run(hf_run, tmp_path / "two", "hf")
+    subprocess.run([sys.executable, "03_build_hf.py", "--tiny", "--run", str(one)], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun("03_build_hf.py", two, env={"OMP_NUM_THREADS": "1"})
+    pairs = C.read_jsonl(one / "hf" / "hf_pairs.jsonl")
+    assert C.read_jsonl(two / "hf" / "hf_pairs.jsonl") == pairs and len(pairs) > 4
+    assert all(np.array_equal(C.load_png(one / "hf" / p[s]["path"]), C.load_png(two / "hf" / p[s]["path"]))
+               for p in pairs for s in "ab")
+    m1, m2 = (json.loads((r / "hf" / "metrics.json").read_text()) for r in (one, two))
+    assert {k: v for k, v in m1.items() if k != "seconds"} == {k: v for k, v in m2.items() if k != "seconds"}
 
 
 def test_hf_says_which_stage_to_run(tmp_path):
