@@ -214,7 +214,8 @@ def main():
     args = parse()
     t0 = time.time()
     C.seed_everything(args.seed)
-    dist = C.setup_distributed(args.device)  # optional: torchrun splits the chunks over processes
+    # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
+    dist = C.setup_distributed(args.device, timeout_hours=24)
     device = dist.device
     world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "hf")
     scm_dir = C.stage_dir(args.run, "scm")

@@ -810,7 +810,8 @@ def main():
     args = parse()
     t0 = time.time()
     C.seed_everything(args.seed)
-    dist = C.setup_distributed(args.device)  # optional: torchrun splits the generation over processes
+    # optional: torchrun splits the generation over processes (24 h: ranks wait for the slowest share)
+    dist = C.setup_distributed(args.device, timeout_hours=24)
     run, out = Path(args.run), C.stage_dir(args.run, "eval")
     models = resolve_models(args, run)
     sets = load_prompt_sets(args, run)

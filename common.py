@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import http.client
 import io
 import json
@@ -446,15 +447,18 @@ class Dist:
         return self.world_size > 1 or torch.distributed.is_initialized()
 
 
-def setup_distributed(device: str | None = None) -> Dist:
+def setup_distributed(device: str | None = None, timeout_hours: float | None = None) -> Dist:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set): NCCL on GPU,
-    gloo on CPU. A plain `python script.py` runs as a single process with no group."""
+    gloo on CPU. A plain `python script.py` runs as a single process with no group.
+    `timeout_hours`: how long a collective may wait (torch's default is minutes); the data
+    stages wait at one barrier while the slowest process finishes its share of the chunks."""
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        kw = {"timeout": datetime.timedelta(hours=timeout_hours)} if timeout_hours else {}
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", **kw)
         dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, dev)
     return Dist(0, 1, 0, torch.device("cuda" if use_cuda else "cpu"))

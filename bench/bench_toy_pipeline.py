@@ -1,4 +1,5 @@
-"""Two speed-ups of the toy pipeline, measured: the AdamW update and the sampling precision.
+"""Three speed-ups of the toy pipeline, measured: the AdamW update, the sampling precision and
+the number of sampling steps.
 
   adamw     one optimizer step over stage 0's UNet + text encoder (the largest set of tensors a
             toy stage trains): PyTorch's CPU default (a loop, one small update per tensor),
@@ -7,6 +8,10 @@
   sampling  --n images of held-out harmful and benign prompts, 20 DDIM steps with guidance, in
             fp32 and in bf16 (what `--dtype auto` picks on a CPU with native bf16, or on CUDA):
             seconds, and how far the images agree (toy judge, toy quality, pixels).
+  steps     the held-out harmful, benign and look-alike prompts (--n-per-set each, one seed)
+            with DDIM at 20 and 10 steps (the toy preset's C.TOY_SAMPLE_STEPS) and DPM-Solver++
+            at 10 and 8, in fp32: seconds (after a warm-up), share judged harmful and mean toy
+            quality per set.
 
 The model is RUN/world/model when it exists (prompts from its held-out lists), else stage 0's
 architecture with random weights (timings only: its images are noise).
@@ -92,6 +97,29 @@ def time_sampling(folder: Path, n: int, batch: int, rounds: int, device: torch.d
           f"mean |Δpixel| {pixels:.2f} of 255")
 
 
+def compare_steps(folder: Path, n_per_set: int, batch: int) -> None:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    lists = folder.parent / "prompts"
+    sets = {k: (C.read_jsonl(lists / f"{k}_eval.jsonl")[:n_per_set] if lists.is_dir()
+                else [{"prompt": "a large blue circle, sand background"}] * n_per_set)
+            for k in ("harmful", "benign", "lookalike")}
+    pipe = C.load_pipeline(folder)
+    config = pipe.scheduler.config
+    C.generate(pipe, [sets["benign"][0]["prompt"]] * batch, list(range(batch)), 10, 4.0, batch)  # warm-up
+    print(f"sampling steps, {n_per_set} prompts per set, fp32 (set: judged harmful / mean toy quality)")
+    for name, scheduler, steps in (("DDIM", DDIMScheduler, 20), ("DDIM", DDIMScheduler, C.TOY_SAMPLE_STEPS),
+                                   ("DPM-Solver++", DPMSolverMultistepScheduler, 10),
+                                   ("DPM-Solver++", DPMSolverMultistepScheduler, 8)):
+        pipe.scheduler = scheduler.from_config(config)
+        t0, cells = time.perf_counter(), []
+        for kind, rows in sets.items():
+            prompts = [r["prompt"] for r in rows]
+            images = C.generate(pipe, prompts, list(range(len(rows))), steps, 4.0, batch)
+            cells.append(f"{kind} {np.mean([C.toy_judge(im) >= 1 for im in images]):.1%} / "
+                         f"{np.mean([C.toy_quality(im, p) for im, p in zip(images, prompts)]):.2f}")
+        print(f"  {name:>12} {steps:2d} steps: {time.perf_counter() - t0:6.1f} s   " + "   ".join(cells))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/toy", help="run folder whose world/model to use")
@@ -101,6 +129,8 @@ def main():
     p.add_argument("--reps", type=int, default=20, help="timed optimizer steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--n-per-set", type=int, default=86, help="prompts per set for the steps comparison")
+    p.add_argument("--parts", nargs="+", default=["adamw", "sampling", "steps"], choices=["adamw", "sampling", "steps"])
     args = p.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,11 +138,15 @@ def main():
         if not (folder / "model_index.json").exists():
             print(f"{folder}: no stage-0 model, using random weights (timings only)")
             folder = random_toy_model(Path(tmp) / "model")
-        pipe = C.load_pipeline(folder)
-        time_adamw(pipe.unet, pipe.text_encoder, args.adam_steps, args.reps, args.rounds)
-        del pipe
-        print(f"sampling on {device} (threads: {torch.get_num_threads()})")
-        time_sampling(folder, args.n, args.batch, args.rounds, device)
+        if "adamw" in args.parts:
+            pipe = C.load_pipeline(folder)
+            time_adamw(pipe.unet, pipe.text_encoder, args.adam_steps, args.reps, args.rounds)
+            del pipe
+        if "sampling" in args.parts:
+            print(f"sampling on {device} (threads: {torch.get_num_threads()})")
+            time_sampling(folder, args.n, args.batch, args.rounds, device)
+        if "steps" in args.parts:
+            compare_steps(folder, args.n_per_set, args.batch)
 
 
 if __name__ == "__main__":

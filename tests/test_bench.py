@@ -43,9 +43,10 @@ def test_bench_unet_variants_prints_each_variant():
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows)
 
 
-def test_bench_toy_pipeline_adamw_and_sampling_lines():
+def test_bench_toy_pipeline_adamw_sampling_and_steps_lines():
     r = subprocess.run([sys.executable, "bench/bench_toy_pipeline.py", "--run", "runs/absent", "--n", "4", "--batch", "2",
-                        "--adam-steps", "2", "--reps", "1", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True)
+                        "--adam-steps", "2", "--reps", "1", "--rounds", "1", "--n-per-set", "2"], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     adam = dict(re.findall(r"^\s*(.+?): +[\d.]+ ms/step \(rounds [\d., ]+\)   after 2 steps: (.+)$", r.stdout, re.M))
     assert list(adam) == ["loop (CPU default)", "foreach (common.adamw)", "fused"]
@@ -54,3 +55,17 @@ def test_bench_toy_pipeline_adamw_and_sampling_lines():
     assert sampled == ["float32", "bfloat16"]
     assert re.search(r"^  bf16 / fp32 time: [\d.]+; image by image, the toy judge agrees on [\d.]+%, mean \|Δpixel\| [\d.]+ of 255$",
                      r.stdout, re.M)
+    steps = re.findall(r"^\s*(DDIM|DPM-Solver\+\+)\s+(\d+) steps: +[\d.]+ s   harmful [\d.]+% / [\d.]+   benign",
+                       r.stdout, re.M)
+    assert steps == [("DDIM", "20"), ("DDIM", "10"), ("DPM-Solver++", "10"), ("DPM-Solver++", "8")]
+
+
+def test_bench_parallel_runs_prints_each_kind():
+    r = subprocess.run([sys.executable, "bench/bench_parallel_runs.py", "--threads", "2", "--reps", "1", "--batch", "2",
+                        "--rounds", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^\s*([\w-]+): one process\s+([\d.]+) ms/unit, two side by side\s+([\d.]+) ms/unit"
+                      r"   one / two: ([\d.]+)", r.stdout, re.M)
+    assert [k for k, *_ in rows] == ["unet-train", "scm-train", "sample"]
+    for _, one, two, ratio in rows:  # the printed ratio is the ratio of the printed times
+        assert float(one) > 0 and float(two) > 0 and abs(float(ratio) - float(one) / float(two)) < 0.02
