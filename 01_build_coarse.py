@@ -19,7 +19,7 @@ Outputs (DIR = --run):
   DIR/coarse/metrics.json, config.json
 Chunks and shards are written whole (atomically); a killed run skips the finished ones.
 Runs as `python 01_build_coarse.py` or under `torchrun --nproc_per_node=N` (one process per
-GPU, or per core on a CPU): each process generates every N-th chunk and judges every N-th shard.
+GPU): each process generates every N-th chunk and judges every N-th shard, rank 0 assembles.
 """
 import random
 import time

@@ -192,7 +192,9 @@ def test_scm_module_ranks_and_anchors_on_synthetic_data():
     rng = random.Random(0)
     harm = [C.render(C.random_scene(rng, "harmful")) for _ in range(32)]
     safe = [C.render(C.random_scene(rng, "benign")) for _ in range(32)]
-    opt = torch.optim.AdamW(model.parameters(), 2e-3)
+    # 2e-3 separated the classes on a Zen 4 CPU but diverged for a while on a Zen 3 one (other
+    # kernels, other rounding); at 5e-4 both sides are >= 97% right from step 40 on either
+    opt = torch.optim.AdamW(model.parameters(), 5e-4)
     x = torch.from_numpy(np.stack(harm + safe))
     for _ in range(60):
         c = model(x)

@@ -103,7 +103,10 @@ def test_inpainting_starts_from_the_harmful_image(hf_run):
     assert all(c["strength"] == 0.3 for c in calls)
     assert len(out) == 3 and out[0].shape == (32, 32, 3) and out[0].dtype == np.uint8
     again = HF.safety_aware_inpainting(i2i, init, specs, steps=10)
-    assert np.array_equal(np.stack(out), np.stack(again))  # per-image seeds: batching does not matter
+    # per-image seeds: batching does not matter, up to the rounding of batch-size-dependent
+    # kernels (exact on a Zen 4 CPU; on a Zen 3 one a few pixels move by one level)
+    diff = np.abs(np.stack(out).astype(int) - np.stack(again))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # another seed moves pixels by tens of levels
 
 
 def test_hf_resumes_only_missing_chunks(hf_run, tmp_path):
