@@ -10,7 +10,8 @@ and 5) stay one process. This bench measures both kinds of work on the toy archi
                on --batch samples: what stages 0 and 4 do
   scm-train    one training step of the toy SCM (the 3-layer ViT and its head) on --batch
                pairs: what stage 2 does
-  sample       --batch images, 20 DDIM steps with guidance: what stages 1, 3 and 5 do
+  sample       --batch images, 20 DDIM steps with guidance: what stages 1, 3 and 5 do (they
+               now take 10 steps; a step is the same work either way)
 
 For each, the same total work is done (a) by one process with all --threads and (b) by two
 processes at once with half the threads each; rounds alternate so the machine's drifts hit

@@ -19,9 +19,9 @@ import common as C
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stage(script, run, *extra, check=True):
+def stage(script, run, *extra, check=True, env=None):
     r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env={**os.environ, **(env or {})})
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed:\n{r.stderr[-3000:]}")
     return r
@@ -124,8 +124,7 @@ def test_hf_two_processes_build_what_one_builds(hf_run, tmp_path, torchrun):
     """Under torchrun each process builds every 2nd chunk and rank 0 assembles: the same pairs,
     annotations and images as one process at the same thread count."""
     one, two = copy_run(hf_run, tmp_path / "one", "hf"), copy_run(hf_run, tmp_path / "two", "hf")
-    subprocess.run([sys.executable, "03_build_hf.py", "--tiny", "--run", str(one)], cwd=ROOT, check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stage("03_build_hf.py", one, env={"OMP_NUM_THREADS": "1"})
     torchrun("03_build_hf.py", two, env={"OMP_NUM_THREADS": "1"})
     pairs = C.read_jsonl(one / "hf" / "hf_pairs.jsonl")
     assert C.read_jsonl(two / "hf" / "hf_pairs.jsonl") == pairs and len(pairs) > 4
