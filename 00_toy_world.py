@@ -2,8 +2,8 @@
 
 The paper aligns Stable Diffusion v1.5 against harm judged by GPT-4o and quality judged by
 PickScore (Secs. 3-6). To run, and check, every stage on a CPU in minutes we build a world in
-which both judges are exact programs (`toy_judge`, `toy_quality` in common.py; SPEC.md
-section 4) and train a tiny Stable Diffusion from scratch on drawn scenes, so that — like an
+which both judges are exact programs (`toy_judge`, `toy_quality` in toyworld.py) and train
+a tiny Stable Diffusion from scratch on drawn scenes, so that — like an
 unaligned model — it draws harm marks when a prompt names a harmful concept.
 
 Outputs (DIR = --run):
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
+import toyworld as W
 
 C.PRESETS["toy"]["world"] = dict(
     n_prompts=2400, eval_fraction=0.15, n_images=8000,
@@ -34,7 +35,7 @@ C.PRESETS["toy"]["world"] = dict(
     unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
     cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200,
     eval_per_set=64, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None)
-C.PRESETS["sd15"]["world"] = dict(C.PRESETS["toy"]["world"])  # stage 0 exists only in the toy world
+C.PRESETS["sd15"]["world"] = dict(C.PRESETS["toy"]["world"])  # parsed, then refused: no toy world on sd15
 C.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
                        eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10)
 
@@ -80,8 +81,8 @@ def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
         for _ in range(args.n_prompts * 20):  # until n_prompts distinct ones, or the grammar runs out
             if len(rows) == args.n_prompts:
                 break
-            scene = C.random_scene(rng, kind)
-            prompt = C.scene_to_prompt(scene)
+            scene = W.random_scene(rng, kind)
+            prompt = W.scene_to_prompt(scene)
             if prompt in seen:
                 continue
             seen.add(prompt)
@@ -89,7 +90,7 @@ def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
                 scene.pop(key)
             row = {"id": f"{kind}-{len(rows):05d}", "prompt": prompt, "kind": kind, "scene": dict(scene)}
             if kind == "harmful":
-                row.update(safe_prompt=C.scene_to_prompt(scene, with_harm=False), category=scene["category"],
+                row.update(safe_prompt=W.scene_to_prompt(scene, with_harm=False), category=scene["category"],
                            concept=scene["concept"], severity=scene["severity"])
             rows.append(row)
         n_eval = int(round(len(rows) * args.eval_fraction))
@@ -107,7 +108,7 @@ def draw_training_set(args, lists) -> tuple[torch.Tensor, list[str]]:
     images, prompts = [], []
     for _ in range(args.n_images):
         row = rng.choice(pool)
-        images.append(C.render(C.draw_layout(row["scene"], rng)))
+        images.append(W.render(W.draw_layout(row["scene"], rng)))
         prompts.append(row["prompt"])
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, prompts
@@ -123,14 +124,14 @@ def build_models(args):
     tokenizer = C.clip_tokenizer(max_length=32)
     vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
-                        sample_size=C.IMAGE_SIZE, mid_block_add_attention=False)
+                        sample_size=W.IMAGE_SIZE, mid_block_add_attention=False)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=args.text_width, intermediate_size=2 * args.text_width,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     widths = tuple(int(c) for c in args.unet_channels.split(","))
     unet = UNet2DConditionModel(
-        sample_size=C.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=widths,
+        sample_size=W.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=widths,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1, cross_attention_dim=args.text_width, attention_head_dim=8, norm_num_groups=16)
     return tokenizer, vae, text_encoder, unet
@@ -156,6 +157,7 @@ def train_vae(args, vae, x, ckpt: C.Checkpoint, log: C.MetricsLog, device):
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["vae_opt"])
         start = state["vae_step"]
+    log.truncate(lambda r: r["phase"] != "vae" or r["step"] < start)  # the steps about to be redone go
     vae.to(device).train()
     for step in tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps):
         g = C.step_generator(args.seed, step, stream=1)
@@ -212,6 +214,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
         opt.load_state_dict(state["unet_opt"])
         ema = [e.to(device) for e in state["ema"]]
         start = state["unet_step"]
+    log.truncate(lambda r: r["phase"] != "unet" or r["step"] < start)
     alphas = scheduler.alphas_cumprod.to(device)
     bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
     for step in bar:
@@ -263,20 +266,20 @@ def evaluate_world(args, out: Path, lists, device) -> dict:
         rows = lists[f"{kind}_eval"][: args.eval_per_set]
         seeds = [args.seed * 10_000 + i for i in range(len(rows))]
         samples = C.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps, args.guidance)
-        truth = [C.render(C.draw_layout(r["scene"], random.Random(s))) for r, s in zip(rows, seeds)]
-        judged = [C.toy_judge(im) for im in samples]
-        q = [C.toy_quality(im, r["prompt"]) for im, r in zip(samples, rows)]
-        q_true = [C.toy_quality(im, r["prompt"]) for im, r in zip(truth, rows)]
+        truth = [W.render(W.draw_layout(r["scene"], random.Random(s))) for r, s in zip(rows, seeds)]
+        judged = [W.toy_judge(im) for im in samples]
+        q = [W.toy_quality(im, r["prompt"]) for im, r in zip(samples, rows)]
+        q_true = [W.toy_quality(im, r["prompt"]) for im, r in zip(truth, rows)]
         figures[f"harmful_rate_on_{kind}"] = float(np.mean([j >= 1 for j in judged]))
         figures[f"quality_{kind}"] = float(np.mean(q))
         figures[f"quality_ratio_{kind}"] = float(np.mean(q) / np.mean(q_true))
         for r, im, gt in list(zip(rows, samples, truth))[:6]:
-            sheet.append((f"[{kind}] {r['prompt']}  (judge {C.toy_judge(im)})", [gt, im]))
+            sheet.append((f"[{kind}] {r['prompt']}  (judge {W.toy_judge(im)})", [gt, im]))
     rng = random.Random(args.seed + 2)
     agree = 0
     for _ in range(args.judge_check):
-        scene = C.random_scene(rng, rng.choice(["harmful", "benign", "lookalike"]))
-        agree += C.toy_judge(C.render(scene)) == scene["severity"]
+        scene = W.random_scene(rng, rng.choice(["harmful", "benign", "lookalike"]))
+        agree += W.toy_judge(W.render(scene)) == scene["severity"]
     figures["judge_agreement"] = agree / args.judge_check
     C.contact_sheet(sheet, out / "contact_sheet.png")
     return figures
@@ -284,6 +287,9 @@ def evaluate_world(args, out: Path, lists, device) -> dict:
 
 def main():
     args = parse()
+    if args.preset != "toy":
+        raise SystemExit(f"stage 0 builds the toy world only; --preset {args.preset} starts at stage 1 "
+                         f"with real models and prompts (README, 'Running sd15 on GPUs')")
     t0 = time.time()
     C.seed_everything(args.seed)
     device = C.pick_device(args.device)
@@ -322,4 +328,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    C.run_stage(main)

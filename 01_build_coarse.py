@@ -34,7 +34,7 @@ C.PRESETS["toy"]["coarse"] = dict(
     models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=1000, seeds_per_prompt=2,
     n_safe_images=1000, n_pairs=4000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
     sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, dtype="auto", judge="toy", judge_model="gpt-4o", judge_base_url=None,
-    device=None)
+    judge_timeout=60.0, judge_retries=5, device=None)
 C.PRESETS["sd15"]["coarse"] = dict(
     C.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,
     shard_size=500, sample_steps=30, guidance=7.5, judge="openai")
@@ -44,7 +44,8 @@ C.TINY["coarse"] = dict(n_harmful_prompts=12, n_safe_images=20, eval_fraction=0.
 
 def parse():
     p = C.stage_parser("coarse", __doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", help="T2I model folders (default: the stage-0 model)")
+    p.add_argument("--models", nargs="+", help="T2I model folders or Hugging Face ids in the local cache "
+                                               "(default: the stage-0 model)")
     p.add_argument("--harmful-prompts", help="JSONL with a prompt column (default: stage-0 harmful_train)")
     p.add_argument("--safe-prompts", nargs="+", help="JSONL files of safe prompts (default: stage-0 benign + look-alike train)")
     p.add_argument("--n-harmful-prompts", type=int)
@@ -62,16 +63,20 @@ def parse():
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
     p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--judge-timeout", type=float, help="seconds to wait for one judge answer before a retry")
+    p.add_argument("--judge-retries", type=int, help="retries of an unanswered judge call (back-off 1, 2, 4, ... s)")
     p.add_argument("--device")
     return C.parse_args(p)
 
 
 def plan_images(args, world: Path) -> list[dict]:
     """Every image to generate: (model, prompt, seed, harmful-prompt flag), in a fixed order."""
-    models = args.models or [str(world / "model")]
-    harmful_file = args.harmful_prompts or world / "prompts" / "harmful_train.jsonl"
-    safe_files = args.safe_prompts or [world / "prompts" / f"{k}_train.jsonl" for k in ("benign", "lookalike")]
-    C.require_inputs([harmful_file, *safe_files, *models], "world")
+    models = args.models or [C.toy_world_input(args, world / "model", "--models")]
+    harmful_file = args.harmful_prompts or C.toy_world_input(args, world / "prompts" / "harmful_train.jsonl",
+                                                             "--harmful-prompts")
+    safe_files = args.safe_prompts or [C.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts")
+                                       for k in ("benign", "lookalike")]
+    C.require_inputs([harmful_file, *safe_files, *([] if args.models else models)], "world")
     harmful = C.read_jsonl(harmful_file)[: args.n_harmful_prompts]
     safe = [r for f in safe_files for r in C.read_jsonl(f)]
     for name, rows, f in (("harmful", harmful, harmful_file), ("safe", safe, safe_files)):
@@ -105,7 +110,8 @@ def generate_images(args, plan: list[dict], out: Path, device, dtype) -> None:
     for c, chunk in tqdm(todo, desc="generate", disable=not C.is_main()):
         for model in sorted({it["model"] for it in chunk}):
             if model not in pipes:
-                pipes = {model: C.load_pipeline(model, device, dtype)}  # one model in memory at a time
+                pipes = {model: C.from_pretrained_or_exit(lambda m: C.load_pipeline(m, device, dtype), model,
+                                                          "the T2I model", "--models")}  # one model at a time
             items = [it for it in chunk if it["model"] == model]
             images = C.generate(pipes[model], [it["prompt"] for it in items], [it["seed"] for it in items],
                                 args.sample_steps, args.guidance)
@@ -167,7 +173,8 @@ def main():
     dtype = C.sample_dtype(args.dtype, dist.device)
     if dist.is_main:
         C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
-    judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)
+    judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
+                         args.judge_retries)
 
     plan = plan_images(args, world)
     generate_images(args, plan, out, dist.device, dtype)
@@ -197,4 +204,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    C.run_stage(main)

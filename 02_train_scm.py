@@ -146,8 +146,11 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, mu = state["step"], state["mu_safe"]
+    # DDP's wrapper fits here: every step is one forward and one backward, the same on every
+    # rank. (Stage 4 sums gradients by hand, since DFM's extra passes differ from rank to rank.)
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
     log = C.MetricsLog(out / "log.jsonl")
+    log.truncate(lambda r: r["step"] < start)  # the steps about to be redone go
     model.train()
     for step in tqdm(range(start, args.steps), desc=f"scm γ={gamma:g}", initial=start, total=args.steps,
                      disable=not dist.is_main):
@@ -265,4 +268,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    C.run_stage(main)

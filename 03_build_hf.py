@@ -41,7 +41,7 @@ C.PRESETS["toy"]["hf"] = dict(
     model=None, img2img_model=None, harmful_prompts=None, safe_prompts=None, safe_pairs=None,
     n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0,
     safe_guidances=[1.0, 2.0, 4.0, 7.0], dtype="auto", chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
-    quality="toy", pickscore_model=None, pickscore_processor=None, device=None)
+    judge_timeout=60.0, judge_retries=5, quality="toy", pickscore_model=None, pickscore_processor=None, device=None)
 C.PRESETS["sd15"]["hf"] = dict(
     C.PRESETS["toy"]["hf"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", n_harmful_safe=10000, n_safe_safe=0,
     strength=0.75, sample_steps=30, guidance=7.5, safe_guidances=[3.0, 5.0, 7.5, 10.0], chunk_size=64,
@@ -69,7 +69,9 @@ def parse():
     p.add_argument("--chunk-size", type=int, help="pairs per resumable chunk")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--judge-timeout", type=float, help="seconds to wait for one judge answer before a retry")
+    p.add_argument("--judge-retries", type=int, help="retries of an unanswered judge call (back-off 1, 2, 4, ... s)")
     p.add_argument("--quality", choices=["toy", "pickscore"], help="the quality reward r(x, c)")
     p.add_argument("--pickscore-model")
     p.add_argument("--pickscore-processor")
@@ -82,8 +84,11 @@ def parse():
 # ---------------------------------------------------------------------------------------
 
 def plan_pairs(args, world: Path) -> list[dict]:
-    harmful_file = args.harmful_prompts or world / "prompts" / "harmful_train.jsonl"
-    safe_files = args.safe_prompts or [world / "prompts" / f"{k}_train.jsonl" for k in ("benign", "lookalike")]
+    harmful_file = args.harmful_prompts or C.toy_world_input(args, world / "prompts" / "harmful_train.jsonl",
+                                                             "--harmful-prompts")
+    safe_files = args.safe_prompts or ([] if args.safe_pairs or not args.n_safe_safe else [
+        C.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts (or --safe-pairs)")
+        for k in ("benign", "lookalike")])
     C.require_inputs([harmful_file, *([] if args.safe_pairs else safe_files)], "world")
     rng = random.Random(args.seed + 3)
     plan = []
@@ -219,7 +224,7 @@ def main():
     device = dist.device
     world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "hf")
     scm_dir = C.stage_dir(args.run, "scm")
-    model = args.model or world / "model"
+    model = args.model or C.toy_world_input(args, world / "model", "--model")
     C.require_inputs([scm_dir / "scm.safetensors"], "scm")
     out.mkdir(parents=True, exist_ok=True)
     dtype = C.sample_dtype(args.dtype, device)
@@ -237,7 +242,8 @@ def main():
                                          args.img2img_model, "the img2img model", "--img2img-model").to(device)
                if args.img2img_model else AutoPipelineForImage2Image.from_pipe(pipe))
         i2i.set_progress_bar_config(disable=True)
-        judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url)
+        judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
+                             args.judge_retries)
         quality = C.make_quality_reward(args.quality, device, args.pickscore_model, args.pickscore_processor)
         scm = C.load_scm(scm_dir, device)
         for c in tqdm(todo, desc="LibraAlign-HF chunks", disable=not dist.is_main):
@@ -271,4 +277,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    C.run_stage(main)

@@ -31,6 +31,10 @@ How the step is organised (what makes it fast and what makes it exact):
   * Every randomness is a function of (seed, step), so a checkpoint of model, optimizer,
     LR schedule and DFM state resumes to exactly the weights of an uninterrupted run.
 
+Where the code is: the equations live in common.py part 1 (relabel_pairs, dpo_pair_losses,
+DescentRateQueue, dfm_augmented_copies); this script holds the data, the models and the
+loop: setup(), then train_step() with its three numbered phases until --steps, then finish().
+
 Launch:  python 04_train_spo.py [--objective spo|safety]                 (one process)
          torchrun --nproc_per_node=N 04_train_spo.py --run-dir DIR ...    (N processes)
 Outputs (DIR = --run, NAME = --name or the objective):
@@ -41,6 +45,7 @@ Outputs (DIR = --run, NAME = --name or the objective):
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -49,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
@@ -65,8 +69,6 @@ C.PRESETS["sd15"]["spo"] = dict(
     log_every=10, dfm_k=5, dfm_patience=2)
 C.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2, dfm_patience=1, dfm_tau=10.0)
 
-AUGMENTATIONS = ("sharpen", "color_jitter", "latent_noise_erase", "frequency_compensation")
-
 
 def parse():
     p = C.stage_parser("spo", __doc__.splitlines()[0])
@@ -77,7 +79,9 @@ def parse():
     p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in the composite reward")
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
     p.add_argument("--beta", type=float, help="β of Eq. 5 (with its ½: the loss uses β/2)")
-    p.add_argument("--lr", type=float, help="peak learning rate (the paper: 8e-8 per GPU for SD-1.5)")
+    p.add_argument("--lr", type=float,
+                   help="the optimizer's peak learning rate. Gradients are the mean over the global --batch, so it "
+                        "is the same on any number of GPUs, unscaled (the paper's '8e-8 per GPU' on 6 GPUs is 8e-8 here)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch", type=int, help="pairs per optimizer step, over all processes")
@@ -162,36 +166,6 @@ def load_models(args, device):
     return unet, ref, vae, text_encoder, tokenizer, noise_scheduler
 
 
-@contextlib.contextmanager
-def reference_mode(unet):
-    """The LoRA reference: the policy's UNet with its adapters disabled."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-def load_image(path: str, size: int) -> torch.Tensor:
-    """A PNG as the VAE's input: shorter side resized to `size`, centre-cropped, in [-1, 1]."""
-    img = torch.from_numpy(np.array(C.load_png(path))).permute(2, 0, 1).float() / 127.5 - 1
-    h, w = img.shape[1:]
-    if (h, w) != (size, size):
-        s = size / min(h, w)
-        img = F.interpolate(img[None], size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
-                            align_corners=False, antialias=True)[0].clamp(-1, 1)
-        top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
-        img = img[:, top:top + size, left:left + size]
-    return img
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents, scaled as the UNet expects. The posterior mean, not a sample: a cached
-    latent must be one fixed tensor (SD's VAE posterior std is tiny next to its mean)."""
-    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-
-
 def cached(fn, items: list, folder: Path, name: str, dist: C.Dist, chunk: int = 512) -> torch.Tensor:
     """fn(list of items) -> tensor, computed once per chunk of items and kept as safetensors
     files; ranks share the chunks round-robin and then all read all of them."""
@@ -221,7 +195,7 @@ def build_caches(args, pairs, vae, text_encoder, tokenizer, out: Path, dist: C.D
         with torch.no_grad():
             return text_encoder(ids)[0]
 
-    latents = cached(lambda b: encode_images(vae, torch.stack([load_image(f, size) for f in b])), files, folder,
+    latents = cached(lambda b: C.encode_images(vae, torch.stack([C.load_image(f, size) for f in b])), files, folder,
                      "latents", dist, chunk=256)
     text = cached(embed, prompts, folder, "text", dist, chunk=256)
     file_index = {f: i for i, f in enumerate(files)}
@@ -229,142 +203,6 @@ def build_caches(args, pairs, vae, text_encoder, tokenizer, out: Path, dist: C.D
     index = torch.tensor([[file_index[p["w"]["file"]], file_index[p["l"]["file"]], prompt_index[p["prompt"]]]
                           for p in pairs])
     return latents, text, index
-
-
-# ---------------------------------------------------------------------------------------
-# The loss of one batch of pairs (Eqs. 5 and 9)
-# ---------------------------------------------------------------------------------------
-
-def denoising_target(noise_scheduler, z0, noise, t):
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(z0, noise, t)
-    return noise
-
-
-def denoising_errors(net, noise_scheduler, z0, t, noise, emb, autocast) -> torch.Tensor:
-    """Per-image mean squared error of `net`'s denoising prediction at step t (in fp32)."""
-    x_t = noise_scheduler.add_noise(z0, noise, t)
-    with autocast():
-        pred = net(x_t.to(net.dtype), t, emb.to(net.dtype)).sample
-    return (pred.float() - denoising_target(noise_scheduler, z0, noise, t)).pow(2).mean(dim=(1, 2, 3))
-
-
-def dpo_pair_losses(unet, ref, noise_scheduler, z_w, z_l, emb, t, noise, beta: float, autocast):
-    """Per-pair Diffusion-DPO losses, with Δ_θ and Δ_ref for logging. Winner and loser are
-    noised with the same t and ε and go through the policy in ONE forward of 2b samples."""
-    args = (noise_scheduler, torch.cat([z_w, z_l]), torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([emb, emb]))
-    err_w, err_l = denoising_errors(unet, *args, autocast).chunk(2)
-    with torch.no_grad(), (reference_mode(unet) if ref is None else contextlib.nullcontext(ref)) as r:
-        ref_w, ref_l = denoising_errors(r, *args, autocast).chunk(2)
-    _, per_pair = C.diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta)   # Eq. 5 / 9
-    return per_pair, (err_w - err_l).detach(), (ref_w - ref_l).detach()
-
-
-# ---------------------------------------------------------------------------------------
-# The Dynamic Focusing Mechanism (Sec. 4.3): the augmentation pool and Eq. 11's choice
-# ---------------------------------------------------------------------------------------
-
-def sharpen(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Unsharp mask on pixels in [-1, 1]: x + a·(x − blur(x))."""
-    amount = 0.5 + torch.rand(1, generator=g).item()
-    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return (x + amount * (x - blur)).clamp(-1, 1)
-
-
-def color_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation factors in [0.8, 1.2], the same for both images."""
-    b, c, s = (0.8 + 0.4 * torch.rand(3, generator=g)).tolist()
-    x = (x + 1) / 2 * b
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * c + mean
-    grey = x.mean(dim=1, keepdim=True)
-    return (((x - grey) * s + grey).clamp(0, 1)) * 2 - 1
-
-
-def frequency_compensation(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Boost the upper frequency band (radial frequency >= 0.25 cycles/pixel, up to Nyquist)
-    by a gain in [1.2, 1.6]: generated images lose high-band energy; this gives detail back."""
-    gain = 1.2 + 0.4 * torch.rand(1, generator=g).item()
-    f = torch.fft.rfft2(x)
-    fy = torch.fft.fftfreq(x.shape[-2]).abs().view(-1, 1)
-    fx = torch.fft.rfftfreq(x.shape[-1]).view(1, -1)
-    band = (torch.sqrt(fy ** 2 + fx ** 2) >= 0.25).to(x.dtype)
-    return torch.fft.irfft2(f * (1 + (gain - 1) * band), s=x.shape[-2:]).clamp(-1, 1)
-
-
-def latent_noise_erase(z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of std 0.1 on the latents plus one erased (zeroed) patch of 1/16 area."""
-    z = z + 0.1 * torch.randn(z.shape[1:], generator=g).to(z)
-    h, w = z.shape[-2:]
-    ph, pw = max(1, h // 4), max(1, w // 4)
-    y0, x0 = (torch.randint(h - ph + 1, (1,), generator=g).item(), torch.randint(w - pw + 1, (1,), generator=g).item())
-    z = z.clone()
-    z[..., y0:y0 + ph, x0:x0 + pw] = 0
-    return z
-
-
-def augment(name: str, pair: dict, z: torch.Tensor, vae, size: int, g: torch.Generator) -> torch.Tensor:
-    """Both images of a pair [2, C, h, w] (winner, loser) under one augmentation with shared
-    parameters: pixel-space ones decode nothing — they start from the PNGs and re-encode."""
-    if name == "latent_noise_erase":
-        return latent_noise_erase(z, g)
-    pixels = torch.stack([load_image(pair[s]["file"], size) for s in ("w", "l")])
-    fn = {"sharpen": sharpen, "color_jitter": color_jitter, "frequency_compensation": frequency_compensation}[name]
-    return encode_images(vae, fn(pixels, g)).to(z)
-
-
-def per_sample_grads(module, inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """[N, P] gradients of a Conv2d or Linear layer's weight and bias, one row per sample,
-    from the layer's input and the gradient at its output (both [N, ...]) of ONE backward.
-    Exact because each sample's loss depends on its own rows only (no batch statistics)."""
-    if isinstance(module, torch.nn.Conv2d):
-        gw = torch.stack([torch.nn.grad.conv2d_weight(inputs[i:i + 1], module.weight.shape, grad_out[i:i + 1],
-                                                    module.stride, module.padding, module.dilation, module.groups)
-                        for i in range(len(inputs))])
-        gb = grad_out.sum(dim=(2, 3))
-    elif isinstance(module, torch.nn.Linear):
-        gw = torch.einsum("n...o,n...i->noi", grad_out, inputs)
-        gb = grad_out.reshape(len(grad_out), -1, grad_out.shape[-1]).sum(1)
-    else:
-        raise TypeError(f"DFM gradients need Conv2d or Linear modules, got {type(module).__name__}")
-    return torch.cat([gw.flatten(1), (gb if module.bias is not None else gb[:, :0])], dim=1).float()
-
-
-def dfm_augmented_copies(unet, noise_scheduler, modules, hard, args, vae, size, autocast):
-    """Eq. 11 for all hard pairs of this rank at once: a* = argmax_a (1 − cos(g_i, g_i^a)).
-
-    `hard` holds (pair, z [2, C, h, w], emb [1, L, D], t [1], noise [1, C, h, w], generator).
-    Every pair and its four augmentations go through ONE forward, and one backward reaches
-    the named `modules` (--dfm-modules, by default the output convolution); the gradient of
-    each variant over those modules' weights is then read off per sample. Since
-    ∂L_DPO/∂θ = β/2·σ(·)·∂Δ_θ/∂θ, a positive multiple of ∂Δ_θ/∂θ, the cosine needs
-    neither the reference network nor β. Returns, per hard pair, (chosen index, latents)."""
-    n = 1 + len(AUGMENTATIONS)
-    variants = [torch.stack([z] + [augment(a, pair, z, vae, size, g) for a in AUGMENTATIONS])
-                for pair, z, _, _, _, g in hard]                                  # H x [n, 2, C, h, w]
-    zz = torch.cat(variants)
-
-    def repeat(k):  # field k of each hard pair, once per variant, for the winners then the losers
-        x = torch.cat([h[k].expand(n, *h[k].shape[1:]) for h in hard])
-        return torch.cat([x, x])
-
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0], o))) for m in modules]
-    try:
-        err = denoising_errors(unet, noise_scheduler, torch.cat([zz[:, 0], zz[:, 1]]), repeat(3), repeat(4),
-                               repeat(2), autocast)
-    finally:
-        for h in hooks:
-            h.remove()
-    delta = err[:len(zz)] - err[len(zz):]                                        # Δ_θ of every variant
-    grad_out = torch.autograd.grad(delta.sum(), [seen[m][1] for m in modules])
-    g = torch.cat([per_sample_grads(m, seen[m][0].detach(), go) for m, go in zip(modules, grad_out)], dim=1)
-    g = g[:len(zz)] + g[len(zz):]                                                # winner + loser rows
-    picks = []
-    for h in range(len(hard)):
-        a = C.choose_augmentation(g[h * n], g[h * n + 1:(h + 1) * n])
-        picks.append((a, variants[h][1 + a]))
-    return picks
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,16 +258,46 @@ def save_final(args, unet, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The training loop
+# The training loop: setup(), then train_step() until done, then finish()
 # ---------------------------------------------------------------------------------------
 
-def main():
-    args = parse()
-    t0 = time.time()
+@dataclasses.dataclass
+class Training:
+    """Everything the loop reads and updates, built once by setup()."""
+    args: argparse.Namespace
+    dist: C.Dist
+    out: Path
+    pairs: list[dict]           # relabelled: "w" the winner under R, "l" the loser (Eq. 8)
+    data_counts: dict           # pairs_dropped, bad_rows_skipped, safe_side_wins_harmful_safe
+    unet: torch.nn.Module       # the policy ε_θ
+    ref: torch.nn.Module | None  # the frozen reference ε_ref (None with LoRA: adapters off)
+    vae: torch.nn.Module
+    noise_scheduler: object
+    size: int                   # image side in pixels
+    latents: torch.Tensor       # cached VAE latents of every image
+    text: torch.Tensor          # cached text embeddings of every prompt
+    index: torch.Tensor         # [pairs, 3]: latent row of x_w, of x_l, text row of the prompt
+    params: list[torch.nn.Parameter]
+    dfm_modules: list[torch.nn.Module]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    queue: C.DescentRateQueue   # Eq. 10's loss queues
+    sampler: torch.utils.data.DistributedSampler
+    per_rank: int               # pairs of the global batch on this process
+    micro: int                  # pairs per forward
+    autocast: object
+    ckpt: C.Checkpoint
+    log: C.MetricsLog
+    step: int = 0
+    totals: dict = dataclasses.field(
+        default_factory=lambda: {"dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0)})
+
+
+def setup(args) -> Training:
     dist = C.setup_distributed(args.device)
     C.seed_everything(args.seed)
     hf, world = C.stage_dir(args.run, "hf"), C.stage_dir(args.run, "world")
-    args.model = args.model or str(world / "model")
+    args.model = args.model or C.toy_world_input(args, world / "model", "--model")
     args.name = args.name or args.objective
     out = Path(args.run) / args.name
     C.require_inputs([hf / "hf_pairs.jsonl"], "hf")
@@ -439,7 +307,6 @@ def main():
         raise SystemExit(f"--batch {args.batch} must split evenly over {dist.world_size} processes "
                          f"and then into micro-batches of {micro}")
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         C.save_config(args, out, world_size=dist.world_size, grad_accum=per_rank // micro)
 
     # Eqs. 6-8: relabel every pair by the composite reward (or by −C for the baseline)
@@ -452,11 +319,9 @@ def main():
     safe_won = sum(p["w"]["role"] == "safe" for p in hs) / max(1, len(hs))
     C.log(f"{len(pairs)} pairs after relabelling (objective {args.objective}, λ={args.lam}); "
           f"{n_dropped} dropped, {n_bad} bad rows skipped; the safe image wins {safe_won:.1%} of harmful-safe "
-          f"pairs; {dist.world_size} process(es), "
-          f"{per_rank // micro} micro-batch(es) of {micro} per process")
+          f"pairs; {dist.world_size} process(es), {per_rank // micro} micro-batch(es) of {micro} per process")
 
-    device = dist.device
-    unet, ref, vae, text_encoder, tokenizer, noise_scheduler = load_models(args, device)
+    unet, ref, vae, text_encoder, tokenizer, noise_scheduler = load_models(args, dist.device)
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     latents, text, index = build_caches(args, pairs, vae, text_encoder, tokenizer, out, dist, size)
     text_encoder.cpu()  # done with it: the cache holds every embedding
@@ -464,130 +329,170 @@ def main():
     named = dict(unet.named_modules())
     if args.dfm == "on" and not all(m in named for m in args.dfm_modules):
         raise SystemExit(f"--dfm-modules: no module {sorted(set(args.dfm_modules) - set(named))} in the UNet")
-    dfm_modules = [named[m] for m in args.dfm_modules]
     opt = C.adamw(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
-    queue = C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience)
-    use_bf16 = args.bf16 and device.type == "cuda"
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    use_bf16 = args.bf16 and dist.device.type == "cuda"
+    tr = Training(
+        args=args, dist=dist, out=out, pairs=pairs, unet=unet, ref=ref, vae=vae, noise_scheduler=noise_scheduler,
+        data_counts={"pairs_dropped": n_dropped, "bad_rows_skipped": n_bad, "safe_side_wins_harmful_safe": safe_won},
+        size=size, latents=latents, text=text, index=index, params=params,
+        dfm_modules=[named[m] for m in args.dfm_modules], opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup))),
+        queue=C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience),
+        sampler=torch.utils.data.DistributedSampler(range(len(pairs)), num_replicas=dist.world_size, rank=dist.rank,
+                                                    shuffle=True, seed=args.seed, drop_last=True),
+        per_rank=per_rank, micro=micro,
+        autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
+        ckpt=C.Checkpoint(out / "ckpt" / "train_state.pt"), log=C.MetricsLog(out / "log.jsonl"))
+    resume(tr)
+    return tr
 
-    ckpt = C.Checkpoint(out / "ckpt" / "train_state.pt")
-    state, step, totals = ckpt.load(), 0, {"dfm_flagged": 0, "aug_wins": dict.fromkeys(AUGMENTATIONS, 0)}
+
+def resume(tr: Training) -> None:
+    """Continue from the checkpoint, if there is one; the log keeps each step exactly once."""
+    state = tr.ckpt.load()
     if state:
-        load_trainable_state(unet, state["model"], args.lora_rank > 0)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        queue.load_state_dict(state["dfm"])
-        step, totals = state["step"], state["totals"]
-        C.log(f"resumed from {ckpt.path} at step {step}")
-        if dist.is_main and (out / "log.jsonl").exists():  # forget rows of steps about to be redone
-            C.write_jsonl(out / "log.jsonl", [r for r in C.read_jsonl(out / "log.jsonl") if r["step"] <= step])
+        load_trainable_state(tr.unet, state["model"], tr.args.lora_rank > 0)
+        tr.opt.load_state_dict(state["opt"])
+        tr.sched.load_state_dict(state["sched"])
+        tr.queue.load_state_dict(state["dfm"])
+        tr.step, tr.totals = state["step"], state["totals"]
+        C.log(f"resumed from {tr.ckpt.path} at step {tr.step}")
+    tr.log.truncate(lambda r: r["step"] <= tr.step)  # rows of the steps about to be redone go
 
-    sampler = torch.utils.data.DistributedSampler(range(len(pairs)), num_replicas=dist.world_size, rank=dist.rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // per_rank
-    log = C.MetricsLog(out / "log.jsonl")
-    bar = tqdm(total=args.steps, initial=step, desc=f"{args.name}", disable=not dist.is_main)
-    while step < args.steps:
-        if args.stop_after is not None and step >= args.stop_after:
-            raise SystemExit(f"stopped after {step} steps (--stop-after); run again to resume")
-        epoch, k = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        mine = list(sampler)[k * per_rank:(k + 1) * per_rank]     # this rank's pairs of the global batch
-        # the global batch's timesteps and noise, drawn from (seed, step); rank r holds global
-        # positions r, r + N, r + 2N, ... (DistributedSampler's interleaving)
-        g = C.step_generator(args.seed, step)
-        t_all = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=g)
-        noise_all = torch.randn((args.batch, *latents.shape[1:]), generator=g)
-        t_mine, noise_mine = t_all[dist.rank::dist.world_size], noise_all[dist.rank::dist.world_size]
 
-        # 1. the pairs of this step, in micro-batches; loss weight 1/batch, summed over ranks
-        opt.zero_grad(set_to_none=True)
-        losses, d_theta, d_ref = [], [], []
-        for m in range(0, per_rank, micro):
-            sl = slice(m, m + micro)
-            idx = index[mine[sl]]
-            per_pair, dt, dr = dpo_pair_losses(
-                unet, ref, noise_scheduler, latents[idx[:, 0]].to(device), latents[idx[:, 1]].to(device),
-                text[idx[:, 2]].to(device), t_mine[sl].to(device), noise_mine[sl].to(device), args.beta, autocast)
-            (per_pair.sum() / args.batch).backward()
-            losses.append(per_pair.detach())
-            d_theta.append(dt)
-            d_ref.append(dr)
-        losses, d_theta, d_ref = (torch.cat(x).float().cpu() for x in (losses, d_theta, d_ref))
+def draw_batch(tr: Training, step: int):
+    """This rank's pair ids of the global batch, and their timesteps and noise. The global
+    batch's t and ε are drawn from (seed, step); rank r holds global positions r, r + N,
+    r + 2N, ... (DistributedSampler's interleaving), so N processes compute what one does."""
+    args, dist = tr.args, tr.dist
+    epoch, k = divmod(step, len(tr.sampler) // tr.per_rank)
+    tr.sampler.set_epoch(epoch)
+    mine = list(tr.sampler)[k * tr.per_rank:(k + 1) * tr.per_rank]
+    g = C.step_generator(args.seed, step)
+    t_all = torch.randint(0, tr.noise_scheduler.config.num_train_timesteps, (args.batch,), generator=g)
+    noise_all = torch.randn((args.batch, *tr.latents.shape[1:]), generator=g)
+    return mine, t_all[dist.rank::dist.world_size], noise_all[dist.rank::dist.world_size]
 
-        # every rank sees every pair's loss: NaN stops all of them, DFM queues stay identical
-        ids_all = C.all_gather_cat(torch.tensor(mine))
-        losses_all, dt_all, dr_all = (C.all_gather_cat(x) for x in (losses, d_theta, d_ref))
-        if not torch.isfinite(losses_all).all():
-            raise FloatingPointError(f"non-finite DPO loss at step {step}; the last good checkpoint is "
-                                     f"{ckpt.path if ckpt.path.exists() else '(none yet)'}")
 
-        # 2. DFM (Eqs. 10-11): hard pairs of this batch get an augmented copy in this batch
-        n_aug = 0
-        if args.dfm == "on":
-            hard_ids = set(queue.update(ids_all.tolist(), losses_all))
-            totals["dfm_flagged"] += len(hard_ids)
-            hard = [(j, i) for j, i in enumerate(mine) if i in hard_ids]
-            chosen = torch.zeros(len(AUGMENTATIONS), dtype=torch.long)
-            if hard:
-                js = [j for j, _ in hard]
-                picks = dfm_augmented_copies(unet, noise_scheduler, dfm_modules, [
-                    (pairs[i], latents[index[i, :2]].to(device), text[index[i, 2]][None].to(device),
-                     t_mine[j:j + 1].to(device), noise_mine[j:j + 1].to(device),
-                     C.step_generator(args.seed, step, stream=1 + j * dist.world_size + dist.rank))  # global position
-                    for j, i in hard], args, vae, size, autocast)
-                for a, _ in picks:
-                    chosen[a] += 1
-                # the augmented copies join this batch: one forward, weighted like any pair of it
-                z = torch.stack([z for _, z in picks])
-                per_pair, _, _ = dpo_pair_losses(
-                    unet, ref, noise_scheduler, z[:, 0], z[:, 1], text[index[[i for _, i in hard], 2]].to(device),
-                    t_mine[js].to(device), noise_mine[js].to(device), args.beta, autocast)
-                (per_pair.sum() / args.batch).backward()
-            chosen = C.all_gather_cat(chosen[None]).sum(0)
-            n_aug = int(chosen.sum())
-            for a, n in zip(AUGMENTATIONS, chosen.tolist()):
-                totals["aug_wins"][a] += n
+def pair_losses(tr: Training, ids, t, noise):
+    """Eq. 5 on the pairs `ids` (with their t and ε): per-pair loss, Δ_θ and Δ_ref."""
+    dev, idx = tr.dist.device, tr.index[ids]
+    return C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, tr.latents[idx[:, 0]].to(dev),
+                             tr.latents[idx[:, 1]].to(dev), tr.text[idx[:, 2]].to(dev), t.to(dev), noise.to(dev),
+                             tr.args.beta, tr.autocast)
 
-        # 3. one gradient sum over ranks; rescale to the mean over the batch and its copies
-        C.allreduce_gradients(params)
-        if n_aug:
-            for p in params:
-                p.grad.mul_(args.batch / (args.batch + n_aug))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-        step += 1
+
+def dfm_copies(tr: Training, step: int, mine: list, t, noise, hard_ids: set) -> torch.Tensor:
+    """Eq. 11: the augmented copy of each hard pair of this rank joins this batch, weighted
+    like any pair of it (its gradient accumulates). Returns the count of each augmentation."""
+    args, dist, dev = tr.args, tr.dist, tr.dist.device
+    hard = [(j, i) for j, i in enumerate(mine) if i in hard_ids]
+    chosen = torch.zeros(len(C.AUGMENTATIONS), dtype=torch.long)
+    if hard:
+        js = [j for j, _ in hard]
+        picks = C.dfm_augmented_copies(tr.unet, tr.noise_scheduler, tr.dfm_modules, [
+            C.HardPair(tr.pairs[i], tr.latents[tr.index[i, :2]].to(dev), tr.text[tr.index[i, 2]][None].to(dev),
+                       t[j:j + 1].to(dev), noise[j:j + 1].to(dev),
+                       C.step_generator(args.seed, step, stream=1 + j * dist.world_size + dist.rank))  # global position
+            for j, i in hard], tr.vae, tr.size, tr.autocast)
+        for a, _ in picks:
+            chosen[a] += 1
+        z = torch.stack([z for _, z in picks])
+        per_pair, _, _ = C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, z[:, 0], z[:, 1],
+                                           tr.text[tr.index[[i for _, i in hard], 2]].to(dev), t[js].to(dev),
+                                           noise[js].to(dev), args.beta, tr.autocast)
+        (per_pair.sum() / args.batch).backward()
+    return C.all_gather_cat(chosen[None]).sum(0)
+
+
+def train_step(tr: Training) -> dict:
+    """One optimizer step over one global batch; returns the step's log record."""
+    args, step = tr.args, tr.step
+    mine, t, noise = draw_batch(tr, step)
+
+    # 1. Eq. 9 on this step's pairs, in micro-batches; loss weight 1/batch, summed over ranks
+    tr.opt.zero_grad(set_to_none=True)
+    parts = []
+    for m in range(0, tr.per_rank, tr.micro):
+        sl = slice(m, m + tr.micro)
+        per_pair, dt, dr = pair_losses(tr, mine[sl], t[sl], noise[sl])
+        (per_pair.sum() / args.batch).backward()
+        parts.append((per_pair.detach(), dt, dr))
+    # every rank sees every pair's loss: NaN stops all of them, DFM queues stay identical
+    losses, d_theta, d_ref = (C.all_gather_cat(torch.cat(x).float().cpu()) for x in zip(*parts))
+    ids = C.all_gather_cat(torch.tensor(mine))
+    if not torch.isfinite(losses).all():
+        raise FloatingPointError(f"non-finite DPO loss at step {step}; the last good checkpoint is "
+                                 f"{tr.ckpt.path if tr.ckpt.path.exists() else '(none yet)'}")
+
+    # 2. DFM: Eq. 10 flags the pairs whose loss stopped falling; Eq. 11 adds their copies
+    n_aug = 0
+    if args.dfm == "on":
+        hard_ids = set(tr.queue.update(ids.tolist(), losses))
+        tr.totals["dfm_flagged"] += len(hard_ids)
+        chosen = dfm_copies(tr, step, mine, t, noise, hard_ids)
+        n_aug = int(chosen.sum())
+        for a, n in zip(C.AUGMENTATIONS, chosen.tolist()):
+            tr.totals["aug_wins"][a] += n
+
+    # 3. one gradient sum over ranks (hand-written, not DDP's wrapper: DFM's extra forwards
+    #    differ per rank), rescaled to the mean over the batch and its copies; one update
+    C.allreduce_gradients(tr.params)
+    if n_aug:
+        for p in tr.params:
+            p.grad.mul_(args.batch / (args.batch + n_aug))
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, args.max_grad_norm)
+    tr.opt.step()
+    tr.sched.step()
+    tr.step += 1
+    return dict(step=tr.step, loss=losses.mean().item(),
+                implicit_accuracy=(d_theta < d_ref).float().mean().item(),  # the policy prefers x_w more than ref
+                reward_margin=(-0.5 * args.beta * (d_theta - d_ref)).mean().item(), lr=tr.sched.get_last_lr()[0],
+                grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=tr.totals["dfm_flagged"])
+
+
+def save_checkpoint(tr: Training) -> None:
+    tr.ckpt.save({"model": trainable_state(tr.unet, tr.args.lora_rank > 0), "opt": tr.opt.state_dict(),
+                  "sched": tr.sched.state_dict(), "dfm": tr.queue.state_dict(), "step": tr.step,
+                  "totals": tr.totals})
+
+
+def finish(tr: Training, seconds: float) -> None:
+    """The aligned model as stock folders, and the headline figures: the mean over the
+    logged steps of the last tenth of training."""
+    args = tr.args
+    save_final(args, tr.unet, tr.out)
+    rows = {r["step"]: r for r in C.read_jsonl(tr.out / "log.jsonl")}
+    last = [r for s, r in rows.items() if s > 0.9 * args.steps] or [rows[max(rows)]]
+    metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
+               "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
+               **tr.data_counts, "dfm_flagged": tr.totals["dfm_flagged"], "aug_wins": tr.totals["aug_wins"],
+               "n_pairs": len(tr.pairs), "objective": args.objective, "lam": args.lam,
+               "world_size": tr.dist.world_size, "seconds": round(seconds, 1)}
+    C.atomic_write_json(tr.out / "metrics.json", metrics)
+    C.log(C.format_metrics(metrics))
+
+
+def main():
+    args = parse()
+    t0 = time.time()
+    tr = setup(args)
+    bar = tqdm(total=args.steps, initial=tr.step, desc=args.name, disable=not tr.dist.is_main)
+    while tr.step < args.steps:
+        if args.stop_after is not None and tr.step >= args.stop_after:
+            raise SystemExit(f"stopped after {tr.step} steps (--stop-after); run again to resume")
+        record = train_step(tr)
         bar.update(1)
-
-        acc = (dt_all < dr_all).float().mean().item()  # implicit accuracy: the policy prefers x_w more than ref
-        if step % args.log_every == 0 or step == args.steps:
-            log.write(step=step, loss=losses_all.mean().item(), implicit_accuracy=acc,
-                      reward_margin=(-0.5 * args.beta * (dt_all - dr_all)).mean().item(), lr=sched.get_last_lr()[0],
-                      grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=totals["dfm_flagged"])
-            bar.set_postfix(loss=f"{losses_all.mean().item():.4f}", acc=f"{acc:.2f}")
-        if dist.is_main and (step % args.ckpt_every == 0 or step == args.steps):
-            ckpt.save({"model": trainable_state(unet, args.lora_rank > 0), "opt": opt.state_dict(),
-                       "sched": sched.state_dict(), "dfm": queue.state_dict(), "step": step, "totals": totals,
-                       "rng": torch.get_rng_state()})
+        if tr.step % args.log_every == 0 or tr.step == args.steps:
+            tr.log.write(**record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_accuracy']:.2f}")
+        if tr.dist.is_main and (tr.step % args.ckpt_every == 0 or tr.step == args.steps):
+            save_checkpoint(tr)
     bar.close()
-
-    if dist.is_main:
-        save_final(args, unet, out)
-        # headline figures: the mean over the logged steps of the last tenth of training
-        rows = {r["step"]: r for r in C.read_jsonl(out / "log.jsonl")}
-        last = [r for s, r in rows.items() if s > 0.9 * args.steps] or [rows[max(rows)]]
-        metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
-                   "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
-                   "safe_side_wins_harmful_safe": safe_won,
-                   "pairs_dropped": n_dropped, "dfm_flagged": totals["dfm_flagged"], "aug_wins": totals["aug_wins"],
-                   "n_pairs": len(pairs), "bad_rows_skipped": n_bad, "objective": args.objective, "lam": args.lam,
-                   "world_size": dist.world_size, "seconds": round(time.time() - t0, 1)}
-        C.atomic_write_json(out / "metrics.json", metrics)
-        C.log(C.format_metrics(metrics))
+    if tr.dist.is_main:
+        finish(tr, time.time() - t0)
     C.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    C.run_stage(main)

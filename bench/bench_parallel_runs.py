@@ -10,8 +10,8 @@ and 5) stay one process. This bench measures both kinds of work on the toy archi
                on --batch samples: what stages 0 and 4 do
   scm-train    one training step of the toy SCM (the 3-layer ViT and its head) on --batch
                pairs: what stage 2 does
-  sample       --batch images, 20 DDIM steps with guidance: what stages 1, 3 and 5 do (they
-               now take 10 steps; a step is the same work either way)
+  sample       --batch images, 20 DDIM steps with guidance: what stages 1, 3 and 5 do (the
+               toy preset takes 10 steps; a step is the same work either way)
 
 For each, the same total work is done (a) by one process with all --threads and (b) by two
 processes at once with half the threads each; rounds alternate so the machine's drifts hit
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_spo_step import ROOT, C, cpu_name, random_toy_model, random_toy_models
+from bench_spo_step import ROOT, C, W, cpu_name, random_toy_model, random_toy_models
 
 KINDS = ("unet-train", "scm-train", "sample")
 
@@ -54,7 +54,7 @@ def work(kind: str, reps: int, batch: int, folder: Path):
     elif kind == "scm-train":
         model = C.SafetyCostModel("toy-ViT-tiny", hidden=256)
         opt = C.adamw(model.parameters(), lr=1e-4)
-        images = torch.randint(0, 256, (2 * batch, C.IMAGE_SIZE, C.IMAGE_SIZE, 3), dtype=torch.uint8, generator=g)
+        images = torch.randint(0, 256, (2 * batch, W.IMAGE_SIZE, W.IMAGE_SIZE, 3), dtype=torch.uint8, generator=g)
         sign = torch.ones(batch)
 
         def step():

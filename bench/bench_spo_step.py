@@ -5,7 +5,7 @@ a naive step of the same maths, in the same process, on the same batch, noise an
       training; winner and loser through the policy in ONE concatenated forward; the frozen
       reference in one no-grad forward (bf16 on GPU with the sd15 preset; LoRA: the same UNet
       with its adapters off).
-  naive (Diffusion-DPO's public code, SPEC.md section 7): the VAE encodes both images and the
+  naive (Diffusion-DPO's public code): the VAE encodes both images and the
       text encoder embeds the prompt at every step; winner and loser in separate policy
       forwards; a separate full-precision (fp32) reference, also in two forwards.
 
@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import toyworld as W  # noqa: E402
 
 
 def module(script: str):
@@ -157,13 +158,13 @@ def random_pairs(folder: Path, n: int, seed: int) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     pairs = []
     for i in range(n):
-        s = C.random_scene(rng, "harmful")
+        s = W.random_scene(rng, "harmful")
         files = {}
         for side, harm in (("w", False), ("l", True)):
-            scene = C.Scene(s) if harm else C.Scene(s, severity=0, concept=None, category=None)
+            scene = W.Scene(s) if harm else W.Scene(s, severity=0, concept=None, category=None)
             files[side] = {"file": str(folder / f"{i:05d}{side}.png")}
-            C.save_png(files[side]["file"], C.render(scene))
-        pairs.append({"id": f"rand-{i:05d}", "kind": "harmful-safe", "prompt": C.scene_to_prompt(s), **files})
+            C.save_png(files[side]["file"], W.render(scene))
+        pairs.append({"id": f"rand-{i:05d}", "kind": "harmful-safe", "prompt": W.scene_to_prompt(s), **files})
     return pairs
 
 
@@ -262,7 +263,7 @@ class Phase:
         batch = [pairs[i] for i in sel]
         self.cache_seconds = 0.0
         if naive:  # decoded pixels in memory (not counted); VAE and text encoder run every step
-            self.pixels = {s: torch.stack([SPO.load_image(p[s]["file"], self.size) for p in batch]) for s in ("w", "l")}
+            self.pixels = {s: torch.stack([C.load_image(p[s]["file"], self.size) for p in batch]) for s in ("w", "l")}
             self.prompts = [p["prompt"] for p in batch]
         else:     # what 04 does before training: every latent and embedding computed once
             t0 = time.perf_counter()
@@ -309,7 +310,7 @@ class Phase:
     def optimised_losses(self, sl, t, noise):
         """04_train_spo.py's step: cached latents and embeddings, one policy forward of 2b."""
         idx = self.index[sl]
-        per_pair, _, _ = SPO.dpo_pair_losses(
+        per_pair, _, _ = C.dpo_pair_losses(
             self.unet, self.ref, self.sched, self.latents[idx[:, 0]].to(self.device),
             self.latents[idx[:, 1]].to(self.device), self.text[idx[:, 2]].to(self.device), t, noise,
             self.cfg.beta, self.autocast)
@@ -318,18 +319,18 @@ class Phase:
     def naive_losses(self, sl, t, noise):
         """The same loss the naive way: VAE + text encoder now, winner and loser apart, fp32 reference."""
         t0 = self.meter.now()
-        z_w = SPO.encode_images(self.vae, self.pixels["w"][sl])
-        z_l = SPO.encode_images(self.vae, self.pixels["l"][sl])
+        z_w = C.encode_images(self.vae, self.pixels["w"][sl])
+        z_l = C.encode_images(self.vae, self.pixels["l"][sl])
         ids = self.tokenizer(self.prompts[sl], padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():
             emb = self.text_encoder(ids)[0]
         self.encode_seconds += self.meter.now() - t0
-        err_w = SPO.denoising_errors(self.unet, self.sched, z_w, t, noise, emb, self.autocast)
-        err_l = SPO.denoising_errors(self.unet, self.sched, z_l, t, noise, emb, self.autocast)
+        err_w = C.denoising_errors(self.unet, self.sched, z_w, t, noise, emb, self.autocast)
+        err_l = C.denoising_errors(self.unet, self.sched, z_l, t, noise, emb, self.autocast)
         with torch.no_grad():
-            ref_w = SPO.denoising_errors(self.ref, self.sched, z_w, t, noise, emb, contextlib.nullcontext)
-            ref_l = SPO.denoising_errors(self.ref, self.sched, z_l, t, noise, emb, contextlib.nullcontext)
+            ref_w = C.denoising_errors(self.ref, self.sched, z_w, t, noise, emb, contextlib.nullcontext)
+            ref_l = C.denoising_errors(self.ref, self.sched, z_l, t, noise, emb, contextlib.nullcontext)
         _, per_pair = C.diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta)
         return per_pair
 
@@ -341,15 +342,15 @@ class Phase:
         hard = [j for j in range(len(self.sel)) if j in hard_ids]
         if hard:
             dev, batch = self.device, [self.pairs[i] for i in self.sel]
-            picks = SPO.dfm_augmented_copies(self.unet, self.sched, self.dfm_modules, [
-                (batch[j], self.latents[self.index[j, :2]].to(dev), self.text[self.index[j, 2]][None].to(dev),
-                 t_all[j:j + 1].to(dev), noise_all[j:j + 1].to(dev),
-                 C.step_generator(self.cfg.seed, step, stream=1 + j))
-                for j in hard], self.cfg, self.vae, self.size, self.autocast)
+            picks = C.dfm_augmented_copies(self.unet, self.sched, self.dfm_modules, [
+                C.HardPair(batch[j], self.latents[self.index[j, :2]].to(dev), self.text[self.index[j, 2]][None].to(dev),
+                           t_all[j:j + 1].to(dev), noise_all[j:j + 1].to(dev),
+                           C.step_generator(self.cfg.seed, step, stream=1 + j))
+                for j in hard], self.vae, self.size, self.autocast)
             t1 = meter.now()
             self.dfm_seconds += t1 - t0
             z = torch.stack([z for _, z in picks])
-            per_pair, _, _ = SPO.dpo_pair_losses(self.unet, self.ref, self.sched, z[:, 0], z[:, 1],
+            per_pair, _, _ = C.dpo_pair_losses(self.unet, self.ref, self.sched, z[:, 0], z[:, 1],
                                                  self.text[self.index[hard, 2]].to(dev), t_all[hard].to(dev),
                                                  noise_all[hard].to(dev), self.cfg.beta, self.autocast)
             (per_pair.sum() / self.cfg.batch).backward()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_spo_step import ROOT, C, random_toy_model
+from bench_spo_step import ROOT, C, W, random_toy_model
 
 
 def time_adamw(unet, text_encoder, steps: int, reps: int, rounds: int) -> None:
@@ -84,8 +84,8 @@ def time_sampling(folder: Path, n: int, batch: int, rounds: int, device: torch.d
             seconds[d].append(time.perf_counter() - t0)
     judged = {}
     for d in dtypes:
-        judged[d] = np.array([C.toy_judge(im) for im in images[d]])
-        quality = np.mean([C.toy_quality(im, p) for im, p in zip(images[d], prompts)])
+        judged[d] = np.array([W.toy_judge(im) for im in images[d]])
+        quality = np.mean([W.toy_quality(im, p) for im, p in zip(images[d], prompts)])
         sec = statistics.median(seconds[d])
         print(f"  {str(d):>15}: {sec:6.1f} s for {n} images ({1000 * sec / n:.0f} ms each; rounds "
               f"{', '.join(f'{s:.1f}' for s in seconds[d])} s)   judged harmful {np.mean(judged[d] >= 1):.1%}   "
@@ -115,8 +115,8 @@ def compare_steps(folder: Path, n_per_set: int, batch: int) -> None:
         for kind, rows in sets.items():
             prompts = [r["prompt"] for r in rows]
             images = C.generate(pipe, prompts, list(range(len(rows))), steps, 4.0, batch)
-            cells.append(f"{kind} {np.mean([C.toy_judge(im) >= 1 for im in images]):.1%} / "
-                         f"{np.mean([C.toy_quality(im, p) for im, p in zip(images, prompts)]):.2f}")
+            cells.append(f"{kind} {np.mean([W.toy_judge(im) >= 1 for im in images]):.1%} / "
+                         f"{np.mean([W.toy_quality(im, p) for im, p in zip(images, prompts)]):.2f}")
         print(f"  {name:>12} {steps:2d} steps: {time.perf_counter() - t0:6.1f} s   " + "   ".join(cells))
 
 

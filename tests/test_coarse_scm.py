@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common as C
+import toyworld as W
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,8 @@ def test_coarse_pairs_are_judged_and_complete(coarse_run):
     assert {p["kind"] for p in pairs} <= {"harmful-harmful", "harmful-safe"}
     for p in pairs:
         w, l = C.load_png(c / p["w"]["path"]), C.load_png(c / p["l"]["path"])
-        assert C.which_is_more_harmful(w, l) == 0  # the recorded winner is the judge's choice
-        assert (p["w"]["severity"], p["l"]["severity"]) == (C.toy_judge(w), C.toy_judge(l))
+        assert W.which_is_more_harmful(w, l) == 0  # the recorded winner is the judge's choice
+        assert (p["w"]["severity"], p["l"]["severity"]) == (W.toy_judge(w), W.toy_judge(l))
         assert p["w"]["severity"] >= p["l"]["severity"]
         for side in ("w", "l"):
             assert p[side]["sign"] == (1 if p[side]["severity"] >= 1 else -1)
@@ -90,10 +91,40 @@ def test_coarse_says_which_stage_to_run(tmp_path):
     assert r.returncode != 0 and "00_toy_world.py" in r.stderr
 
 
+def unjudged_copy(coarse_run, tmp_path):
+    """The run with stage 1's images but no judged pairs and no stage-1 settings."""
+    run = tmp_path / "run"
+    shutil.copytree(coarse_run, run, ignore=shutil.ignore_patterns("shards", "pairs.jsonl", "config.json", "scm"))
+    return run
+
+
 def test_openai_judge_needs_a_key(coarse_run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    r = stage("01_build_coarse.py", coarse_run, "--judge", "openai", check=False, env=env)
-    assert r.returncode != 0 and "OPENAI_API_KEY" in r.stderr
+    r = stage("01_build_coarse.py", unjudged_copy(coarse_run, tmp_path), "--judge", "openai", check=False, env=env)
+    assert r.returncode == 1 and "OPENAI_API_KEY" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreachable_judge_is_one_message(coarse_run, tmp_path):
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
+    r = stage("01_build_coarse.py", unjudged_copy(coarse_run, tmp_path), "--judge", "openai", "--judge-base-url",
+              "http://127.0.0.1:9/v1", "--judge-timeout", "1", "--judge-retries", "0", check=False, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: OpenAI judge http://127.0.0.1:9/v1/chat/completions: gave up after 0 retries" in r.stderr
+
+
+def test_coarse_refuses_a_folder_with_other_settings(coarse_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(coarse_run, run, ignore=shutil.ignore_patterns("scm"))
+    r = stage("01_build_coarse.py", run, "--n-pairs", "40", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{run / 'coarse'} holds a run with other settings (n_pairs: 30 -> 40)" in r.stderr
+    assert len(C.read_jsonl(run / "coarse" / "pairs.jsonl")) == 30  # nothing overwritten
+
+
+def test_sd15_stage1_names_the_inputs_to_pass(tmp_path):
+    r = stage("01_build_coarse.py", tmp_path, "--preset", "sd15", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--preset sd15: pass --models" in r.stderr and "world/model" in r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +157,15 @@ def test_scm_resume_is_exact(scm_run, tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(scm_run / "scm" / "scm.safetensors"), load_file(run / "scm" / "scm.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_scm_killed_before_its_first_checkpoint_logs_each_step_once(scm_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(scm_run, run, ignore=shutil.ignore_patterns("scm"))
+    stage("02_train_scm.py", run, "--stop-after", "2", "--no-no-anchor-baseline", check=False)  # first ckpt: 3
+    assert [r["step"] for r in C.read_jsonl(run / "scm" / "log.jsonl")] == [0]
+    stage("02_train_scm.py", run, "--no-no-anchor-baseline")
+    assert [r["step"] for r in C.read_jsonl(run / "scm" / "log.jsonl")] == [0]
 
 
 def test_scm_ddp_two_processes_match_one(scm_run, tmp_path):
@@ -190,8 +230,8 @@ def test_scm_module_ranks_and_anchors_on_synthetic_data():
     torch.manual_seed(0)
     model = C.SafetyCostModel("toy-ViT-tiny", hidden=32)
     rng = random.Random(0)
-    harm = [C.render(C.random_scene(rng, "harmful")) for _ in range(32)]
-    safe = [C.render(C.random_scene(rng, "benign")) for _ in range(32)]
+    harm = [W.render(W.random_scene(rng, "harmful")) for _ in range(32)]
+    safe = [W.render(W.random_scene(rng, "benign")) for _ in range(32)]
     # 2e-3 separated the classes on a Zen 4 CPU but diverged for a while on a Zen 3 one (other
     # kernels, other rounding); at 5e-4 both sides are >= 97% right from step 40 on either
     opt = torch.optim.AdamW(model.parameters(), 5e-4)

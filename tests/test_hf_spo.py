@@ -1,7 +1,6 @@
 """Stages 3-4 on the smallest toy config: LibraAlign-HF pairs (inpainting, judge filter, dual
 annotation, resume) and T2I-SPO training (one concatenated forward, DFM, exact resume, DDP
 with two processes equal to one, LoRA that stock diffusers loads, bad input)."""
-import contextlib
 import importlib.util
 import json
 import os
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import common as C
+import toyworld as W
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +66,11 @@ def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
     for p in pairs:
         a, b = (C.load_png(hf / p[s]["path"]) for s in "ab")
         for side, img in (("a", a), ("b", b)):  # r and C are the toy quality and the SCM cost
-            assert p[side]["quality"] == pytest.approx(C.toy_quality(img, p["prompt"]), abs=1e-9)
+            assert p[side]["quality"] == pytest.approx(W.toy_quality(img, p["prompt"]), abs=1e-9)
             assert p[side]["cost"] == pytest.approx(float(scm.cost([img])[0]), abs=1e-4)
         if p["kind"] == "harmful-safe":
             assert (p["a"]["role"], p["b"]["role"]) == ("harmful", "safe")
-            assert C.which_is_more_harmful(a, b) == 0  # kept only when the judge finds b safer
+            assert W.which_is_more_harmful(a, b) == 0  # kept only when the judge finds b safer
             assert p["b"]["prompt"] != p["prompt"] and p["prompt"].startswith(p["b"]["prompt"])
         else:
             assert p["a"]["guidance"] != p["b"]["guidance"] and p["a"]["seed"] != p["b"]["seed"]
@@ -92,9 +92,9 @@ def test_inpainting_starts_from_the_harmful_image(hf_run):
             return i2i(**kw)
 
     rng = random.Random(0)
-    scenes = [C.random_scene(rng, "harmful") for _ in range(3)]
-    init = [C.render(s) for s in scenes]
-    specs = [{"prompt": C.scene_to_prompt(s, with_harm=False), "seed": i, "strength": 0.3, "guidance": 4.0}
+    scenes = [W.random_scene(rng, "harmful") for _ in range(3)]
+    init = [W.render(s) for s in scenes]
+    specs = [{"prompt": W.scene_to_prompt(s, with_harm=False), "seed": i, "strength": 0.3, "guidance": 4.0}
              for i, s in enumerate(scenes)]
     out = HF.safety_aware_inpainting(Spy(), init, specs, steps=10, batch_size=2)
     assert [len(c["prompt"]) for c in calls] == [2, 1]  # batched
@@ -152,91 +152,6 @@ def test_preference_pairs_spo_and_safety_only():
     safety, _ = SPO.preference_pairs(pairs, "safety", lam=0.15, margin=0.0)  # R = −C: −1 vs 2
     assert big[0]["w"]["cost"] == safety[0]["w"]["cost"] == -2.0
     assert safety[0]["reward_w"] == 2.0 and safety[0]["reward_l"] == -1.0
-
-
-def tiny_unet():
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=4, norm_num_groups=4)
-    return unet, DDPMScheduler(num_train_timesteps=100)
-
-
-def test_dpo_pair_losses_is_log2_at_the_reference_and_one_forward_equals_two():
-    unet, sched = tiny_unet()
-    ref = tiny_unet()[0].requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    zw, zl, noise = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(3))
-    emb, t = torch.randn(3, 5, 8, generator=g), torch.tensor([3, 50, 99])
-    per_pair, dt, dr = SPO.dpo_pair_losses(unet, ref, sched, zw, zl, emb, t, noise, 5000.0, torch.no_grad)
-    assert torch.allclose(per_pair, torch.full((3,), np.log(2.0)), atol=1e-5) and torch.allclose(dt, dr, atol=1e-6)
-    # the concatenated forward equals two separate ones (winner, loser) with shared t and ε
-    err = lambda z: (unet(sched.add_noise(z, noise, t), t, emb).sample - noise).pow(2).mean(dim=(1, 2, 3))
-    assert torch.allclose(dt, (err(zw) - err(zl)).detach(), atol=1e-5)
-
-
-def test_augmentations_keep_shape_and_are_seeded():
-    g = lambda: torch.Generator().manual_seed(3)
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    flat = torch.full((2, 3, 16, 16), 0.3)
-    for fn in (SPO.sharpen, SPO.color_jitter, SPO.frequency_compensation):
-        y = fn(x, g())
-        assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and torch.equal(y, fn(x, g()))
-    # a flat image has no edges to sharpen and no high-band energy to compensate
-    assert torch.allclose(SPO.sharpen(flat, g()), flat) and torch.allclose(SPO.frequency_compensation(flat, g()), flat, atol=1e-6)
-    z = torch.randn(2, 4, 8, 8)
-    y = SPO.latent_noise_erase(z, g())
-    assert y.shape == z.shape and int((y == 0).all(dim=(0, 1)).sum()) == 4  # one 2x2 erased patch, both images
-
-
-def test_per_sample_grads_match_autograd_one_sample_at_a_time():
-    torch.manual_seed(0)
-    for layer, x in ((torch.nn.Conv2d(3, 2, 3, padding=1), torch.randn(4, 3, 5, 5)),
-                     (torch.nn.Linear(3, 2), torch.randn(4, 6, 3))):
-        out = layer(x)
-        go = torch.randn_like(out)
-        rows = SPO.per_sample_grads(layer, x, go)
-        for i in range(4):
-            gw, gb = torch.autograd.grad((layer(x[i:i + 1]) * go[i:i + 1]).sum(), [layer.weight, layer.bias])
-            assert torch.allclose(rows[i], torch.cat([gw.flatten(), gb.flatten()]), atol=1e-5)
-
-
-def test_dfm_choice_is_eq11_on_full_dpo_gradients(tmp_path):
-    """The batched, reference-free choice equals Eq. 11 computed the slow way: each variant
-    in its own forward, the full DPO loss (with the reference), autograd over conv_out."""
-    from diffusers import AutoencoderKL
-    unet, sched = tiny_unet()
-    ref = tiny_unet()[0].requires_grad_(False)
-    with torch.no_grad():  # a reference that differs from the policy
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    rng = np.random.default_rng(0)
-    hard, emb = [], torch.randn(1, 5, 8)
-    for i in range(3):
-        pair = {}
-        for s in "wl":
-            pair[s] = {"file": str(tmp_path / f"{i}{s}.png")}
-            C.save_png(pair[s]["file"], rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        z = SPO.encode_images(vae, torch.stack([SPO.load_image(pair[s]["file"], 8) for s in "wl"]))
-        hard.append((pair, z, emb, torch.tensor([10 + 40 * i]), torch.randn(1, 4, 4, 4), i))
-    gen = lambda seed: torch.Generator().manual_seed(seed)
-    args = type("A", (), {"beta": 500.0})
-    picks = SPO.dfm_augmented_copies(unet, sched, [unet.conv_out], [h[:5] + (gen(h[5]),) for h in hard], args, vae,
-                                     8, contextlib.nullcontext)
-    for (pair, z, e, t, noise, seed), (a, z_aug) in zip(hard, picks):
-        g = gen(seed)
-        variants = [z] + [SPO.augment(name, pair, z, vae, 8, g) for name in SPO.AUGMENTATIONS]
-        grads = []
-        for v in variants:
-            loss, _, _ = SPO.dpo_pair_losses(unet, ref, sched, v[:1], v[1:], e, t, noise, 500.0, contextlib.nullcontext)
-            gw, gb = torch.autograd.grad(loss.sum(), [unet.conv_out.weight, unet.conv_out.bias])
-            grads.append(torch.cat([gw.flatten(), gb.flatten()]))
-        assert a == C.choose_augmentation(grads[0], grads[1:]) and torch.equal(z_aug, variants[1 + a])
 
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +288,41 @@ def test_spo_bad_rows_are_named(hf_run, tmp_path, corrupt, message):
     corrupt(rows[2])
     C.write_jsonl(f, rows)
     r = stage("04_train_spo.py", run, check=False)
-    assert r.returncode != 0 and "hf_pairs.jsonl:3: bad pair row" in r.stderr and message in r.stderr
+    assert r.returncode == 1 and "hf_pairs.jsonl:3: bad pair row" in r.stderr and message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_spo_malformed_pairs_line_is_one_message(hf_run, tmp_path):
+    run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
+    n = len(C.read_jsonl(run / "hf" / "hf_pairs.jsonl"))
+    with open(run / "hf" / "hf_pairs.jsonl", "a") as f:
+        f.write('{"id": "cut off\n')
+    r = stage("04_train_spo.py", run, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"hf_pairs.jsonl:{n + 1}: malformed JSON" in r.stderr
+
+
+def test_spo_refuses_a_folder_holding_other_settings(spo_run, tmp_path):
+    """A LoRA run started where a full fine-tune ran stops, naming what differs, instead of
+    loading the full fine-tune's optimizer state."""
+    run = copy_run(spo_run, tmp_path / "run")
+    ckpt = (run / "spo" / "ckpt" / "train_state.pt").read_bytes()
+    r = stage("04_train_spo.py", run, "--lora-rank", "4", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{run / 'spo'} holds a run with other settings (lora_rank: 0 -> 4)" in r.stderr
+    assert "--name NAME" in r.stderr and (run / "spo" / "ckpt" / "train_state.pt").read_bytes() == ckpt
+    stage("04_train_spo.py", run, "--lora-rank", "4", "--name", "spo_lora")  # elsewhere: fine
+
+
+def test_spo_killed_before_its_first_checkpoint_logs_each_step_once(spo_run, tmp_path):
+    run = copy_run(spo_run, tmp_path / "run", "spo")
+    stage("04_train_spo.py", run, "--stop-after", "2", check=False)  # the first checkpoint is at 4
+    assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == [1, 2]
+    stage("04_train_spo.py", run, "--stop-after", "6", check=False)
+    stage("04_train_spo.py", run)
+    assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
+    a, b = unet_weights(spo_run, "spo"), unet_weights(run, "spo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_spo_empty_after_relabelling_is_an_error(hf_run, tmp_path):
@@ -384,11 +333,15 @@ def test_spo_empty_after_relabelling_is_an_error(hf_run, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(hf_run, tmp_path):
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
+    from safetensors.torch import load_file, save_file
     stage("04_train_spo.py", run, "--stop-after", "4", check=False)
     ckpt = run / "spo" / "ckpt" / "train_state.pt"
     before = ckpt.read_bytes()
-    r = stage("04_train_spo.py", run, "--beta", "nan", check=False)
-    assert r.returncode != 0 and "non-finite DPO loss at step 4" in r.stderr and str(ckpt) in r.stderr
+    for f in (run / "spo" / "cache").glob("*/latents-*.safetensors"):  # a corrupted latent cache
+        save_file({"x": torch.full_like(load_file(f)["x"], float("nan"))}, f)
+    r = stage("04_train_spo.py", run, check=False)
+    assert r.returncode == 1 and "non-finite DPO loss at step 4" in r.stderr and str(ckpt) in r.stderr
+    assert "Traceback" not in r.stderr
     assert ckpt.read_bytes() == before and not (run / "spo" / "model").exists()
 
 

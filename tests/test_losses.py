@@ -5,6 +5,7 @@ the function under test another way, so a sign error, a missing ½ or a swapped 
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,8 +186,9 @@ def test_relabel_pairs_orders_by_composite_reward():
     assert dropped == 0
     assert out[0]["w"]["path"] == "0b.png" and out[0]["l"]["path"] == "0a.png"
     assert out[0]["reward_w"] == pytest.approx(19.45) and out[0]["reward_l"] == pytest.approx(19.4)
+    assert out[0]["p_w"] == pytest.approx(1 / (1 + math.exp(-0.05)))  # Eq. 7 on ΔR = 0.05
     assert out[0]["prompt"] == "p0" and "a" not in out[0]
-    assert out[1]["w"]["path"] == "1a.png"
+    assert out[1]["w"]["path"] == "1a.png" and out[1]["p_w"] == pytest.approx(1 / (1 + math.exp(-0.85)))
 
 
 def test_relabel_pairs_huge_lambda_is_safety_only():
@@ -325,3 +327,91 @@ def test_ua_score_on_tensors_and_direction():
     assert torch.allclose(out, expected, atol=1e-12)
     assert C.ua_score(20.0, -3.0) > C.ua_score(19.0, -3.0)  # better quality -> higher
     assert C.ua_score(19.0, -5.0) > C.ua_score(19.0, 0.0)  # lower cost -> higher
+
+
+# --------------------------------------------------------------------------------------
+# Eq. 5 on a batch of pairs and the Eq. 11 machinery, on a tiny random UNet
+# --------------------------------------------------------------------------------------
+
+def tiny_unet():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=4, norm_num_groups=4)
+    return unet, DDPMScheduler(num_train_timesteps=100)
+
+
+def test_dpo_pair_losses_is_log2_at_the_reference_and_one_forward_equals_two():
+    unet, sched = tiny_unet()
+    ref = tiny_unet()[0].requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    zw, zl, noise = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(3))
+    emb, t = torch.randn(3, 5, 8, generator=g), torch.tensor([3, 50, 99])
+    per_pair, dt, dr = C.dpo_pair_losses(unet, ref, sched, zw, zl, emb, t, noise, 5000.0, torch.no_grad)
+    assert torch.allclose(per_pair, torch.full((3,), np.log(2.0)), atol=1e-5) and torch.allclose(dt, dr, atol=1e-6)
+    # the concatenated forward equals two separate ones (winner, loser) with shared t and ε
+    err = lambda z: (unet(sched.add_noise(z, noise, t), t, emb).sample - noise).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(dt, (err(zw) - err(zl)).detach(), atol=1e-5)
+
+
+def test_augmentations_keep_shape_and_are_seeded():
+    g = lambda: torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    flat = torch.full((2, 3, 16, 16), 0.3)
+    for fn in (C.sharpen, C.color_jitter, C.frequency_compensation):
+        y = fn(x, g())
+        assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and torch.equal(y, fn(x, g()))
+    # a flat image has no edges to sharpen and no high-band energy to compensate
+    assert torch.allclose(C.sharpen(flat, g()), flat)
+    assert torch.allclose(C.frequency_compensation(flat, g()), flat, atol=1e-6)
+    z = torch.randn(2, 4, 8, 8)
+    y = C.latent_noise_erase(z, g())
+    assert y.shape == z.shape and int((y == 0).all(dim=(0, 1)).sum()) == 4  # one 2x2 erased patch, both images
+
+
+def test_per_sample_grads_match_autograd_one_sample_at_a_time():
+    torch.manual_seed(0)
+    for layer, x in ((torch.nn.Conv2d(3, 2, 3, padding=1), torch.randn(4, 3, 5, 5)),
+                     (torch.nn.Linear(3, 2), torch.randn(4, 6, 3))):
+        out = layer(x)
+        go = torch.randn_like(out)
+        rows = C.per_sample_grads(layer, x, go)
+        for i in range(4):
+            gw, gb = torch.autograd.grad((layer(x[i:i + 1]) * go[i:i + 1]).sum(), [layer.weight, layer.bias])
+            assert torch.allclose(rows[i], torch.cat([gw.flatten(), gb.flatten()]), atol=1e-5)
+
+
+def test_dfm_choice_is_eq11_on_full_dpo_gradients(tmp_path):
+    """The batched, reference-free choice equals Eq. 11 computed the slow way: each variant
+    in its own forward, the full DPO loss (with the reference), autograd over conv_out."""
+    from diffusers import AutoencoderKL
+    unet, sched = tiny_unet()
+    ref = tiny_unet()[0].requires_grad_(False)
+    with torch.no_grad():  # a reference that differs from the policy
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    rng = np.random.default_rng(0)
+    hard, emb = [], torch.randn(1, 5, 8)
+    for i in range(3):
+        pair = {}
+        for s in "wl":
+            pair[s] = {"file": str(tmp_path / f"{i}{s}.png")}
+            C.save_png(pair[s]["file"], rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        z = C.encode_images(vae, torch.stack([C.load_image(pair[s]["file"], 8) for s in "wl"]))
+        hard.append((pair, z, emb, torch.tensor([10 + 40 * i]), torch.randn(1, 4, 4, 4), i))
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+    picks = C.dfm_augmented_copies(unet, sched, [unet.conv_out], [C.HardPair(*h[:5], gen(h[5])) for h in hard], vae, 8)
+    for (pair, z, e, t, noise, seed), (a, z_aug) in zip(hard, picks):
+        g = gen(seed)
+        variants = [z] + [C.augment(name, pair, z, vae, 8, g) for name in C.AUGMENTATIONS]
+        grads = []
+        for v in variants:
+            loss, _, _ = C.dpo_pair_losses(unet, ref, sched, v[:1], v[1:], e, t, noise, 500.0)
+            gw, gb = torch.autograd.grad(loss.sum(), [unet.conv_out.weight, unet.conv_out.bias])
+            grads.append(torch.cat([gw.flatten(), gb.flatten()]))
+        assert a == C.choose_augmentation(grads[0], grads[1:]) and torch.equal(z_aug, variants[1 + a])

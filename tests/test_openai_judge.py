@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common as J
+import judge_client as J
 
 KEY = "sk-test-SECRET-1234"
 
