@@ -169,14 +169,13 @@ def main():
     # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
     dist = C.setup_distributed(args.device, timeout_hours=24)
     world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "coarse")
+    plan = plan_images(args, world)  # its inputs are checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     dtype = C.sample_dtype(args.dtype, dist.device)
     if dist.is_main:
         C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
     judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
                          args.judge_retries)
-
-    plan = plan_images(args, world)
     generate_images(args, plan, out, dist.device, dtype)
     C.barrier()  # every image on disk before any pair is judged
     pairs = plan_pairs(args, plan)

@@ -109,12 +109,15 @@ def parse():
 # ---------------------------------------------------------------------------------------
 
 def load_hf_pairs(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
-    """Rows need a prompt and a/b images that exist with finite quality and cost."""
+    """Rows need a prompt, a kind, and a/b images (with a role) that exist with finite
+    quality and cost."""
     def check(row):
-        if not isinstance(row["prompt"], str):
-            raise ValueError("prompt is not a string")
+        if not isinstance(row["prompt"], str) or not isinstance(row["kind"], str):
+            raise ValueError("prompt and kind must be strings")
         for s in ("a", "b"):
             side = row[s]
+            if side["role"] not in ("harmful", "safe"):
+                raise ValueError(f"{s}.role is {side['role']!r}, not 'harmful' or 'safe'")
             side["file"] = str(path.parent / side["path"])
             if not Path(side["file"]).exists():
                 raise ValueError(f"missing image {side['file']}")
@@ -405,6 +408,11 @@ def dfm_copies(tr: Training, step: int, mine: list, t, noise, hard_ids: set) -> 
     return C.all_gather_cat(chosen[None]).sum(0)
 
 
+def nonfinite_loss(tr: Training, step: int, why: str) -> FloatingPointError:
+    last = tr.ckpt.path if tr.ckpt.path.exists() else "(none yet)"
+    return FloatingPointError(f"non-finite DPO loss at step {step} ({why}); the last good checkpoint is {last}")
+
+
 def train_step(tr: Training) -> dict:
     """One optimizer step over one global batch; returns the step's log record."""
     args, step = tr.args, tr.step
@@ -415,15 +423,17 @@ def train_step(tr: Training) -> dict:
     parts = []
     for m in range(0, tr.per_rank, tr.micro):
         sl = slice(m, m + tr.micro)
-        per_pair, dt, dr = pair_losses(tr, mine[sl], t[sl], noise[sl])
+        try:
+            per_pair, dt, dr = pair_losses(tr, mine[sl], t[sl], noise[sl])
+        except C.NonFiniteError as e:  # NaN in the denoising errors: diverged weights or bad latents
+            raise nonfinite_loss(tr, step, str(e)) from None
         (per_pair.sum() / args.batch).backward()
         parts.append((per_pair.detach(), dt, dr))
     # every rank sees every pair's loss: NaN stops all of them, DFM queues stay identical
     losses, d_theta, d_ref = (C.all_gather_cat(torch.cat(x).float().cpu()) for x in zip(*parts))
     ids = C.all_gather_cat(torch.tensor(mine))
     if not torch.isfinite(losses).all():
-        raise FloatingPointError(f"non-finite DPO loss at step {step}; the last good checkpoint is "
-                                 f"{tr.ckpt.path if tr.ckpt.path.exists() else '(none yet)'}")
+        raise nonfinite_loss(tr, step, "the loss is NaN or inf")
 
     # 2. DFM: Eq. 10 flags the pairs whose loss stopped falling; Eq. 11 adds their copies
     n_aug = 0

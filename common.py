@@ -59,6 +59,11 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and line) at fault."""
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """NaN or inf where a loss needs finite numbers: bad input to a loss function (a
+    ValueError), and, inside training, a diverged model or corrupted data (stops the run)."""
+
+
 # ========================================================================================
 # 1. The paper's equations. Each function's docstring holds its formula; the lines below it
 #    compute exactly that. Everything after part 1 is plumbing.
@@ -76,7 +81,7 @@ def _check_same_1d(**tensors: torch.Tensor) -> None:
         raise ValueError(f"expected 1-D tensors of one shape [B], got {shapes}")
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or inf")
+            raise NonFiniteError(f"{name} contains NaN or inf")
 
 
 def _check_signs(**signs: torch.Tensor) -> None:

@@ -280,6 +280,8 @@ def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
     (lambda row: row["b"].__setitem__("path", "images/nope.png"), "missing image"),
     (lambda row: row["a"].__setitem__("cost", float("nan")), "a.cost is nan"),
     (lambda row: row["a"].__setitem__("quality", "high"), "a.quality is 'high'"),
+    (lambda row: row.pop("kind"), "missing 'kind'"),
+    (lambda row: row["b"].pop("role"), "missing 'role'"),
 ])
 def test_spo_bad_rows_are_named(hf_run, tmp_path, corrupt, message):
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
