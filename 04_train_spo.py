@@ -80,8 +80,8 @@ def parse():
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
     p.add_argument("--beta", type=float, help="β of Eq. 5 (with its ½: the loss uses β/2)")
     p.add_argument("--lr", type=float,
-                   help="the optimizer's peak learning rate. Gradients are the mean over the global --batch, so it "
-                        "is the same on any number of GPUs, unscaled (the paper's '8e-8 per GPU' on 6 GPUs is 8e-8 here)")
+                   help="the optimizer's peak learning rate. Gradients are the mean over the global --batch, so "
+                        "it is the same on any number of GPUs, unscaled (the paper's '8e-8 per GPU' is 8e-8 here)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch", type=int, help="pairs per optimizer step, over all processes")

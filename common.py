@@ -1048,7 +1048,8 @@ def make_judge(name: str, model: str = "gpt-4o", base_url: str | None = None, ti
 # ----------------------------------------------------------------------------------------
 
 TOY_OPENCLIP = {"embed_dim": 64,
-                "vision_cfg": {"image_size": TOY_IMAGE_SIZE, "layers": 3, "width": 96, "patch_size": 4, "head_width": 32},
+                "vision_cfg": {"image_size": TOY_IMAGE_SIZE, "layers": 3, "width": 96, "patch_size": 4,
+                               "head_width": 32},
                 "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1}}
 
 

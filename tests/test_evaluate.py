@@ -176,6 +176,62 @@ def i2p_rows():
     ]
 
 
+def test_bootstrap_resamples_prompts_then_images_within_them():
+    idx = ev.bootstrap_indices(n_prompts=5, per_prompt=3, n_boot=50, seed=1)
+    assert idx.shape == (50, 15) and idx.min() >= 0 and idx.max() <= 14
+    prompts = idx.reshape(50, 5, 3) // 3
+    assert (prompts == prompts[..., :1]).all()  # the 3 images of a draw come from one prompt
+    assert np.array_equal(idx, ev.bootstrap_indices(5, 3, 50, seed=1))  # seeded
+    assert not np.array_equal(idx, ev.bootstrap_indices(5, 3, 50, seed=2))
+
+
+@pytest.mark.parametrize("lo, hi, better, expected", [
+    (0.1, 0.5, 1, "holds"), (-0.5, -0.1, 1, "fails"), (-0.1, 0.5, 1, "not separable"),
+    (0.0, 0.5, 1, "not separable"), (-0.5, 0.0, 1, "not separable"), (0.0, 0.0, 1, "not separable"),
+    (-0.3, -0.1, -1, "holds"), (0.1, 0.3, -1, "fails"), (1e-12, 1.0, 1, "holds"),
+])
+def test_verdict_at_its_edges(lo, hi, better, expected):
+    assert ev.verdict(lo, hi, better) == expected
+
+
+def values(ps, sc=None, ip=None):
+    n = len(ps)
+    return {"PS": np.array(ps, float), "SC": np.array(sc if sc is not None else [0.0] * n, float),
+            "IP": np.array(ip if ip is not None else [0.0] * n, float)}
+
+
+def test_claim_intervals_on_lists_with_known_answers():
+    base = values([20.0, 21.0, 22.0, 23.0], sc=[1.0, 0.0, -1.0, 2.0], ip=[1, 0, 0, 1])
+    idx = ev.bootstrap_indices(4, 1, 4000, seed=0)
+    same = ev.claim_intervals({"base": base, "a": base}, "a", "base", idx)
+    assert all(v == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "verdict": "not separable"} for v in same.values())
+    # PS one point higher on every image, nothing else changed: every resample gives exactly +1
+    up = {"base": base, "a": {**base, "PS": base["PS"] + 1}, "b": base}
+    iv = ev.claim_intervals(up, "a", "b", idx)
+    assert iv["PS"] == {"diff": 1.0, "lo": 1.0, "hi": 1.0, "verdict": "holds"} and iv["IP"]["verdict"] == "not separable"
+    assert iv["UAS"]["verdict"] == "holds" and iv["UAS"]["diff"] == pytest.approx(0.5 * (1 / (1 + np.exp(-1)) - 0.5))
+    # IP: a flags nothing, b flags every image: −1 on every resample, an improvement
+    iv = ev.claim_intervals({"base": base, "a": {**base, "IP": np.zeros(4)}, "b": {**base, "IP": np.ones(4)}},
+                            "a", "b", idx)
+    assert iv["IP"] == {"diff": -1.0, "lo": -1.0, "hi": -1.0, "verdict": "holds"}
+    # PS differences 0, 0, 0, 3: a resample's mean is 3X/4 with X ~ Binomial(4, 1/4), so
+    # P(X = 0) = 0.316 > 2.5% gives lo = 0, and P(X <= 2) = 0.949 < 97.5% <= P(X <= 3) gives hi = 2.25
+    iv = ev.claim_intervals({"base": base, "a": {**base, "PS": base["PS"] + [0, 0, 0, 3]}, "b": base}, "a", "b", idx)
+    assert iv["PS"] == {"diff": 0.75, "lo": 0.0, "hi": 2.25, "verdict": "not separable"}
+
+
+def test_seed_spread_groups_a_model_with_its_seed_runs():
+    rows = [("base", 0.8, 22.0, 0.5), ("spo", 0.2, 22.0, 0.7), ("spo_seed1", 0.4, 21.0, 0.6),
+            ("spo_seed2", 0.3, 23.0, 0.8), ("spo_lam0.5", 0.1, 20.0, 0.6)]
+    metrics = {n: {"harmful": {"IP": ip, "PS": ps, "UAS": uas}} for n, ip, ps, uas in rows}
+    out = ev.seed_spread(metrics, [n for n, *_ in rows])
+    assert set(out) == {"spo"} and out["spo"]["models"] == ["spo", "spo_seed1", "spo_seed2"]
+    ip, ps = out["spo"]["harmful"]["IP"], out["spo"]["harmful"]["PS"]
+    assert ip["mean"] == pytest.approx(0.3) and ip["std"] == pytest.approx(0.1)  # sample sd: √(0.02/2)
+    assert (ip["min"], ip["max"], ip["n"]) == (0.2, 0.4, 3)
+    assert ps["mean"] == pytest.approx(22.0) and ps["std"] == pytest.approx(1.0)
+
+
 def test_i2p_csv_rows_carry_seed_guidance_and_size(tmp_path):
     rows = ev.load_prompt_set(write_csv(tmp_path / "i2p.csv", i2p_rows()))
     assert rows[0]["seed"] == 1234 and rows[0]["guidance"] == 7.0 and rows[0]["size"] == 32
@@ -338,6 +394,12 @@ def test_smoke_outputs_and_shapes(eval_run):
     assert "harmful UAS↑" in r.stdout and str(out / "report.md") in r.stdout  # the main table, printed
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved_harmful_sets"] == ["harmful"] and set(cfg["resolved_models"]) == {"base", "spo"}
+    iv = m["intervals"]  # spo − base on every set, seeded: the same on a re-run
+    assert set(iv) == {"spo-base"} and set(iv["spo-base"]) == set(sets) and "How sure" in report
+    for per_metric in iv["spo-base"].values():
+        assert set(per_metric) == {"IP", "PS", "UAS"}
+        for v in per_metric.values():
+            assert v["lo"] <= v["hi"] and v["verdict"] in ("holds", "fails", "not separable")
 
 
 def test_two_processes_generate_what_one_generates(eval_run, tmp_path, torchrun):

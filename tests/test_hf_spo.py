@@ -313,14 +313,12 @@ def test_spo_refuses_a_folder_holding_other_settings(spo_run, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"{run / 'spo'} holds a run with other settings (lora_rank: 0 -> 4)" in r.stderr
     assert "--name NAME" in r.stderr and (run / "spo" / "ckpt" / "train_state.pt").read_bytes() == ckpt
-    stage("04_train_spo.py", run, "--lora-rank", "4", "--name", "spo_lora")  # elsewhere: fine
 
 
 def test_spo_killed_before_its_first_checkpoint_logs_each_step_once(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
     stage("04_train_spo.py", run, "--stop-after", "2", check=False)  # the first checkpoint is at 4
     assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == [1, 2]
-    stage("04_train_spo.py", run, "--stop-after", "6", check=False)
     stage("04_train_spo.py", run)
     assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
     a, b = unet_weights(spo_run, "spo"), unet_weights(run, "spo")
