@@ -270,7 +270,8 @@ def seed_spread(metrics: dict, names: list[str]) -> dict:
     seeds of IP, PS and UAS on each prompt set: how far training randomness alone moves them."""
     groups = defaultdict(list)
     for n in names:
-        groups[n.rsplit("_seed", 1)[0] if n.rsplit("_seed", 1)[-1].isdigit() else n].append(n)
+        stem, _, k = n.rpartition("_seed")
+        groups[stem if stem and k.isdigit() else n].append(n)
     out = {}
     for g, members in groups.items():
         if len(members) < 2:
