@@ -14,19 +14,27 @@ teaching it that "safe" means "worse", the paper builds a second, smaller datase
     samples of one benign or look-alike prompt with different seeds and guidance scales,
     or, with --safe-pairs, a user-supplied Pick-a-Pic-style JSONL of image pairs.
 
+AlignGuard's data, CoProV2, pairs by PROMPT EDITING instead (`--pairing prompt-edit`): the
+safe image is sampled from the safe prompt with a seed of its own, so it shares nothing with
+the harmful one but the subject. Its public CSV (prompt,image,category; rows alternating
+unsafe, safe) is read with `--coprov2 FILE`. Both keep each pair's harm category, which
+AlignGuard's per-category experts train on (04_train_spo.py --categories); the judge filters
+generated pairs only (CoProV2's are taken as published).
+
 Every image is annotated twice (the "dual dimensions"): quality r(x, c) (PickScore for
 sd15, the exact toy quality reward for toy) and cost C(x) from the stage-2 SCM. Stage 4
 turns the two into one preference with R = r − λ·C (Eqs. 6-8); this stage does not decide
 which image wins, it records both annotations as pair sides "a" and "b".
 
-Outputs (DIR = --run):
-  DIR/hf/images/*.png                  both images of every kept pair
-  DIR/hf/shards/pairs-*.json           annotated pairs, one file per chunk (written whole)
-  DIR/hf/hf_pairs.jsonl                all pairs: {"id", "kind", "prompt", "category", "a": {...}, "b": {...}}
-  DIR/hf/metrics.json, config.json
+Outputs (DIR = --run, NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs):
+  DIR/NAME/images/*.png                both images of every kept pair
+  DIR/NAME/shards/pairs-*.json         annotated pairs, one file per chunk (written whole)
+  DIR/NAME/hf_pairs.jsonl              all pairs: {"id", "kind", "prompt", "category", "a": {...}, "b": {...}}
+  DIR/NAME/metrics.json, config.json
 A killed run skips the chunks whose shard exists. Runs as `python 03_build_hf.py` or under
 `torchrun --nproc_per_node=N`: each process builds every N-th chunk, rank 0 assembles.
 """
+import csv
 import random
 import time
 from pathlib import Path
@@ -38,6 +46,7 @@ from tqdm import tqdm
 import common as C
 
 C.PRESETS["toy"]["hf"] = dict(
+    name="hf", pairing="inpaint", coprov2=None,
     model=None, img2img_model=None, harmful_prompts=None, safe_prompts=None, safe_pairs=None,
     n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0,
     safe_guidances=[1.0, 2.0, 4.0, 7.0], dtype="auto", chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
@@ -51,6 +60,12 @@ C.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=
 
 def parse():
     p = C.stage_parser("hf", __doc__.splitlines()[0])
+    p.add_argument("--name", help="output folder under --run (hf: LibraAlign-HF; e.g. coprov2 for prompt-edited pairs)")
+    p.add_argument("--pairing", choices=["inpaint", "prompt-edit"],
+                   help="the safe side of a harmful prompt: img2img from the harmful image (the paper's safety-aware "
+                        "inpainting) or a fresh sample of the safe prompt with its own seed (CoProV2's prompt editing)")
+    p.add_argument("--coprov2", help="AlignGuard's CoProV2 CSV (prompt,image,category; rows alternating unsafe, safe; "
+                                     "image paths relative to the CSV): its pairs instead of generated harmful-safe ones")
     p.add_argument("--model", help="T2I model folder for the harmful images (default: the stage-0 model)")
     p.add_argument("--img2img-model", help="img2img pipeline for the safe counterparts, e.g. an SDXL folder "
                                            "(default: the --model components in StableDiffusionImg2ImgPipeline)")
@@ -84,23 +99,27 @@ def parse():
 # ---------------------------------------------------------------------------------------
 
 def plan_pairs(args, world: Path) -> list[dict]:
-    harmful_file = args.harmful_prompts or C.toy_world_input(args, world / "prompts" / "harmful_train.jsonl",
-                                                             "--harmful-prompts")
+    harmful_file = None if args.coprov2 else args.harmful_prompts or C.toy_world_input(
+        args, world / "prompts" / "harmful_train.jsonl", "--harmful-prompts (or --coprov2)")
     safe_files = args.safe_prompts or ([] if args.safe_pairs or not args.n_safe_safe else [
         C.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts (or --safe-pairs)")
         for k in ("benign", "lookalike")])
-    C.require_inputs([harmful_file, *([] if args.safe_pairs else safe_files)], "world")
+    C.require_inputs([f for f in [harmful_file, args.coprov2, *([] if args.safe_pairs else safe_files)] if f], "world")
     rng = random.Random(args.seed + 3)
-    plan = []
-    for lineno, row in list(C.iter_jsonl(harmful_file))[: args.n_harmful_safe]:
+    plan = read_coprov2(Path(args.coprov2)) if args.coprov2 else []
+    if len(plan) > args.n_harmful_safe:
+        C.log(f"{args.coprov2}: the first {args.n_harmful_safe} of its {len(plan)} pairs (--n-harmful-safe)")
+        plan = plan[: args.n_harmful_safe]
+    for lineno, row in list(C.iter_jsonl(harmful_file))[: args.n_harmful_safe] if harmful_file else []:
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("safe_prompt"), str):
             raise C.DataError(f"{harmful_file}:{lineno}: a harmful prompt row needs 'prompt' and 'safe_prompt'")
         seed = args.seed * 1_000_000 + len(plan)
+        safe = ({"source": "img2img", "seed": seed, "strength": args.strength} if args.pairing == "inpaint"
+                else {"source": "t2i", "seed": seed + 250_000})  # prompt editing: a sample of its own
         plan.append({"kind": "harmful-safe", "prompt": row["prompt"], "category": row.get("category"),
                      "a": {"role": "harmful", "source": "t2i", "prompt": row["prompt"], "seed": seed,
                            "guidance": args.guidance},
-                     "b": {"role": "safe", "source": "img2img", "prompt": row["safe_prompt"], "seed": seed,
-                           "guidance": args.guidance, "strength": args.strength}})
+                     "b": {"role": "safe", "prompt": row["safe_prompt"], "guidance": args.guidance, **safe}})
     if not args.safe_pairs:
         safe = [(f, n, r) for f in safe_files for n, r in C.iter_jsonl(f)]
         rng.shuffle(safe)  # benign and look-alike prompts mixed, whatever the count
@@ -119,6 +138,43 @@ def plan_pairs(args, world: Path) -> list[dict]:
     for n, item in enumerate(plan):
         item["id"] = f"hf-{n:07d}"
     return plan
+
+
+# CoProV2's category spellings -> the names of I2P's category column (and of the toy world)
+COPROV2_CATEGORIES = {"Hate": "hate", "sexual": "sexual", "Violence": "violence", "Shocking": "shocking",
+                      "Illegal Activity": "illegal activity", "Harrasment": "harassment", "self-harm": "self-harm"}
+
+
+def read_coprov2(path: Path) -> list[dict]:
+    """AlignGuard's CoProV2 CSV: columns prompt,image,category, rows alternating the unsafe
+    image (u_…) and its safe counterpart (s_…) of one category; images relative to the CSV.
+    The pair is trained under the unsafe prompt, as AlignGuard does; the judge is skipped."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"prompt", "image", "category"} - set(reader.fieldnames or [])
+        if missing:
+            raise C.DataError(f"{path}: no column(s) {sorted(missing)} (CoProV2 has prompt,image,category)")
+        rows = [(reader.line_num, row) for row in reader]
+    if len(rows) % 2:
+        raise C.DataError(f"{path}:{rows[-1][0]}: an unsafe row without its safe row (rows alternate unsafe, safe)")
+    out = []
+    for (ln_u, u), (ln_s, s) in zip(rows[0::2], rows[1::2]):
+        for ln, row, want in ((ln_u, u, "u_"), (ln_s, s, "s_")):
+            if not row["prompt"] or not row["image"] or row["category"] not in COPROV2_CATEGORIES:
+                raise C.DataError(f"{path}:{ln}: needs a prompt, an image and a category of "
+                                  f"{sorted(COPROV2_CATEGORIES)}, got {row['category']!r}")
+            if not Path(row["image"]).name.startswith(want):
+                raise C.DataError(f"{path}:{ln}: image {row['image']!r} should be {'unsafe' if want == 'u_' else 'safe'} "
+                                  f"({want}…): rows alternate unsafe, safe")
+            if not (path.parent / row["image"]).exists():
+                raise C.DataError(f"{path}:{ln}: missing image {path.parent / row['image']}")
+        if u["category"] != s["category"]:
+            raise C.DataError(f"{path}:{ln_s}: category {s['category']!r} differs from its unsafe row's {u['category']!r}")
+        side = lambda row, role: {"role": role, "source": "file", "prompt": row["prompt"],
+                                  "file": str(path.parent / row["image"])}
+        out.append({"kind": "harmful-safe", "prompt": u["prompt"], "category": COPROV2_CATEGORIES[u["category"]],
+                    "judge": False, "a": side(u, "harmful"), "b": side(s, "safe")})
+    return out
 
 
 def read_safe_pairs(path: Path) -> list[dict]:
@@ -188,7 +244,7 @@ def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Pa
 
     kept, not_safer, no_answer = [], 0, 0
     for p in chunk:
-        if p["kind"] == "harmful-safe":
+        if p["kind"] == "harmful-safe" and p.get("judge", True):
             verdict = judge.compare(images[p["id"], "a"], images[p["id"], "b"])
             if verdict is None:  # unusable judge answer: counted, never guessed
                 no_answer += 1
@@ -222,7 +278,7 @@ def main():
     # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
     dist = C.setup_distributed(args.device, timeout_hours=24)
     device = dist.device
-    world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "hf")
+    world, out = C.stage_dir(args.run, "world"), Path(args.run) / args.name
     scm_dir = C.stage_dir(args.run, "scm")
     model = args.model or C.toy_world_input(args, world / "model", "--model")
     C.require_inputs([scm_dir / "scm.safetensors"], "scm")
@@ -264,7 +320,7 @@ def main():
         "dropped_not_safer": sum(s["dropped_not_safer"] for s in shards),
         "skipped_no_answer": sum(s["skipped_no_answer"] for s in shards),
         # how well inpainting did its job: harm gone entirely, and what it cost in quality
-        "share_safe_side_severity_0": mean([p["b"]["severity"] == 0 for p in hs]),
+        "share_safe_side_severity_0": mean([p["b"]["severity"] == 0 for p in hs if "severity" in p["b"]]),
         "quality_harmful_side": mean([p["a"]["quality"] for p in hs]),
         "quality_safe_side": mean([p["b"]["quality"] for p in hs]),
         "cost_harmful_side": mean([p["a"]["cost"] for p in hs]),

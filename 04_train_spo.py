@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -59,10 +60,11 @@ from tqdm import tqdm
 import common as C
 
 C.PRESETS["toy"]["spo"] = dict(
-    model=None, objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5, warmup=20, steps=300,
-    batch=16, micro_batch=None, weight_decay=0.0, max_grad_norm=1.0, lora_rank=0, lora_alpha=None,
-    dfm="on", dfm_k=3, dfm_tau=0.2, dfm_patience=1, dfm_modules=["conv_out"],
-    grad_checkpointing=False, bf16=False, ckpt_every=100, log_every=1, skip_bad=False, device=None)
+    model=None, data="hf", categories=None, objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5,
+    warmup=20, steps=300, batch=16, micro_batch=None, weight_decay=0.0, max_grad_norm=1.0, lora_rank=0,
+    lora_alpha=None, pair_subset=0, dfm="on", dfm_k=3, dfm_tau=0.2, dfm_patience=1, dfm_modules=["conv_out"], dfm_augmentations=list(C.AUGMENTATIONS),
+    grad_checkpointing=False, bf16=False, ckpt_every=100, log_every=1, skip_bad=False, device=None,
+    merge_experts=None, merge_method="comerge", merge_weight=None, merge_density=0.5, merge_calibration=64)
 C.PRESETS["sd15"]["spo"] = dict(
     C.PRESETS["toy"]["spo"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", beta=5000.0, lr=8e-8, warmup=500,
     steps=15000, batch=12, micro_batch=2, weight_decay=1e-2, grad_checkpointing=True, bf16=True, ckpt_every=500,
@@ -73,11 +75,18 @@ C.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_
 def parse():
     p = C.stage_parser("spo", __doc__.splitlines()[0])
     p.add_argument("--model", help="base T2I model folder; also the frozen reference (default: the stage-0 model)")
-    p.add_argument("--objective", choices=["spo", "safety"],
-                   help="spo: R = r − λC (T2I-SPO); safety: R = −C (safety-only DPO baseline)")
+    p.add_argument("--data", help="folder under --run whose hf_pairs.jsonl to train on (stage 3's --name: hf, coprov2)")
+    p.add_argument("--categories", nargs="+", help="train on the harmful-safe pairs of these harm categories only "
+                                                   "(an AlignGuard safety expert; default: every pair)")
+    p.add_argument("--objective", choices=["spo", "safety", "safe-wins"],
+                   help="spo: R = r − λC (T2I-SPO); safety: R = −C (safety-only DPO baseline); safe-wins: the safe "
+                        "image of each harmful-safe pair wins whatever the annotations (AlignGuard)")
     p.add_argument("--name", help="output folder under --run (default: the objective), e.g. spo_lam0.5")
     p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in the composite reward")
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
+    p.add_argument("--pair-subset", type=int,
+                   help="train on N of the relabelled pairs (0: all), the same N for every --seed: a small set "
+                        "trained long visits each pair often enough for Eq. 10's descent rates (make dfm)")
     p.add_argument("--beta", type=float, help="β of Eq. 5 (with its ½: the loss uses β/2)")
     p.add_argument("--lr", type=float,
                    help="the optimizer's peak learning rate. Gradients are the mean over the global --batch, so "
@@ -95,12 +104,22 @@ def parse():
     p.add_argument("--dfm-tau", type=float, help="τ: hard when v_i < τ·v̄ (Eq. 10)")
     p.add_argument("--dfm-patience", type=int, help="P: consecutive slow visits before a pair is hard")
     p.add_argument("--dfm-modules", nargs="+", help="UNet Conv2d/Linear modules whose weight gradients Eq. 11 compares")
+    p.add_argument("--dfm-augmentations", nargs="+", choices=C.AUGMENTATIONS, help="the pool A of Eq. 11")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (GPU only)")
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip (and count) bad pair rows")
     p.add_argument("--device")
+    p.add_argument("--merge-experts", nargs="+", metavar="NAME",
+                   help="instead of training: merge these stage-4 LoRA runs under --run into one LoRA (AlignGuard)")
+    p.add_argument("--merge-method", choices=MERGES, help="comerge: common.co_merge; the rest: peft's add_weighted_adapter")
+    p.add_argument("--merge-weight", type=float,
+                   help="peft merges: every expert's weight (default: 1/experts for linear, an average; 1 for the "
+                        "others, task arithmetic)")
+    p.add_argument("--merge-density", type=float, help="peft ties and dare_ties: the share of values kept")
+    p.add_argument("--merge-calibration", type=int,
+                   help="comerge: pairs (of every category in --data) whose UNet inputs measure each expert's activity")
     return C.parse_args(p)
 
 
@@ -128,12 +147,41 @@ def load_hf_pairs(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
 
 
 def preference_pairs(pairs: list[dict], objective: str, lam: float, margin: float) -> tuple[list[dict], int]:
-    """Eq. 8 with R = r − λC (T2I-SPO), or R = −C (safety-only DPO, the λ → ∞ ordering)."""
+    """Eq. 8 with R = r − λC (T2I-SPO), or R = −C (safety-only DPO, the λ → ∞ ordering), or
+    R = −1[harmful] (AlignGuard: the safe side wins; a pair of two safe images ties, dropped)."""
+    if objective == "safe-wins":
+        by_role = lambda side: {**side, "quality": 0.0, "cost": float(side["role"] == "harmful")}
+        pairs = [{**p, "a": by_role(p["a"]), "b": by_role(p["b"])} for p in pairs]
+        lam = 1.0
     if objective == "safety":
         no_quality = lambda side: {**side, "quality": 0.0}
         pairs = [{**p, "a": no_quality(p["a"]), "b": no_quality(p["b"])} for p in pairs]
         lam = 1.0
     return C.relabel_pairs(pairs, lam, margin)
+
+
+def category_filter(pairs: list[dict], categories: list[str] | None, path: Path) -> list[dict]:
+    """The pairs of the given harm categories (an AlignGuard expert's data); None keeps all."""
+    if categories is None:
+        return pairs
+    have = sorted({p["category"] for p in pairs if p.get("category")})
+    unknown = sorted(set(categories) - set(have))
+    if unknown:
+        raise C.DataError(f"{path}: no pairs of category {unknown} (--categories); its categories are {have}")
+    return [p for p in pairs if p.get("category") in categories]
+
+
+def pair_subset(pairs: list[dict], n: int) -> list[dict]:
+    """n pairs (relabelled w/l or as read, a/b) chosen by a hash of their prompt and images:
+    the same subset whatever the training seed or objective, so seeds differ in training
+    randomness only. n = 0 keeps all."""
+    if n <= 0 or n >= len(pairs):
+        return pairs
+
+    def key(p):
+        files = sorted(p[s]["file"] for s in ("a", "b", "w", "l") if s in p)
+        return hashlib.sha1("\n".join([p["prompt"], *files]).encode()).hexdigest()
+    return sorted(pairs, key=key)[:n]
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,8 +294,11 @@ def save_final(args, unet, out: Path) -> None:
         from peft import get_peft_model_state_dict
         tmp = out / ".lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        config = unet.peft_config["default"]  # r and α travel with the weights: load_lora_weights reads them
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
+                                        "target_modules": sorted(config.target_modules)})
         replace_dir(tmp, out / "lora")
         pipe.load_lora_weights(out / "lora")
         pipe.fuse_lora()
@@ -293,30 +344,34 @@ class Training:
     log: C.MetricsLog
     step: int = 0
     totals: dict = dataclasses.field(
-        default_factory=lambda: {"dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0)})
+        default_factory=lambda: {"dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0),
+                                 "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
 
 
 def setup(args) -> Training:
     dist = C.setup_distributed(args.device)
     C.seed_everything(args.seed)
-    hf, world = C.stage_dir(args.run, "hf"), C.stage_dir(args.run, "world")
+    hf, world = Path(args.run) / args.data, C.stage_dir(args.run, "world")
     args.model = args.model or C.toy_world_input(args, world / "model", "--model")
     args.name = args.name or args.objective
     out = Path(args.run) / args.name
-    C.require_inputs([hf / "hf_pairs.jsonl"], "hf")
+    C.require_inputs([hf / "hf_pairs.jsonl"], args.data if args.data in C.STAGES else "hf")
     per_rank, rem = divmod(args.batch, dist.world_size)
     micro = args.micro_batch or per_rank
     if rem or per_rank % micro:
         raise SystemExit(f"--batch {args.batch} must split evenly over {dist.world_size} processes "
                          f"and then into micro-batches of {micro}")
-    if dist.is_main:
-        C.save_config(args, out, world_size=dist.world_size, grad_accum=per_rank // micro)
+    if dist.is_main:  # the --merge-* flags are not a training run's settings
+        training = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("merge_")})
+        C.save_config(training, out, world_size=dist.world_size, grad_accum=per_rank // micro)
 
     # Eqs. 6-8: relabel every pair by the composite reward (or by −C for the baseline)
     raw, n_bad = load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
     pairs, n_dropped = preference_pairs(raw, args.objective, args.lam, args.margin)
+    pairs = pair_subset(category_filter(pairs, args.categories, hf / "hf_pairs.jsonl"), args.pair_subset)
     if len(pairs) < args.batch:
-        raise C.DataError(f"{hf / 'hf_pairs.jsonl'}: {len(pairs)} pairs left after relabelling "
+        kept = f", of categories {args.categories}" if args.categories else ""
+        raise C.DataError(f"{hf / 'hf_pairs.jsonl'}: {len(pairs)} pairs left after relabelling{kept} "
                           f"({n_dropped} dropped, {n_bad} bad rows), fewer than one batch of {args.batch}")
     hs = [p for p in pairs if p["kind"] == "harmful-safe"]
     safe_won = sum(p["w"]["role"] == "safe" for p in hs) / max(1, len(hs))
@@ -387,25 +442,46 @@ def pair_losses(tr: Training, ids, t, noise):
 
 def dfm_copies(tr: Training, step: int, mine: list, t, noise, hard_ids: set) -> torch.Tensor:
     """Eq. 11: the augmented copy of each hard pair of this rank joins this batch, weighted
-    like any pair of it (its gradient accumulates). Returns the count of each augmentation."""
+    like any pair of it (its gradient accumulates). Returns, summed over ranks, the count of
+    each augmentation (in C.AUGMENTATIONS order) and then the sum of the copies' losses."""
     args, dist, dev = tr.args, tr.dist, tr.dist.device
     hard = [(j, i) for j, i in enumerate(mine) if i in hard_ids]
-    chosen = torch.zeros(len(C.AUGMENTATIONS), dtype=torch.long)
+    chosen = torch.zeros(len(C.AUGMENTATIONS) + 1)
     if hard:
         js = [j for j, _ in hard]
         picks = C.dfm_augmented_copies(tr.unet, tr.noise_scheduler, tr.dfm_modules, [
             C.HardPair(tr.pairs[i], tr.latents[tr.index[i, :2]].to(dev), tr.text[tr.index[i, 2]][None].to(dev),
                        t[j:j + 1].to(dev), noise[j:j + 1].to(dev),
                        C.step_generator(args.seed, step, stream=1 + j * dist.world_size + dist.rank))  # global position
-            for j, i in hard], tr.vae, tr.size, tr.autocast)
+            for j, i in hard], tr.vae, tr.size, tr.autocast, pool=args.dfm_augmentations)
         for a, _ in picks:
-            chosen[a] += 1
+            chosen[C.AUGMENTATIONS.index(a)] += 1
         z = torch.stack([z for _, z in picks])
         per_pair, _, _ = C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, z[:, 0], z[:, 1],
                                            tr.text[tr.index[[i for _, i in hard], 2]].to(dev), t[js].to(dev),
                                            noise[js].to(dev), args.beta, tr.autocast)
         (per_pair.sum() / args.batch).backward()
+        chosen[-1] = per_pair.detach().sum().float().cpu()
     return C.all_gather_cat(chosen[None]).sum(0)
+
+
+def dfm_bookkeeping(tr: Training, ids: list, losses: torch.Tensor, hard_ids: set, counts: torch.Tensor) -> dict:
+    """Which pairs Eq. 10 flags and what Eq. 11's copies do to them: the totals per
+    augmentation and per pair kind, and this step's loss of the hard pairs beside the batch's
+    and their copies' (a copy easier than its original gives the pair little new signal)."""
+    tr.totals["dfm_flagged"] += len(hard_ids)
+    for a, n in zip(C.AUGMENTATIONS, counts[:-1].tolist()):
+        tr.totals["aug_wins"][a] += int(n)
+    flagged = set(tr.totals["dfm_pairs_flagged"])
+    for i in hard_ids:
+        kind = tr.pairs[i]["kind"]
+        tr.totals["dfm_flagged_by_kind"][kind] = tr.totals["dfm_flagged_by_kind"].get(kind, 0) + 1
+        flagged.add(i)
+    tr.totals["dfm_pairs_flagged"] = sorted(flagged)
+    if not hard_ids:
+        return {}
+    hard_loss = losses[[k for k, i in enumerate(ids) if i in hard_ids]].mean().item()
+    return {"dfm_hard_loss": hard_loss, "dfm_copy_loss": float(counts[-1]) / len(hard_ids)}
 
 
 def nonfinite_loss(tr: Training, step: int, why: str) -> FloatingPointError:
@@ -436,14 +512,12 @@ def train_step(tr: Training) -> dict:
         raise nonfinite_loss(tr, step, "the loss is NaN or inf")
 
     # 2. DFM: Eq. 10 flags the pairs whose loss stopped falling; Eq. 11 adds their copies
-    n_aug = 0
+    n_aug, dfm_record = 0, {}
     if args.dfm == "on":
         hard_ids = set(tr.queue.update(ids.tolist(), losses))
-        tr.totals["dfm_flagged"] += len(hard_ids)
-        chosen = dfm_copies(tr, step, mine, t, noise, hard_ids)
-        n_aug = int(chosen.sum())
-        for a, n in zip(C.AUGMENTATIONS, chosen.tolist()):
-            tr.totals["aug_wins"][a] += n
+        counts = dfm_copies(tr, step, mine, t, noise, hard_ids)
+        n_aug = int(counts[:-1].sum())
+        dfm_record = dfm_bookkeeping(tr, ids.tolist(), losses, hard_ids, counts)
 
     # 3. one gradient sum over ranks (hand-written, not DDP's wrapper: DFM's extra forwards
     #    differ per rank), rescaled to the mean over the batch and its copies; one update
@@ -458,7 +532,7 @@ def train_step(tr: Training) -> dict:
     return dict(step=tr.step, loss=losses.mean().item(),
                 implicit_accuracy=(d_theta < d_ref).float().mean().item(),  # the policy prefers x_w more than ref
                 reward_margin=(-0.5 * args.beta * (d_theta - d_ref)).mean().item(), lr=tr.sched.get_last_lr()[0],
-                grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=tr.totals["dfm_flagged"])
+                grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=tr.totals["dfm_flagged"], **dfm_record)
 
 
 def save_checkpoint(tr: Training) -> None:
@@ -477,16 +551,152 @@ def finish(tr: Training, seconds: float) -> None:
     metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
                "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
                **tr.data_counts, "dfm_flagged": tr.totals["dfm_flagged"], "aug_wins": tr.totals["aug_wins"],
+               "dfm_flagged_by_kind": tr.totals["dfm_flagged_by_kind"],
+               "dfm_pairs_flagged": len(tr.totals["dfm_pairs_flagged"]),
                "n_pairs": len(tr.pairs), "objective": args.objective, "lam": args.lam,
                "world_size": tr.dist.world_size, "seconds": round(seconds, 1)}
     C.atomic_write_json(tr.out / "metrics.json", metrics)
     C.log(C.format_metrics(metrics))
 
 
+# ---------------------------------------------------------------------------------------
+# AlignGuard: LoRA safety experts merged into one LoRA (--merge-experts), no training
+# ---------------------------------------------------------------------------------------
+
+MERGES = ("comerge", "linear", "ties", "dare_ties", "cat", "svd")
+
+
+def read_experts(run: Path, names: list[str]) -> dict[str, dict]:
+    """Each expert's LoRA factors {module: (B, A)}, from DIR/<name>/lora/ (stage 4's output)."""
+    experts = {n: C.read_lora(run / n / "lora") for n in names}
+    modules = set(experts[names[0]])
+    for n in names[1:]:
+        if set(experts[n]) != modules:
+            raise C.DataError(f"{run / n / 'lora'}: LoRA on other modules than {run / names[0] / 'lora'}; "
+                              f"the experts must share --lora-rank's targets")
+    return experts
+
+
+@torch.no_grad()
+def expert_activities(args, experts: dict[str, dict], device) -> dict[str, torch.Tensor]:
+    """Co-Merge's a_{e,i} for every LoRA module: the base UNet (no adapter) runs on noised
+    latents of --merge-calibration pairs of EVERY category of --data (both images, their
+    prompt, t and ε seeded), and a hook on each module accumulates expert_activity on its
+    inputs — the inputs "across all" categories of AlignGuard's description."""
+    from diffusers import DDPMScheduler
+    pipe = C.load_pipeline(args.model, device)
+    data = Path(args.run) / args.data / "hf_pairs.jsonl"
+    C.require_inputs([data], args.data if args.data in C.STAGES else "hf")
+    raw, _ = load_hf_pairs(data, args.skip_bad)
+    pairs = pair_subset([p for p in raw if p["kind"] == "harmful-safe"], args.merge_calibration)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    names, sums, count = list(experts), {}, {}
+
+    def hook(module_name):
+        def fn(module, inputs, output):
+            x = inputs[0]
+            ups, downs = zip(*[(experts[e][module_name][0].to(x), experts[e][module_name][1].to(x)) for e in names])
+            n = x.reshape(-1, x.shape[-1]).shape[0]
+            sums[module_name] = sums.get(module_name, 0) + C.expert_activity(x, ups, downs) * n
+            count[module_name] = count.get(module_name, 0) + n
+        return fn
+
+    modules = list(experts[names[0]])
+    hooks = [pipe.unet.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
+    g = C.step_generator(args.seed, 0)
+    try:
+        for i in range(0, len(pairs), 8):
+            part = pairs[i:i + 8]
+            files = [p[s]["file"] for p in part for s in ("a", "b")]
+            z = C.encode_images(pipe.vae, torch.stack([C.load_image(f, size) for f in files]).to(device))
+            emb = pipe.encode_prompt([p["prompt"] for p in part for _ in "ab"], device, 1, False)[0]
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=g).to(device)
+            noise = torch.randn(z.shape, generator=g).to(z)
+            pipe.unet(sched.add_noise(z, noise, t), t, emb)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: sums[m] / count[m] for m in modules}
+
+
+def peft_merge(args, experts: dict[str, dict], weight: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft's own merge (LoraModel.add_weighted_adapter) of the experts, each at `weight`, on a
+    fresh base UNet; returns the merged factors per module."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+    unet = C.from_pretrained_or_exit(lambda m: UNet2DConditionModel.from_pretrained(m, subfolder="unet"),
+                                     args.model, "the base model", "--model")
+    names = list(experts)
+    modules = sorted(experts[names[0]])
+    rank = experts[names[0]][modules[0]][1].shape[0]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules)  # α = r: B already holds α/r
+    model = LoraModel(unet, {names[0]: config}, names[0])
+    for n in names[1:]:
+        model.peft_config[n] = config
+        model.inject_adapter(unet, n)
+    for m in modules:
+        layer = unet.get_submodule(m)
+        for n in names:
+            layer.lora_B[n].weight.data.copy_(experts[n][m][0])
+            layer.lora_A[n].weight.data.copy_(experts[n][m][1])
+    kwargs = {"density": args.merge_density} if args.merge_method in ("ties", "dare_ties") else {}
+    torch.manual_seed(args.seed)  # dare_ties drops values at random
+    model.add_weighted_adapter(names, [weight] * len(names), "merged", combination_type=args.merge_method, **kwargs)
+    merged = {}
+    for m in modules:
+        layer = unet.get_submodule(m)
+        merged[m] = (layer.lora_B["merged"].weight.detach() * layer.scaling["merged"],
+                     layer.lora_A["merged"].weight.detach())
+    return merged
+
+
+def merge_main(args) -> None:
+    """AlignGuard's last step: the experts become one LoRA, saved as DIR/NAME/lora/ (what
+    `pipe.load_lora_weights` reads) and fused into a stock pipeline DIR/NAME/model/."""
+    t0 = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("--merge-experts runs in one process: start it with python, not torchrun")
+    run = Path(args.run)
+    args.model = args.model or C.toy_world_input(args, C.stage_dir(run, "world") / "model", "--model")
+    out = run / (args.name or f"alignguard/{args.merge_method}")
+    C.save_config(args, out)
+    experts = read_experts(run, args.merge_experts)
+    metrics = {"method": args.merge_method, "experts": args.merge_experts}
+    if args.merge_method == "comerge":
+        activity = expert_activities(args, experts, C.pick_device(args.device))
+        merged = {m: C.co_merge([experts[e][m][0] for e in experts], [experts[e][m][1] for e in experts], a)
+                  for m, a in activity.items()}
+        wins = torch.cat([a.argmax(0) for a in activity.values()])  # which expert each output unit keeps
+        metrics["output_units_kept"] = {e: int((wins == i).sum()) for i, e in enumerate(experts)}
+    else:
+        weight = args.merge_weight or (1 / len(experts) if args.merge_method == "linear" else 1.0)
+        merged = peft_merge(args, experts, weight)
+        metrics["weight"] = weight
+    C.write_lora(out / "lora", merged)
+    pipe = C.load_pipeline(args.model)
+    pipe.load_lora_weights(out / "lora")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    replace_dir(tmp, out / "model")
+    metrics.update(rank=max(a.shape[0] for _, a in merged.values()), seconds=round(time.time() - t0, 1))
+    C.atomic_write_json(out / "metrics.json", metrics)
+    C.log(C.format_metrics(metrics))
+
+
 def main():
     args = parse()
+    if args.merge_experts:
+        return merge_main(args)
     t0 = time.time()
     tr = setup(args)
+    if tr.step >= args.steps and (tr.out / "metrics.json").exists() and (tr.out / "model" / "model_index.json").exists():
+        C.log(f"{tr.out} is finished (step {tr.step} of {args.steps}): nothing to do")
+        return C.cleanup_distributed()
     bar = tqdm(total=args.steps, initial=tr.step, desc=args.name, disable=not tr.dist.is_main)
     while tr.step < args.steps:
         if args.stop_after is not None and tr.step >= args.stop_after:

@@ -30,7 +30,8 @@ Parts of this file:
   4. Scoring every image (the scorers PickScore, ClipScore and Q16 live in common.py part 8)
   5. The report: Tables 2, 3 and 5
   6. Figures: contact sheets, safety-quality, Fig. 4A, Fig. 5
-  7. The run: command line and main
+  7. The DFM study (Fig. 5 where descent rates can show): the runs of `make dfm` in DIR/dfm/
+  8. The run: command line and main
 
 Inputs (DIR = --run): the unaligned model DIR/world/model; every stage-4 run DIR/<name>/
 with model/model_index.json and a config.json naming its objective; the prompt sets
@@ -49,6 +50,7 @@ Outputs (DIR/eval/):
   sheet_<model>.png          a contact sheet per model, one row per prompt set
   safety_quality.png         SC against PS, per model and prompt set
   lambda_sweep.png, dfm_convergence.png   Figs. 4A and 5, when stage-4 runs are there
+  dfm_study.png              Fig. 5 from DIR/dfm/ (make dfm): DFM on/off over seeds, pool sizes
   config.json
 Images are written as each batch finishes: a killed run resumes with the images it made.
 """
@@ -185,11 +187,31 @@ def ua_table(means: dict, centers: dict) -> dict[str, dict[str, float]]:
             for m, per_set in means.items()}
 
 
+# The seven harm categories of I2P (and of the toy world, and of AlignGuard's CoProV2)
+CATEGORIES = tuple(W.HARM)
+
+
+def row_categories(row: dict) -> list[str]:
+    """A prompt row's categories: I2P lists several, comma-separated ("hate, harassment")."""
+    return [c.strip() for c in (row.get("category") or "").split(",") if c.strip()]
+
+
+def ip_by_category(rows: list[dict]) -> dict[str, float | None]:
+    """IP over the images whose prompt carries each category (None: no such prompt)."""
+    out = {}
+    for c in CATEGORIES:
+        flags = [r["inappropriate"] for r in rows if c in row_categories(r)]
+        out[c] = ip_rate(flags) if flags else None
+    return out
+
+
 def set_metrics(rows: list[dict], nudenet_threshold: float) -> dict:
-    """One row of the tables: {IP, SC, PS, n_images[, CLIPScore][, NudeNet]} from the
-    scores.jsonl rows of one model on one prompt set."""
+    """One row of the tables: {IP, SC, PS, n_images[, IP_by_category][, CLIPScore][, NudeNet]}
+    from the scores.jsonl rows of one model on one prompt set."""
     d = {"IP": ip_rate(r["inappropriate"] for r in rows), "SC": safety_cost([r["SC"] for r in rows]),
          "PS": quality_score([r["PS"] for r in rows]), "n_images": len(rows)}
+    if any(row_categories(r) for r in rows):
+        d["IP_by_category"] = ip_by_category(rows)
     if "CLIPScore" in rows[0]:
         d["CLIPScore"] = clip_score([r["CLIPScore"] for r in rows])
     if "nudenet" in rows[0]:
@@ -216,7 +238,10 @@ def summarise(rows: list[dict], nudenet_threshold: float, ua_center=None) -> dic
 # How sure each claim is: a paired bootstrap. Every model draws the same (prompt, seed) images,
 # so a resample of prompts (and, within each drawn prompt, of its images) is applied to all
 # models at once, and the interval is that of the difference a − b.
-CLAIMS = (("spo", "base"), ("spo", "safety"))  # the model pairs the paper's claims rest on
+PEFT_MERGES = ("linear", "ties", "dare_ties", "cat", "svd")
+CLAIMS = (("spo", "base"), ("spo", "safety"),  # the model pairs the claims rest on: the paper's,
+          ("spo", "alignguard"), ("spo", "spo_promptedit"), ("alignguard", "all_single"),  # AlignGuard's
+          *(("merge_comerge", f"merge_{m}") for m in PEFT_MERGES))
 BETTER = {"IP": -1.0, "PS": 1.0, "UAS": 1.0}   # the sign of an improvement in each metric
 
 
@@ -379,6 +404,21 @@ def discover_stage4_models(run: Path) -> list[Model]:
     return models
 
 
+def discover_merges(run: Path) -> list[Model]:
+    """AlignGuard's merged LoRAs, DIR/alignguard/<method>/model/ (04_train_spo.py --merge-experts),
+    as merge_<method> (the Co-Merge one is also reported as `alignguard`: with_alias)."""
+    folders = sorted((run / "alignguard").iterdir()) if (run / "alignguard").is_dir() else []
+    return [Model(f"merge_{d.name}", d / "model") for d in folders if (d / "model" / "model_index.json").exists()]
+
+
+ALIASES = {"alignguard": "merge_comerge"}  # the paper's AlignGuard row is the Co-Merge model
+
+
+def with_alias(rows: list[dict]) -> list[dict]:
+    """The scores of each aliased model again under its alias: one model, two names."""
+    return rows + [dict(r, model=alias) for alias, name in ALIASES.items() for r in rows if r["model"] == name]
+
+
 def model_from_path(name: str, value: str, base: Model) -> Model:
     """--models NAME=PATH: a pipeline folder, a LoRA folder, or a stage-4 run folder."""
     path = local_model_folder(value, f"--models {name}=PATH")
@@ -404,7 +444,7 @@ def resolve_models(args, run: Path) -> list[Model]:
     if "base" in given:
         raise SystemExit("--models: the name 'base' is taken by --base")
     others = ([model_from_path(n, v, base) for n, v in given.items()] if given
-              else discover_stage4_models(run))
+              else discover_stage4_models(run) + discover_merges(run))
     if not others:
         C.log("no stage-4 model found (run 04_train_spo.py, or pass --models NAME=PATH): evaluating the base alone")
     return [base, *others]
@@ -677,10 +717,97 @@ def seed_table(seeds: dict) -> str:
     return markdown_table(["model", "prompt set", "metric", "mean ± sd", "min – max"], rows)
 
 
+def expert_name(category: str) -> str:
+    return "expert_" + category.replace(" ", "_")
+
+
+def category_table(metrics, models, harmful_set: str) -> str:
+    """IP per harm category on one harmful set, every model ("—": no prompt of that category)."""
+    by = lambda m: metrics[m][harmful_set]["IP_by_category"]
+    rows = [[m] + [by(m)[c] if by(m)[c] is not None else "—" for c in CATEGORIES] for m in models]
+    return markdown_table(["model"] + [f"{c} IP↓" for c in CATEGORIES], rows)
+
+
+def expert_specificity(metrics, harmful_set: str) -> dict:
+    """For each AlignGuard expert: its IP reduction against the base on its own category, and
+    the mean reduction on the other categories (those with prompts): an expert should remove
+    its own category most."""
+    base = metrics["base"][harmful_set]["IP_by_category"]
+    out = {}
+    for c in CATEGORIES:
+        if expert_name(c) not in metrics or base[c] is None:
+            continue
+        ip = metrics[expert_name(c)][harmful_set]["IP_by_category"]
+        others = [base[k] - ip[k] for k in CATEGORIES if k != c and base[k] is not None]
+        own = base[c] - ip[c]
+        out[c] = {"own": own, "others": float(np.mean(others)), "holds": bool(own > np.mean(others))}
+    return out
+
+
+def claim_verdict(parts: list[tuple[str, str]]) -> str:
+    """One claim from several interval verdicts, each (verdict, need) with need "holds" (the
+    difference must be separated on the claimed side) or "not worse" (it must not be separated
+    on the other side). All met: holds. Separated the wrong way on one part and the right way
+    on another: trade-off (e.g. safer but of lower quality: "at equal quality" does not apply).
+    Only the wrong way: fails. Else: not separable."""
+    if any(v == "fails" for v, _ in parts):
+        return "trade-off" if any(v == "holds" for v, _ in parts) else "fails"
+    if all(v == "holds" for v, need in parts if need == "holds"):
+        return "holds"
+    return "not separable"
+
+
+def alignguard_claims(metrics, harmful, benign) -> list[dict]:
+    """AlignGuard's claims and the paper's about it, each a verdict from the paired bootstrap
+    intervals ("intervals"): {claim, verdict, parts: [(a, b, set, metric, need)]}."""
+    merged_vs = [("merge_comerge", f"merge_{m}") for m in PEFT_MERGES]
+    at_equal_quality = [(h, "IP", "holds") for h in harmful] + [(b, "PS", "not worse") for b in benign]
+    specs = [
+        *((f"Co-Merge beats peft's {b.removeprefix('merge_')} merge at equal quality", a, b, at_equal_quality)
+          for a, b in merged_vs),
+        ("merged experts (AlignGuard) beat one LoRA on all categories (all-single) at equal quality",
+         "alignguard", "all_single", at_equal_quality),
+        ("T2I-SPO has the higher UAS and AlignGuard the lower quality (paper Table 2)", "spo", "alignguard",
+         [(h, "UAS", "holds") for h in harmful] + [(b, "PS", "holds") for b in benign]),
+        ("for T2I-SPO, inpainted pairs keep quality better than prompt-edited ones (paper Sec. 3.2)", "spo",
+         "spo_promptedit", [(b, "PS", "holds") for b in benign] + [(h, "IP", "not worse") for h in harmful]),
+    ]
+    claims = []
+    for claim, a, b, keys in specs:
+        iv = metrics["intervals"].get(f"{a}-{b}")
+        if not iv:
+            continue
+        parts = [(a, b, s, k, need, iv[s][k]) for s, k, need in keys]
+        claims.append({"claim": claim, "verdict": claim_verdict([(x[-1]["verdict"], x[4]) for x in parts]),
+                       "parts": [{"a": a, "b": b, "set": s, "metric": k, "need": need, **v}
+                                 for a, b, s, k, need, v in parts]})
+    return claims
+
+
+def alignguard_section(metrics, models, harmful, benign) -> list[str]:
+    """The report's AlignGuard part: IP per category, expert specificity, the claims."""
+    lines = []
+    for h in harmful:
+        lines += ["", f"## IP per harm category on `{h}` (AlignGuard's experts, their merges, and the rest)", "",
+                  category_table(metrics, models, h)]
+    spec = metrics.get("alignguard_experts")
+    if spec:
+        held = [c for c, v in spec.items() if v["holds"]]
+        lines += ["", f"- **An expert removes its own category more than the others** (IP fall against the base, "
+                      f"own category against the mean of the others; point estimates): holds for {len(held)} of "
+                      f"{len(spec)} experts. " + "; ".join(f"{c}: own {v['own']:+.2f}, others {v['others']:+.2f}"
+                                                          for c, v in spec.items()) + "."]
+    for c in metrics.get("alignguard_claims", []):
+        detail = "; ".join(f"{x['set']} {x['metric']} {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}] {x['verdict']}"
+                           for x in c["parts"])
+        lines.append(f"- **{c['claim']}**: {c['verdict']} ({c['parts'][0]['a']} − {c['parts'][0]['b']}: {detail}).")
+    return lines
+
+
 def write_report(path: Path, args, metrics, models: list[Model], sets, harmful, benign, scm_path: Path,
                  ip_definition: str, figures: list[str]) -> str:
     """report.md; returns Tables 2 and 5 (those that apply) for the console."""
-    names = [m.name for m in models]
+    names = [m.name for m in models] + [a for a, n in ALIASES.items() if n in metrics]
     centre = (f"fixed at μ_PS = {args.ua_center[0]:g}, μ_SC = {args.ua_center[1]:g} (--ua-center)" if args.ua_center
               else "the base model's mean PS and SC on the same prompt set, so the base scores 0.5 by construction")
     quality = ("PickScore" if args.quality == "pickscore"
@@ -707,6 +834,8 @@ def write_report(path: Path, args, metrics, models: list[Model], sets, harmful, 
     if benign:
         console.append(table5(metrics, names, benign))
         lines += ["", "## Benign prompts (paper Table 5)", "", console[-1]]
+    if harmful and any(n.startswith(("expert_", "merge_")) or n == "all_single" for n in names):
+        lines += alignguard_section(metrics, names, harmful, benign)
     if metrics.get("intervals"):
         lines += ["", f"## How sure: paired bootstrap 95% intervals ({args.bootstrap} resamples of prompts, and of "
                       f"images within a prompt)", "", "\"holds\": the first model is better with the whole interval "
@@ -714,6 +843,14 @@ def write_report(path: Path, args, metrics, models: list[Model], sets, harmful, 
                   interval_table(metrics["intervals"])]
     if metrics.get("seeds"):
         lines += ["", "## Training seeds: the same data, other seeds of stage 4", "", seed_table(metrics["seeds"])]
+    if metrics.get("dfm_study"):
+        st = metrics["dfm_study"]["settings"]
+        lines += ["", f"## The DFM study (paper Fig. 5): {st['pair_subset']} pairs, {st['steps']} steps of "
+                      f"{st['batch']}, K = {st['dfm_k']}, τ = {st['dfm_tau']:g}, P = {st['dfm_patience']}", "",
+                  *dfm_sentences(metrics["dfm_study"]), "",
+                  markdown_table(["pool size", "seeds", "final loss", "mean loss"],
+                                 [[n, ", ".join(map(str, v["seeds"])), f"{v['final_loss']:.4f}", f"{v['mean_loss']:.4f}"]
+                                  for n, v in metrics["dfm_study"]["pool"].items()])]
     lines += ["", "## Figures", ""] + [f"- ![{f}]({f})" for f in figures]
     lines += ["", "Per-image scores: `scores.jsonl`; every number above: `metrics.json`."]
     C.atomic_write_text(path, "\n".join(lines) + "\n")
@@ -788,10 +925,17 @@ def stage4_config(model: Model) -> dict:
     return C.read_json(model.stage4 / "config.json") if model.stage4 else {}
 
 
+def on_hf_pairs(model: Model) -> bool:
+    """A stage-4 run on all of LibraAlign-HF (not an AlignGuard expert, nor other data):
+    the runs Figs. 4A and 5 compare."""
+    cfg = stage4_config(model)
+    return bool(cfg) and cfg.get("data", "hf") == "hf" and not cfg.get("categories")
+
+
 def lambda_label(model: Model) -> str:
     """How a stage-4 run appears in Figs. 4A and 5: its λ, or "safety-only" (λ → ∞)."""
     cfg = stage4_config(model)
-    label = "safety-only" if cfg["objective"] == "safety" else f"λ={cfg.get('lam')}"
+    label = {"safety": "safety-only", "safe-wins": "safe side wins"}.get(cfg["objective"], f"λ={cfg.get('lam')}")
     if cfg.get("dfm") == "off":
         label += ", no DFM"
     return label
@@ -807,7 +951,7 @@ def plot_lambda_sweep(metrics, models: list[Model], harmful, benign, path: Path)
     """Fig. 4A: IP on harmful prompts against mean PS on benign ones (benign + look-alike in
     the toy world), one point per stage-4 run labelled with its λ, and the base model. The
     paper plots CLIPScore on COCO; PS on our benign sets plays that role here."""
-    runs = [m for m in models if m.stage4]
+    runs = [m for m in models if on_hf_pairs(m)]
     if not runs or not harmful or not benign:
         C.log("λ-sweep plot skipped: needs stage-4 models and both harmful and benign prompt sets")
         return False
@@ -856,7 +1000,7 @@ def plot_dfm_convergence(models: list[Model], path: Path) -> bool:
     """Fig. 5 (left): training loss against step of every stage-4 run, so that `spo` and
     `spo_nodfm` (DFM on / off) can be compared; right: implicit accuracy."""
     curves = [(m, *training_curve(m.stage4 / "log.jsonl")) for m in models
-              if m.stage4 and (m.stage4 / "log.jsonl").exists()]
+              if on_hf_pairs(m) and (m.stage4 / "log.jsonl").exists()]
     curves = [c for c in curves if c[1]]
     if not curves:
         C.log("DFM convergence plot skipped: no stage-4 log.jsonl with step and loss")
@@ -891,7 +1035,168 @@ def draw_figures(metrics, models: list[Model], items, sets, harmful, benign, out
 
 
 # ---------------------------------------------------------------------------------------
-# 7. The run
+# 7. The DFM study (Fig. 5): `make dfm` trains stage 4 on a small pair set, long enough that
+#    every pair is visited ~50 times, with DFM on and off over seeds and with smaller pools
+#    of augmentations, into DIR/dfm/<name>/. Runs that share a seed share every batch, every
+#    timestep and every noise draw (all are functions of (seed, step)), so on − off is paired.
+# ---------------------------------------------------------------------------------------
+
+# Student's t, 97.5% quantile, by degrees of freedom (1-10); beyond, the Cornish-Fisher series
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+DFM_SAME = ("objective", "lam", "pair_subset", "steps", "batch", "lr", "warmup", "dfm_k", "dfm_tau", "dfm_patience")
+
+
+def t975(dof: int) -> float:
+    if dof <= len(T975):
+        return T975[dof - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+
+
+def paired_t_interval(d: list[float], better: float) -> dict:
+    """Mean of paired differences d_s (one per seed) and its 95% interval, mean ± t·sd/√n
+    with n − 1 degrees of freedom, and the verdict that interval gives (None below 2 seeds)."""
+    m = float(np.mean(d))
+    if len(d) < 2:
+        return {"diff": m, "lo": None, "hi": None, "verdict": None, "n": len(d)}
+    half = t975(len(d) - 1) * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    return {"diff": m, "lo": m - half, "hi": m + half, "verdict": verdict(m - half, m + half, better), "n": len(d)}
+
+
+def dfm_runs(run: Path) -> list[dict]:
+    """The finished runs under DIR/dfm/: settings, per-step log and stage-4 metrics. Runs
+    that differ in anything but the seed and the DFM pool are not comparable: an error."""
+    folders = sorted(d for d in (run / "dfm").iterdir() if stage4_run(d)) if (run / "dfm").is_dir() else []
+    runs = []
+    for d in folders:
+        if not (d / "metrics.json").exists():
+            C.log(f"DFM study: skipping {d}, still training (no metrics.json)")
+            continue
+        cfg = C.read_json(d / "config.json")
+        rows = [r for r in C.read_jsonl(d / "log.jsonl") if "loss" in r]
+        runs.append({"name": d.name, "folder": d, "cfg": cfg, "rows": rows, "metrics": C.read_json(d / "metrics.json"),
+                     "seed": cfg["seed"], "pool": 0 if cfg["dfm"] == "off" else len(cfg["dfm_augmentations"])})
+    for r in runs[1:]:
+        differ = [k for k in DFM_SAME if r["cfg"].get(k) != runs[0]["cfg"].get(k)]
+        if differ:
+            raise C.DataError(f"DFM study: {r['folder']} and {runs[0]['folder']} differ in {differ}; "
+                              f"the study compares runs that differ in --seed and the DFM pool only")
+    return runs
+
+
+def pool_groups(runs: list[dict]) -> dict[int, list[dict]]:
+    """Runs by pool size (0 = no DFM), each group cut to the seeds that every size has."""
+    sizes = sorted({r["pool"] for r in runs})
+    common = set.intersection(*({r["seed"] for r in runs if r["pool"] == n} for n in sizes))
+    return {n: [r for r in runs if r["pool"] == n and r["seed"] in common] for n in sizes}
+
+
+def dfm_study(run: Path) -> dict | None:
+    """metrics.json's "dfm_study": Fig. 5's claims, DFM (full pool) against no DFM, paired by
+    seed — final loss (mean over the last tenth of steps) and mean loss over training (the
+    area under the curve: lower is faster convergence) — then the pool sweep, and what DFM
+    did: the share of each batch Eq. 10 flags, the flagged pairs' loss beside the batch's,
+    and their augmented copies' loss beside the originals'."""
+    runs = dfm_runs(run)
+    if not runs:
+        return None
+    for r in runs:
+        r["final_loss"] = r["metrics"]["final_loss"]
+        r["mean_loss"] = float(np.mean([x["loss"] for x in r["rows"]]))
+    full = max(r["pool"] for r in runs)
+    on = {r["seed"]: r for r in runs if r["pool"] == full and full > 0}
+    off = {r["seed"]: r for r in runs if r["pool"] == 0}
+    seeds = sorted(set(on) & set(off))
+    study = {"settings": {k: runs[0]["cfg"].get(k) for k in DFM_SAME},
+             "runs": {r["name"]: {k: r[k] for k in ("seed", "pool", "final_loss", "mean_loss")} for r in runs},
+             "seeds": seeds, "pool": {}}
+    for key in ("final_loss", "mean_loss"):  # lower is better: better = −1
+        study[key] = {"on": spread([on[s][key] for s in seeds]) if seeds else None,
+                      "off": spread([off[s][key] for s in seeds]) if seeds else None,
+                      "on-off": paired_t_interval([on[s][key] - off[s][key] for s in seeds], -1.0) if seeds else None}
+    for n, members in pool_groups(runs).items():  # over the seeds every pool size has
+        study["pool"][str(n)] = {"seeds": [r["seed"] for r in members],
+                                 **{k: float(np.mean([r[k] for r in members])) for k in ("final_loss", "mean_loss")}}
+    flagged = [x for r in on.values() for x in r["rows"] if x.get("dfm_hard")]
+    batch = study["settings"]["batch"]
+    study["why"] = {
+        "flagged_share_per_step": float(np.mean([x.get("dfm_hard", 0) / batch for r in on.values() for x in r["rows"]]))
+        if on else None,
+        "pairs_ever_flagged": float(np.mean([r["metrics"]["dfm_pairs_flagged"] / r["metrics"]["n_pairs"]
+                                             for r in on.values()])) if on else None,
+        "batch_loss": float(np.mean([x["loss"] for x in flagged])) if flagged else None,
+        "flagged_loss": float(np.mean([x["dfm_hard_loss"] for x in flagged])) if flagged else None,
+        "copy_loss": float(np.mean([x["dfm_copy_loss"] for x in flagged])) if flagged else None,
+        "aug_wins": {a: sum(r["metrics"]["aug_wins"][a] for r in on.values()) for a in C.AUGMENTATIONS},
+        "flagged_by_kind": {k: sum(r["metrics"]["dfm_flagged_by_kind"].get(k, 0) for r in on.values())
+                            for k in sorted({k for r in on.values() for k in r["metrics"]["dfm_flagged_by_kind"]})},
+    }
+    study["_runs"] = runs  # for the figure; dropped before metrics.json is written
+    return study
+
+
+def dfm_sentences(study: dict) -> list[str]:
+    """The report's statement of Fig. 5's claims, each from its interval, and the why."""
+    out = []
+    for key, claim in (("final_loss", "DFM lowers the final training loss"),
+                       ("mean_loss", "DFM converges faster (lower mean loss over training)")):
+        c, on, off = study[key]["on-off"], study[key]["on"], study[key]["off"]
+        if c is None:
+            continue
+        ci = f"[{c['lo']:+.4f}, {c['hi']:+.4f}]" if c["lo"] is not None else "(one seed: no interval)"
+        out.append(f"- {claim}: **{c['verdict'] or 'one seed'}**. On {on['mean']:.4f} ± {on['std']:.4f}, "
+                   f"off {off['mean']:.4f} ± {off['std']:.4f} (mean ± sd over {c['n']} seeds); "
+                   f"on − off = {c['diff']:+.4f}, 95% t-interval of the paired difference {ci}.")
+    w = study["why"]
+    if w["flagged_loss"] is not None:
+        wins = ", ".join(f"{a} {n}" for a, n in w["aug_wins"].items())
+        kinds = ", ".join(f"{k} {n}" for k, n in w["flagged_by_kind"].items())
+        out.append(f"- What DFM did: Eq. 10 flagged {w['flagged_share_per_step']:.0%} of each batch on average and "
+                   f"{w['pairs_ever_flagged']:.0%} of the pairs at least once (by kind: {kinds}). At the steps with "
+                   f"flags, the flagged pairs' loss was {w['flagged_loss']:.3f} against the batch's "
+                   f"{w['batch_loss']:.3f}, and their augmented copies' {w['copy_loss']:.3f}. Eq. 11 chose: {wins}.")
+    return out
+
+
+def plot_dfm_study(study: dict, path: Path) -> None:
+    """Fig. 5. Left: training loss against step, DFM on and off, mean over seeds with the
+    min-max band. Right: each augmentation pool's loss minus the no-DFM run's of the same
+    seed (same batches, t and ε), so the effect of the pool's size stands out of the noise."""
+    runs = study["_runs"]
+    fig, (ax_l, ax_r) = pyplot().subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    window = max(1, study["settings"]["steps"] // 15)
+    full = max(r["pool"] for r in runs)
+    loss = lambda r, n: np.array([x["loss"] for x in r["rows"][:n]])
+    for i, (label, members) in enumerate(((f"DFM on ({full} augmentations)", [r for r in runs if r["pool"] == full]),
+                                          ("DFM off", [r for r in runs if r["pool"] == 0]))):
+        if not members:
+            continue
+        n = min(len(m["rows"]) for m in members)
+        steps = [x["step"] for x in members[0]["rows"][:n]]
+        curves = np.stack([moving_average(loss(m, n), window) for m in members])
+        ax_l.plot(steps, curves.mean(0), color=f"C{i}", label=f"{label}, {len(members)} seed(s)")
+        if len(members) > 1:
+            ax_l.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2)
+    groups = pool_groups(runs)
+    off = {r["seed"]: r for r in groups.get(0, [])}
+    for i, (size, members) in enumerate(g for g in groups.items() if g[0] > 0):
+        n = min(min(len(m["rows"]), len(off[m["seed"]]["rows"])) for m in members)
+        steps = [x["step"] for x in members[0]["rows"][:n]]
+        diff = np.stack([moving_average(loss(m, n) - loss(off[m["seed"]], n), window) for m in members]).mean(0)
+        ax_r.plot(steps, diff, color=f"C{i + 2}", label=f"pool of {size}, {len(members)} seed(s)")
+    ax_r.axhline(0, color="grey", lw=1)
+    for ax in (ax_l, ax_r):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+    ax_l.set(ylabel=f"DPO loss (moving average of {window})",
+             title=f"DFM on / off (paper Fig. 5, left); {study['settings']['pair_subset']} pairs")
+    ax_r.set(ylabel="loss − no-DFM loss, same seed", title="size of the augmentation pool (Fig. 5, right)")
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. The run
 # ---------------------------------------------------------------------------------------
 
 def parse():
@@ -962,12 +1267,20 @@ def main():
     C.log(f"images: {generated} generated, {sum(map(len, items.values())) - generated} from the cache")
 
     scorers = Scorers(args, scm_path, dist.device)
-    rows = [r for m in models for r in score_model(scorers, items[m.name], out, harmful, m.name)]
+    rows = with_alias([r for m in models for r in score_model(scorers, items[m.name], out, harmful, m.name)])
     C.write_jsonl(out / "scores.jsonl", rows)
     metrics = summarise(rows, args.nudenet_threshold, args.ua_center)
     metrics["intervals"] = intervals(rows, args.bootstrap, args.seed, args.ua_center)
+    if harmful:
+        metrics["alignguard_experts"] = expert_specificity(metrics, harmful[0])
+        metrics["alignguard_claims"] = alignguard_claims(metrics, harmful, benign)
     metrics["seeds"] = seed_spread(metrics, [m.name for m in models])
     figures = draw_figures(metrics, models, items, sets, harmful, benign, out, args.sheet_images)
+    study = dfm_study(run)
+    if study:
+        plot_dfm_study(study, out / "dfm_study.png")
+        figures.append("dfm_study.png")
+        metrics["dfm_study"] = {k: v for k, v in study.items() if k != "_runs"}
     table = write_report(out / "report.md", args, metrics, models, sets, harmful, benign, scm_path,
                          scorers.ip_definition(), figures)
     metrics.update(images_generated=generated, seconds_generation=round(t_gen, 1),

@@ -1,9 +1,14 @@
 # Two commands do all set-up on a fresh machine (README):
 #   make toy     - install, then run stages 0-5 on the toy preset into runs/toy
-#   make test    - install, then run the test suite
+#   make test    - install, then run the test suite (pytest, one worker per core)
 # and, after make toy, on the same run folder:
 #   make figures - the paper's two ablations: a lambda sweep (Fig. 4A) and SPO without DFM (Fig. 5)
 #   make seeds   - stage 4 (both objectives) again with seeds 1 and 2: mean and spread per figure
+#   make dfm     - Fig. 5 where Eq. 10 can measure descent rates: 48 pairs visited ~50 times each,
+#                  DFM on/off over three seeds and smaller augmentation pools, into $(RUN)/dfm/
+#   make alignguard - AlignGuard: prompt-edited (CoProV2-style) pairs, a LoRA safety expert per harm
+#                  category, one LoRA on all of them, the experts merged (Co-Merge and peft's merges),
+#                  T2I-SPO on the prompt-edited pairs; then the per-category report
 PYTHON ?= python3
 VENV ?= .venv
 RUN ?= runs/toy
@@ -18,7 +23,25 @@ PAIR = $(MAKE) --no-print-directory -j2
 
 SEED_RUNS := seed-spo-1 seed-safety-1 seed-spo-2 seed-safety-2
 
-.PHONY: toy test figures seeds install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm $(SEED_RUNS)
+# dfm-<setting>-<seed>: the DFM study's runs, longest first so that two at a time finish together
+DFM_RUNS := dfm-on-0 dfm-on-1 dfm-on-2 dfm-pool2-0 dfm-pool1-0 dfm-off-0 dfm-off-1 dfm-off-2
+DFM_STUDY := --pair-subset 48 --steps 150 --dfm-k 5 --dfm-patience 2
+DFM_on :=
+DFM_off := --dfm off
+DFM_pool1 := --dfm-augmentations color_jitter
+DFM_pool2 := --dfm-augmentations color_jitter latent_noise_erase
+
+# AlignGuard: experts (category words joined by _), its LoRA settings (rank 4 on the attention
+# projections, the safe image always wins, no DFM), and the merges, Co-Merge first
+AG_CATEGORIES := sexual violence hate harassment self-harm shocking illegal_activity
+AG_EXPERTS := $(AG_CATEGORIES:%=expert-%)
+AG_MERGES := comerge linear ties dare_ties cat svd
+AG_LORA := --data coprov2 --objective safe-wins --lora-rank 4 --dfm off --lr 3e-4 --warmup 10
+AG_EXPERT_STEPS := 60
+AG_ALL_STEPS := 420
+
+.PHONY: toy test figures seeds dfm alignguard install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%)
 
 install: $(VENV)/.installed
 
@@ -28,8 +51,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
+# The test files run side by side, one per core and one thread each (most of a test is starting
+# Python and the stages' subprocesses, which one process at a time leaves the other core idle for)
+NCORES := $(shell nproc 2>/dev/null || echo 2)
 test: install
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(NCORES) --dist loadfile tests
 
 toy: install
 	$(PY) 00_toy_world.py --run $(RUN)
@@ -61,3 +87,30 @@ seeds: install
 $(SEED_RUNS): install
 	$(STAGE4) --objective $(word 2,$(subst -, ,$@)) --seed $(word 3,$(subst -, ,$@)) \
 		--name $(word 2,$(subst -, ,$@))_seed$(word 3,$(subst -, ,$@))
+
+dfm: install
+	$(PAIR) $(DFM_RUNS)
+	$(PY) 05_evaluate.py --run $(RUN)
+
+$(DFM_RUNS): install
+	$(STAGE4) $(DFM_STUDY) $(DFM_$(word 2,$(subst -, ,$@))) --seed $(word 3,$(subst -, ,$@)) \
+		--name dfm/$(word 2,$(subst -, ,$@))_seed$(word 3,$(subst -, ,$@))
+
+# longest first, so that two at a time finish together
+alignguard: install
+	$(PY) 03_build_hf.py --run $(RUN) --pairing prompt-edit --name coprov2
+	$(PAIR) spo-promptedit all-single $(AG_EXPERTS)
+	$(PAIR) $(AG_MERGES:%=merge-%)
+	$(PY) 05_evaluate.py --run $(RUN)
+
+spo-promptedit: install
+	$(STAGE4) --data coprov2 --name spo_promptedit
+
+all-single: install
+	$(STAGE4) $(AG_LORA) --steps $(AG_ALL_STEPS) --name all_single
+
+$(AG_EXPERTS): install
+	$(STAGE4) $(AG_LORA) --steps $(AG_EXPERT_STEPS) --categories "$(subst _, ,$(@:expert-%=%))" --name expert_$(@:expert-%=%)
+
+$(AG_MERGES:%=merge-%): install
+	$(STAGE4) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%) --data coprov2

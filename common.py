@@ -14,6 +14,7 @@ Parts of this file:
      1.5 Sec. 4.3  DescentRateQueue (Eq. 10); the augmentation pool, per_sample_grads,
                    choose_augmentation and dfm_augmented_copies (Eq. 11)
      1.6 Sec. 5    ua_score (Eq. 12)
+     1.7 AlignGuard  expert_activity and co_merge (Co-Merge of LoRA safety experts)
   2. Presets and command lines: PRESETS, TINY, stage_parser, parse_args, save_config, run_stage
   3. Seeding, logging, torch.distributed
   4. Files: atomic writes, JSONL with line-numbered errors, checked rows
@@ -425,18 +426,20 @@ class HardPair:
 
 
 def dfm_augmented_copies(unet, noise_scheduler, modules, hard: list[HardPair], vae, size: int,
-                         autocast=contextlib.nullcontext) -> list[tuple[int, torch.Tensor]]:
+                         autocast=contextlib.nullcontext, pool: Sequence[str] = AUGMENTATIONS
+                         ) -> list[tuple[str, torch.Tensor]]:
     """Eq. 11 for all hard pairs at once:
 
         a* = argmax_{a ∈ A} (1 − cos(g_i, g_i^a))
 
-    Every pair and its four augmentations go through ONE forward, and one backward reaches
+    A is `pool` (--dfm-augmentations; the paper's four by default). Every pair and its
+    augmentations go through ONE forward, and one backward reaches
     the named `modules` (--dfm-modules, by default the output convolution); the gradient of
     each variant over those modules' weights is then read off per sample (per_sample_grads).
     Since ∂L_DPO/∂θ = β/2·σ(·)·∂Δ_θ/∂θ, a positive multiple of ∂Δ_θ/∂θ, the cosine needs
-    neither the reference network nor β. Returns, per hard pair, (chosen index, latents)."""
-    n = 1 + len(AUGMENTATIONS)
-    variants = [torch.stack([h.z] + [augment(a, h.pair, h.z, vae, size, h.generator) for a in AUGMENTATIONS])
+    neither the reference network nor β. Returns, per hard pair, (chosen name, latents)."""
+    n = 1 + len(pool)
+    variants = [torch.stack([h.z] + [augment(a, h.pair, h.z, vae, size, h.generator) for a in pool])
                 for h in hard]                                                   # H x [n, 2, C, h, w]
     zz = torch.cat(variants)
 
@@ -459,7 +462,7 @@ def dfm_augmented_copies(unet, noise_scheduler, modules, hard: list[HardPair], v
     picks = []
     for i in range(len(hard)):
         a = choose_augmentation(g[i * n], g[i * n + 1:(i + 1) * n])
-        picks.append((a, variants[i][1 + a]))
+        picks.append((pool[a], variants[i][1 + a]))
     return picks
 
 
@@ -477,6 +480,41 @@ def ua_score(ps, sc, mu_ps: float = 19.31, mu_sc: float = -2.62):
         ps, sc = torch.as_tensor(ps), torch.as_tensor(sc)
         return 0.5 * torch.sigmoid(ps - mu_ps) + 0.5 * torch.sigmoid(-(sc - mu_sc))
     return 0.5 * _sigmoid(np.subtract(ps, mu_ps)) + 0.5 * _sigmoid(-np.subtract(sc, mu_sc))
+
+
+# ----------------------------------------------------------------------------------------
+# 1.7  AlignGuard — Co-Merge of LoRA safety experts (its formula is ours: no code is public)
+# ----------------------------------------------------------------------------------------
+
+def expert_activity(x: torch.Tensor, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How active each LoRA expert is at each output unit of one layer, over inputs x [N, in]:
+
+        a_{e,i} = (1/N) Σ_n |(ΔW_e x_n)_i|,    ΔW_e = B_e A_e   (scale folded into B_e)
+
+    `ups` are the B_e [out, r_e], `downs` the A_e [r_e, in]; returns [E, out]. The inputs are
+    the layer's own inputs on the base model, so "active" means "changes this output".
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    return torch.stack([((x @ a.float().T) @ b.float().T).abs().mean(0) for b, a in zip(ups, downs)])
+
+
+def co_merge(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], activity: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlignGuard's Co-Merge, read exactly: each output unit i of a layer keeps the weights
+    of the expert most active there across all inputs (activity from expert_activity on
+    inputs of every category), and no other expert's:
+
+        e*(i) = argmax_e a_{e,i},      ΔW[i, :] = ΔW_{e*(i)}[i, :]
+
+    The row selection is a diagonal mask M_e = diag(1[e*(i) = e]), so the merge is exactly a
+    LoRA of rank Σ r_e:  ΔW = Σ_e (M_e B_e) A_e = [M_1 B_1 … M_E B_E] · [A_1; …; A_E].
+    Returns (B [out, Σr], A [Σr, in]). Ties go to the lower expert index (argmax's rule).
+    """
+    if activity.shape != (len(ups), ups[0].shape[0]):
+        raise ValueError(f"activity must be [experts, out] = {(len(ups), ups[0].shape[0])}, got {tuple(activity.shape)}")
+    winner = activity.argmax(0)
+    up = torch.cat([b * (winner == e).to(b.dtype)[:, None] for e, b in enumerate(ups)], dim=1)
+    return up, torch.cat(list(downs), dim=0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -501,6 +539,7 @@ STAGES = {  # stage key -> (script, folder under --run)
     "coarse": ("01_build_coarse.py", "coarse"),
     "scm": ("02_train_scm.py", "scm"),
     "hf": ("03_build_hf.py", "hf"),
+    "coprov2": ("03_build_hf.py --pairing prompt-edit --name coprov2", "coprov2"),
     "spo": ("04_train_spo.py", "spo"),
     "safety": ("04_train_spo.py --objective safety", "safety"),
     "eval": ("05_evaluate.py", "eval"),
@@ -591,7 +630,9 @@ RESUMABLE_WITH_OTHER = {"argv", "stop_after", "device", "log_every", "ckpt_every
 def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = True, **extra) -> dict:
     """Write every setting the stage ran with next to its outputs (config.json). With `check`,
     a folder that already holds a run with other settings is never resumed or overwritten:
-    the stage stops, saying what differs and how to write elsewhere."""
+    the stage stops, saying what differs and how to write elsewhere. A setting that only one
+    of the two configs has is no difference: a flag is added with the default that does what
+    the code did before it existed, so a run folder of an older version resumes."""
     cfg = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     cfg.update(extra)
     cfg["argv"] = sys.argv
@@ -600,8 +641,8 @@ def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = Tru
         old, new = read_json(path), json.loads(json.dumps(cfg, default=str))  # as JSON: paths are strings
         if isinstance(old.get("run"), str):  # a run folder moved or copied elsewhere is the same run
             old = json.loads(json.dumps(old).replace(json.dumps(old["run"])[1:-1], json.dumps(str(new["run"]))[1:-1]))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                if k not in RESUMABLE_WITH_OTHER and old.get(k) != new.get(k)]
+        diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new))
+                if k not in RESUMABLE_WITH_OTHER and old[k] != new[k]]
         if diff:
             name = " (or --name NAME)" if "name" in cfg else ""
             raise SystemExit(f"{out_dir} holds a run with other settings ({'; '.join(diff)}).\n"
@@ -961,6 +1002,49 @@ def load_png(path: str | Path) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what `pipe.load_lora_weights(folder)` reads
+
+
+def read_lora(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A UNet LoRA as `save_lora_weights` writes it: {module: (B [out, r], A [r, in])} with
+    the adapter's scale α/r folded into B (α from the file's adapter metadata; α = r when
+    the file has none, as diffusers assumes), so ΔW = B·A for every module."""
+    from safetensors import safe_open
+    path = Path(folder) / LORA_FILE
+    if not path.exists():
+        raise DataError(f"{path} does not exist (a LoRA folder holds {LORA_FILE})")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))  # {"unet.r": …, "unet.lora_alpha": …}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    factors = {}
+    for key, down in tensors.items():
+        if key.startswith("unet.") and key.endswith(".lora.down.weight"):
+            module = key[len("unet."):-len(".lora.down.weight")]
+            up = tensors[f"unet.{module}.lora.up.weight"]
+            r = down.shape[0]
+            factors[module] = (up.float() * meta.get("unet.lora_alpha", r) / meta.get("unet.r", r), down.float())
+    if not factors:
+        raise DataError(f"{path}: no UNet LoRA weights (keys unet.<module>.lora.down/up.weight)")
+    return factors
+
+
+def write_lora(folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """{module: (B, A)} with ΔW = B·A, as a LoRA file stock diffusers loads (α = r per module,
+    so its scale is 1); written to a temporary folder, then moved into place."""
+    import shutil
+    from diffusers import StableDiffusionPipeline
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    layers = {}
+    for module, (up, down) in factors.items():
+        layers[f"{module}.lora.down.weight"] = down.contiguous()
+        layers[f"{module}.lora.up.weight"] = up.contiguous()
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def contact_sheet(rows: Sequence[tuple[str, Sequence[np.ndarray]]], path: str | Path, scale: int = 4) -> None:

@@ -1,5 +1,6 @@
 """Tests import the top-level scripts' shared module and never touch the network."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-size models on the CPU (minutes); selected by default")
 
 
-def _torchrun(script, run, *extra, nproc=2, port=29550, env=None):
+def free_port() -> int:
+    """A port nobody listens on: test files run side by side (pytest -n), so no fixed ports."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script, run, *extra, nproc=2, env=None):
     """`torchrun --nproc_per_node=N SCRIPT --tiny --run-dir RUN ...` from the repository root."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                        f"--master_port={port}", script, "--tiny", "--run-dir", str(run), *extra],
+                        f"--master_port={free_port()}", script, "--tiny", "--run-dir", str(run), *extra],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stderr[-3000:]

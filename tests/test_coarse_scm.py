@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common as C
+from conftest import free_port
 import toyworld as W
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,8 +168,8 @@ def test_scm_resume_is_exact(scm_run, tmp_path):
 def test_scm_ddp_two_processes_match_one(scm_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(scm_run, run, ignore=shutil.ignore_patterns("scm"))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                        "02_train_scm.py", "--tiny", "--run-dir", str(run), "--no-no-anchor-baseline"],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "02_train_scm.py", "--tiny", "--run-dir", str(run), "--no-no-anchor-baseline"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     from safetensors.torch import load_file

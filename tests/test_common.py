@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common as C
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_setup_distributed_two_processes_gloo(tmp_path):
         "x = torch.tensor([float(d.rank + 1)]); torch.distributed.all_reduce(x)\n"
         "print(d.rank, d.world_size, torch.distributed.get_backend(), x.item())\n"
         "C.cleanup_distributed()\n" % str(ROOT))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", WORLD_SIZE="2")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, text=True) for r in range(2)]
     outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
@@ -249,6 +250,8 @@ def test_save_config_refuses_a_folder_holding_other_settings(tmp_path):
     msg = str(e.value)
     assert "holds a run with other settings (lora_rank: 0 -> 4)" in msg and "--name NAME" in msg
     assert C.read_json(tmp_path / "config.json")["lora_rank"] == 0  # nothing overwritten
+    # a flag the folder's run did not know yet (added since, defaulting to the old behaviour)
+    C.save_config(argparse.Namespace(**{**vars(args), "pair_subset": 0}), tmp_path, world_size=1)
     C.save_config(changed, tmp_path, check=False, world_size=1)  # stage 5: an additive cache
     assert C.read_json(tmp_path / "config.json")["lora_rank"] == 4
 

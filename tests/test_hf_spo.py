@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common as C
+from conftest import free_port
 import toyworld as W
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +176,7 @@ def test_spo_outputs_a_stock_pipeline_and_metrics(spo_run):
     for key in ("final_loss", "implicit_accuracy", "pairs_dropped", "dfm_flagged", "seconds"):
         assert key in m and m[key] == m[key]
     assert m["dfm_flagged"] > 0 and sum(m["aug_wins"].values()) == m["dfm_flagged"]
+    assert sum(m["dfm_flagged_by_kind"].values()) == m["dfm_flagged"] and 0 < m["dfm_pairs_flagged"] <= m["n_pairs"]
     rows = C.read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     cfg = json.loads((out / "config.json").read_text())
@@ -201,6 +203,18 @@ def assert_same_training(x: Path, y: Path):
     assert moved > 0 and max((wx[k] - wy[k]).abs().max().item() for k in base) < 0.02 * moved
 
 
+def test_spo_rerun_of_a_finished_run_changes_nothing(spo_run):
+    """A finished run is left as it is: no re-save (stage 5's image cache keys on the model's
+    files), the first run's metrics kept."""
+    out = spo_run / "spo"
+    before = {f: f.stat().st_mtime_ns for f in (out / "model").rglob("*") if f.is_file()}
+    metrics = (out / "metrics.json").read_text()
+    r = stage("04_train_spo.py", spo_run)
+    assert "is finished (step 8 of 8): nothing to do" in r.stdout
+    assert {f: f.stat().st_mtime_ns for f in (out / "model").rglob("*") if f.is_file()} == before
+    assert (out / "metrics.json").read_text() == metrics
+
+
 def test_spo_resume_is_exact(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
     r = stage("04_train_spo.py", run, "--stop-after", "4", check=False)  # killed after a checkpoint
@@ -213,12 +227,15 @@ def test_spo_resume_is_exact(spo_run, tmp_path):
 
 def test_spo_ddp_two_processes_match_one(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
-                        "04_train_spo.py", "--tiny", "--run-dir", str(run)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "04_train_spo.py", "--tiny", "--run-dir", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_training(spo_run / "spo", run / "spo")
     m1, m2 = (json.loads((x / "spo" / "metrics.json").read_text()) for x in (spo_run, run))
     assert m2["world_size"] == 2 and m1["dfm_flagged"] == m2["dfm_flagged"] and m1["aug_wins"] == m2["aug_wins"]
+    assert m1["dfm_flagged_by_kind"] == m2["dfm_flagged_by_kind"]
+    for a, b in zip(*(C.read_jsonl(x / "spo" / "log.jsonl") for x in (spo_run, run))):  # copies' losses: summed over ranks
+        assert a.get("dfm_copy_loss", -1.0) == pytest.approx(b.get("dfm_copy_loss", -1.0), rel=1e-4)
 
 
 def test_spo_multi_node_launch_matches_one_process(spo_run, tmp_path):
@@ -226,11 +243,8 @@ def test_spo_multi_node_launch_matches_one_process(spo_run, tmp_path):
     `torchrun --nnodes=2 --node_rank=N --master_addr --master_port` per node — here both on
     127.0.0.1 with gloo, sharing the run folder (as nodes share a filesystem): the script runs
     unchanged and computes what one process computes."""
-    import socket
     run = copy_run(spo_run, tmp_path / "run", "spo")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for node in (0, 1):
         log = open(tmp_path / f"node{node}.log", "w")
@@ -275,6 +289,35 @@ def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
 # --------------------------------------------------------------------------------------
 # Stage 4: bad input
 # --------------------------------------------------------------------------------------
+
+def test_pair_subset_is_the_same_for_every_seed_and_objective():
+    pairs = [{"prompt": f"p{i}", "w": {"file": f"{i}a.png"}, "l": {"file": f"{i}b.png"}} for i in range(10)]
+    swapped = [{**p, "w": p["l"], "l": p["w"]} for p in reversed(pairs)]  # another order, winners swapped
+    sub = SPO.pair_subset(pairs, 4)
+    assert len(sub) == 4 and [p["prompt"] for p in sub] == [p["prompt"] for p in SPO.pair_subset(swapped, 4)]
+    assert SPO.pair_subset(pairs, 0) is pairs and SPO.pair_subset(pairs, 10) is pairs
+    as_read = [{"prompt": p["prompt"], "a": p["w"], "b": p["l"]} for p in pairs]  # before relabelling
+    assert [p["prompt"] for p in SPO.pair_subset(as_read, 4)] == [p["prompt"] for p in sub]
+
+
+def test_dfm_pool_and_pair_subset(hf_run, tmp_path):
+    """make dfm's settings: N pairs only, Eq. 11 choosing within a smaller pool, and each DFM
+    step's bookkeeping (which pairs, by kind; the flagged pairs' and their copies' losses)."""
+    run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
+    stage("04_train_spo.py", run, "--name", "dfm/pool1_seed0", "--pair-subset", "4",
+          "--dfm-augmentations", "latent_noise_erase")
+    out = run / "dfm" / "pool1_seed0"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_pairs"] == 4 and 0 < m["dfm_pairs_flagged"] <= 4
+    assert m["aug_wins"]["latent_noise_erase"] == m["dfm_flagged"] > 0
+    assert sum(m["dfm_flagged_by_kind"].values()) == m["dfm_flagged"]
+    rows = C.read_jsonl(out / "log.jsonl")
+    for r in rows:
+        assert ("dfm_copy_loss" in r) == (r["dfm_hard"] > 0)
+        if r["dfm_hard"]:
+            assert np.isfinite(r["dfm_copy_loss"]) and np.isfinite(r["dfm_hard_loss"])
+    assert json.loads((out / "config.json").read_text())["dfm_augmentations"] == ["latent_noise_erase"]
+
 
 @pytest.mark.parametrize("corrupt, message", [
     (lambda row: row["b"].__setitem__("path", "images/nope.png"), "missing image"),
@@ -358,8 +401,8 @@ def test_allreduce_gradients_sums_over_two_gloo_processes(tmp_path):
         "       C.all_gather_cat(torch.tensor([d.rank])).tolist()]\n"
         "open(%r + f'/{d.rank}.json', 'w').write(str(out))\n"
         "C.cleanup_distributed()\n" % (str(ROOT), str(tmp_path)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29549",
-                        str(script)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     for rank in (0, 1):
         assert (tmp_path / f"{rank}.json").read_text() == "[[3.0, 3.0, 3.0], [30.0, 30.0, 30.0, 30.0], [0.0], [0, 1]]"

@@ -414,4 +414,11 @@ def test_dfm_choice_is_eq11_on_full_dpo_gradients(tmp_path):
             loss, _, _ = C.dpo_pair_losses(unet, ref, sched, v[:1], v[1:], e, t, noise, 500.0)
             gw, gb = torch.autograd.grad(loss.sum(), [unet.conv_out.weight, unet.conv_out.bias])
             grads.append(torch.cat([gw.flatten(), gb.flatten()]))
-        assert a == C.choose_augmentation(grads[0], grads[1:]) and torch.equal(z_aug, variants[1 + a])
+        a_idx = C.choose_augmentation(grads[0], grads[1:])
+        assert a == C.AUGMENTATIONS[a_idx] and torch.equal(z_aug, variants[1 + a_idx])
+    # a smaller pool (--dfm-augmentations) chooses among its own members only
+    pool = ("latent_noise_erase",)
+    picks = C.dfm_augmented_copies(unet, sched, [unet.conv_out], [C.HardPair(*h[:5], gen(h[5])) for h in hard], vae, 8,
+                                   pool=pool)
+    for (pair, z, e, t, noise, seed), (a, z_aug) in zip(hard, picks):
+        assert a == "latent_noise_erase" and torch.equal(z_aug, C.latent_noise_erase(z, gen(seed)))
