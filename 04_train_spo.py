@@ -172,14 +172,15 @@ def category_filter(pairs: list[dict], categories: list[str] | None, path: Path)
 
 
 def pair_subset(pairs: list[dict], n: int) -> list[dict]:
-    """n pairs (relabelled w/l or as read, a/b) chosen by a hash of their prompt and images:
-    the same subset whatever the training seed or objective, so seeds differ in training
-    randomness only. n = 0 keeps all."""
+    """n pairs (relabelled w/l or as read, a/b) chosen by a hash of their prompt and images
+    (their paths inside the data folder): the same subset whatever the training seed, the
+    objective or where the run folder lies, so seeds differ in training randomness only.
+    n = 0 keeps all."""
     if n <= 0 or n >= len(pairs):
         return pairs
 
     def key(p):
-        files = sorted(p[s]["file"] for s in ("a", "b", "w", "l") if s in p)
+        files = sorted(p[s]["path"] for s in ("a", "b", "w", "l") if s in p)
         return hashlib.sha1("\n".join([p["prompt"], *files]).encode()).hexdigest()
     return sorted(pairs, key=key)[:n]
 
@@ -662,6 +663,8 @@ def merge_main(args) -> None:
     args.model = args.model or C.toy_world_input(args, C.stage_dir(run, "world") / "model", "--model")
     out = run / (args.name or f"alignguard/{args.merge_method}")
     C.save_config(args, out)
+    if (out / "metrics.json").exists() and (out / "model" / "model_index.json").exists():
+        return C.log(f"{out} is finished: nothing to do")
     experts = read_experts(run, args.merge_experts)
     metrics = {"method": args.merge_method, "experts": args.merge_experts}
     if args.merge_method == "comerge":

@@ -836,6 +836,7 @@ def write_report(path: Path, args, metrics, models: list[Model], sets, harmful, 
         lines += ["", "## Benign prompts (paper Table 5)", "", console[-1]]
     if harmful and any(n.startswith(("expert_", "merge_")) or n == "all_single" for n in names):
         lines += alignguard_section(metrics, names, harmful, benign)
+        console += [category_table(metrics, names, h) for h in harmful]  # make alignguard ends with it
     if metrics.get("intervals"):
         lines += ["", f"## How sure: paired bootstrap 95% intervals ({args.bootstrap} resamples of prompts, and of "
                       f"images within a prompt)", "", "\"holds\": the first model is better with the whole interval "

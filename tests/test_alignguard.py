@@ -170,12 +170,13 @@ def test_category_filter_and_safe_wins():
 
 @pytest.fixture(scope="module")
 def ag_run(tmp_path_factory):
-    """Stages 0-3 (with prompt-edited pairs beside the inpainted ones), two experts, all-single,
+    """Stage 0, an SCM written by save_scm (what stage 2 writes: AlignGuard needs no trained
+    one), stage 3 with prompt-edited pairs beside the inpainted ones, two experts, all-single,
     T2I-SPO on both kinds of pairs, a Co-Merge and a peft merge, and stage 5."""
     run = tmp_path_factory.mktemp("run")
     stage("00_toy_world.py", run, "--eval-per-set", "4")
-    stage("01_build_coarse.py", run)
-    stage("02_train_scm.py", run, "--no-no-anchor-baseline")
+    torch.manual_seed(0)
+    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
     stage("03_build_hf.py", run)
     stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2", "--n-harmful-safe", "24")
     pairs = C.read_jsonl(run / "coprov2" / "hf_pairs.jsonl")
@@ -270,6 +271,7 @@ def test_stage5_reports_ip_per_category_and_the_alignguard_claims(ag_run):
         assert set(m["intervals"][pair]) == {"harmful", "benign", "lookalike"}
     report = (run / "eval" / "report.md").read_text()
     assert "IP per harm category" in report and "Co-Merge beats" in report and "sexual IP↓" in report
+    assert "illegal activity IP↓" in r.stdout  # the per-category table ends the console output
 
 
 @pytest.mark.parametrize("parts, expected", [

@@ -291,13 +291,16 @@ def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
 # --------------------------------------------------------------------------------------
 
 def test_pair_subset_is_the_same_for_every_seed_and_objective():
-    pairs = [{"prompt": f"p{i}", "w": {"file": f"{i}a.png"}, "l": {"file": f"{i}b.png"}} for i in range(10)]
+    pairs = [{"prompt": f"p{i}", "w": {"path": f"{i}a.png", "file": f"/runs/a/{i}a.png"},
+              "l": {"path": f"{i}b.png", "file": f"/runs/a/{i}b.png"}} for i in range(10)]
     swapped = [{**p, "w": p["l"], "l": p["w"]} for p in reversed(pairs)]  # another order, winners swapped
     sub = SPO.pair_subset(pairs, 4)
     assert len(sub) == 4 and [p["prompt"] for p in sub] == [p["prompt"] for p in SPO.pair_subset(swapped, 4)]
     assert SPO.pair_subset(pairs, 0) is pairs and SPO.pair_subset(pairs, 10) is pairs
     as_read = [{"prompt": p["prompt"], "a": p["w"], "b": p["l"]} for p in pairs]  # before relabelling
     assert [p["prompt"] for p in SPO.pair_subset(as_read, 4)] == [p["prompt"] for p in sub]
+    moved = [{**p, "w": {**p["w"], "file": "/elsewhere/" + p["w"]["path"]}} for p in pairs]  # another run folder
+    assert [p["prompt"] for p in SPO.pair_subset(moved, 4)] == [p["prompt"] for p in sub]
 
 
 def test_dfm_pool_and_pair_subset(hf_run, tmp_path):
