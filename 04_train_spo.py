@@ -160,6 +160,11 @@ def preference_pairs(pairs: list[dict], objective: str, lam: float, margin: floa
     return C.relabel_pairs(pairs, lam, margin)
 
 
+def data_stage(data: str) -> str:
+    """The stage that writes --data's folder (for the message when it is missing)."""
+    return data if data in C.STAGES else "hf"
+
+
 def category_filter(pairs: list[dict], categories: list[str] | None, path: Path) -> list[dict]:
     """The pairs of the given harm categories (an AlignGuard expert's data); None keeps all."""
     if categories is None:
@@ -301,15 +306,25 @@ def save_final(args, unet, out: Path) -> None:
             unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
                                         "target_modules": sorted(config.target_modules)})
         replace_dir(tmp, out / "lora")
-        pipe.load_lora_weights(out / "lora")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
+        fuse_lora(pipe, out / "lora")
     else:
         pipe.unet.load_state_dict(unet.state_dict())
-    tmp = out / ".model.tmp"
+    save_pipeline(pipe, out / "model")
+
+
+def fuse_lora(pipe, lora: Path) -> None:
+    """The LoRA folder's ΔW added into the pipeline's UNet weights (stock diffusers calls)."""
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then swapped into place."""
+    tmp = folder.with_name("." + folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    replace_dir(tmp, out / "model")
+    replace_dir(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,7 +371,7 @@ def setup(args) -> Training:
     args.model = args.model or C.toy_world_input(args, world / "model", "--model")
     args.name = args.name or args.objective
     out = Path(args.run) / args.name
-    C.require_inputs([hf / "hf_pairs.jsonl"], args.data if args.data in C.STAGES else "hf")
+    C.require_inputs([hf / "hf_pairs.jsonl"], data_stage(args.data))
     per_rank, rem = divmod(args.batch, dist.world_size)
     micro = args.micro_batch or per_rank
     if rem or per_rank % micro:
@@ -587,7 +602,7 @@ def expert_activities(args, experts: dict[str, dict], device) -> dict[str, torch
     from diffusers import DDPMScheduler
     pipe = C.load_pipeline(args.model, device)
     data = Path(args.run) / args.data / "hf_pairs.jsonl"
-    C.require_inputs([data], args.data if args.data in C.STAGES else "hf")
+    C.require_inputs([data], data_stage(args.data))
     raw, _ = load_hf_pairs(data, args.skip_bad)
     pairs = pair_subset([p for p in raw if p["kind"] == "harmful-safe"], args.merge_calibration)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -679,13 +694,8 @@ def merge_main(args) -> None:
         metrics["weight"] = weight
     C.write_lora(out / "lora", merged)
     pipe = C.load_pipeline(args.model)
-    pipe.load_lora_weights(out / "lora")
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    replace_dir(tmp, out / "model")
+    fuse_lora(pipe, out / "lora")
+    save_pipeline(pipe, out / "model")
     metrics.update(rank=max(a.shape[0] for _, a in merged.values()), seconds=round(time.time() - t0, 1))
     C.atomic_write_json(out / "metrics.json", metrics)
     C.log(C.format_metrics(metrics))
