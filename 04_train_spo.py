@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import baselines as B
 import common as C
 
 C.PRESETS["toy"]["spo"] = dict(
@@ -64,12 +65,17 @@ C.PRESETS["toy"]["spo"] = dict(
     warmup=20, steps=300, batch=16, micro_batch=None, weight_decay=0.0, max_grad_norm=1.0, lora_rank=0,
     lora_alpha=None, pair_subset=0, dfm="on", dfm_k=3, dfm_tau=0.2, dfm_patience=1, dfm_modules=["conv_out"], dfm_augmentations=list(C.AUGMENTATIONS),
     grad_checkpointing=False, bf16=False, ckpt_every=100, log_every=1, skip_bad=False, device=None,
-    merge_experts=None, merge_method="comerge", merge_weight=None, merge_density=0.5, merge_calibration=64)
+    merge_experts=None, merge_method="comerge", merge_weight=None, merge_density=0.5, merge_calibration=64,
+    baseline=None, erase_concepts=B.toy_harm_concepts(), preserve_concepts=B.toy_preserve_concepts(), esd_iterations=200,
+    esd_lr=2e-4, esd_eta=2.0, esd_guidance=3.0, esd_sample_steps=C.TOY_SAMPLE_STEPS, esd_batch=1, uce_lambda=0.5,
+    filter_images=3000, filter_steps=600, filter_lr=1e-3, safety_checker=None, sld_concept=None)
 C.PRESETS["sd15"]["spo"] = dict(
     C.PRESETS["toy"]["spo"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", beta=5000.0, lr=8e-8, warmup=500,
     steps=15000, batch=12, micro_batch=2, weight_decay=1e-2, grad_checkpointing=True, bf16=True, ckpt_every=500,
-    log_every=10, dfm_k=5, dfm_patience=2)
-C.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2, dfm_patience=1, dfm_tau=10.0)
+    log_every=10, dfm_k=5, dfm_patience=2, erase_concepts=["nudity"], preserve_concepts=[], esd_lr=5e-5,
+    esd_sample_steps=50, safety_checker="CompVis/stable-diffusion-safety-checker")
+C.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2, dfm_patience=1, dfm_tau=10.0,
+                    esd_iterations=4, esd_sample_steps=4, filter_images=60, filter_steps=5)
 
 
 def parse():
@@ -120,6 +126,24 @@ def parse():
     p.add_argument("--merge-density", type=float, help="peft ties and dare_ties: the share of values kept")
     p.add_argument("--merge-calibration", type=int,
                    help="comerge: pairs (of every category in --data) whose UNet inputs measure each expert's activity")
+    p.add_argument("--baseline", choices=B.BASELINES,
+                   help="instead of training T2I-SPO: build one of the paper's Table 2 methods into "
+                        "--run/baselines/ (baselines.py): filter, sld (all three presets), esd-u, uce")
+    p.add_argument("--erase-concepts", nargs="+", help="esd-u and uce: the concepts to erase")
+    p.add_argument("--preserve-concepts", nargs="*", help="uce: the concepts whose keys and values must stay")
+    p.add_argument("--esd-iterations", type=int)
+    p.add_argument("--esd-lr", type=float, help="esd-u: Adam's learning rate (ESD's 5e-5 on SD-1.5)")
+    p.add_argument("--esd-eta", type=float, help="esd-u: η, the negative guidance of the target")
+    p.add_argument("--esd-guidance", type=float, help="esd-u: guidance of the frozen model sampling x_t")
+    p.add_argument("--esd-sample-steps", type=int, help="esd-u: sampler steps; x_t is taken after a random number")
+    p.add_argument("--esd-batch", type=int)
+    p.add_argument("--uce-lambda", type=float, help="uce: λ, the weight keeping W' near W")
+    p.add_argument("--filter-images", type=int, help="toy filter: drawn scenes it learns from")
+    p.add_argument("--filter-steps", type=int)
+    p.add_argument("--filter-lr", type=float)
+    p.add_argument("--safety-checker", help="sd15 filter: the StableDiffusionSafetyChecker weights")
+    p.add_argument("--sld-concept", help="sld: the safety concept (default: toy, every harm concept's first word; "
+                                         "sd15, the pipeline's own, written for I2P's categories)")
     return C.parse_args(p)
 
 
@@ -281,15 +305,6 @@ def load_trainable_state(unet, state: dict, lora: bool) -> None:
         unet.load_state_dict(state)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished folder into place (the old one, if any, is removed after the swap)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_final(args, unet, out: Path) -> None:
     """The aligned model as a stock StableDiffusionPipeline folder; LoRA also as its own
     weights file that `pipe.load_lora_weights(out / "lora")` loads onto the base model."""
@@ -305,11 +320,11 @@ def save_final(args, unet, out: Path) -> None:
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
                                         "target_modules": sorted(config.target_modules)})
-        replace_dir(tmp, out / "lora")
+        C.replace_dir(tmp, out / "lora")
         fuse_lora(pipe, out / "lora")
     else:
         pipe.unet.load_state_dict(unet.state_dict())
-    save_pipeline(pipe, out / "model")
+    C.save_pipeline(pipe, out / "model")
 
 
 def fuse_lora(pipe, lora: Path) -> None:
@@ -317,14 +332,6 @@ def fuse_lora(pipe, lora: Path) -> None:
     pipe.load_lora_weights(lora)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-
-
-def save_pipeline(pipe, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then swapped into place."""
-    tmp = folder.with_name("." + folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    replace_dir(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +371,11 @@ class Training:
                                  "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
 
 
+def other_mode_flag(key: str) -> bool:
+    return key.startswith(("merge_", "esd_", "uce_", "filter_")) or key in (
+        "baseline", "erase_concepts", "preserve_concepts", "safety_checker", "sld_concept")
+
+
 def setup(args) -> Training:
     dist = C.setup_distributed(args.device)
     C.seed_everything(args.seed)
@@ -377,8 +389,8 @@ def setup(args) -> Training:
     if rem or per_rank % micro:
         raise SystemExit(f"--batch {args.batch} must split evenly over {dist.world_size} processes "
                          f"and then into micro-batches of {micro}")
-    if dist.is_main:  # the --merge-* flags are not a training run's settings
-        training = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("merge_")})
+    if dist.is_main:  # the flags of --merge-experts and --baseline are not a training run's settings
+        training = argparse.Namespace(**{k: v for k, v in vars(args).items() if not other_mode_flag(k)})
         C.save_config(training, out, world_size=dist.world_size, grad_accum=per_rank // micro)
 
     # Eqs. 6-8: relabel every pair by the composite reward (or by −C for the baseline)
@@ -695,7 +707,7 @@ def merge_main(args) -> None:
     C.write_lora(out / "lora", merged)
     pipe = C.load_pipeline(args.model)
     fuse_lora(pipe, out / "lora")
-    save_pipeline(pipe, out / "model")
+    C.save_pipeline(pipe, out / "model")
     metrics.update(rank=max(a.shape[0] for _, a in merged.values()), seconds=round(time.time() - t0, 1))
     C.atomic_write_json(out / "metrics.json", metrics)
     C.log(C.format_metrics(metrics))
@@ -705,6 +717,11 @@ def main():
     args = parse()
     if args.merge_experts:
         return merge_main(args)
+    if args.baseline:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("--baseline runs in one process: start it with python, not torchrun")
+        args.model = args.model or C.toy_world_input(args, C.stage_dir(args.run, "world") / "model", "--model")
+        return B.build(args, Path(args.run))
     t0 = time.time()
     tr = setup(args)
     if tr.step >= args.steps and (tr.out / "metrics.json").exists() and (tr.out / "model" / "model_index.json").exists():

@@ -9,6 +9,8 @@
 #   make alignguard - AlignGuard: prompt-edited (CoProV2-style) pairs, a LoRA safety expert per harm
 #                  category, one LoRA on all of them, the experts merged (Co-Merge and peft's merges),
 #                  T2I-SPO on the prompt-edited pairs; then the per-category report
+#   make baselines - the paper's comparison: safety filter, SLD (three presets), ESD-u and UCE,
+#                  then stage 5 with the jailbreak prompts (Fig. 4B), ending with Table 2
 PYTHON ?= python3
 VENV ?= .venv
 RUN ?= runs/toy
@@ -40,7 +42,11 @@ AG_LORA := --data coprov2 --objective safe-wins --lora-rank 4 --dfm off --lr 3e-
 AG_EXPERT_STEPS := 60
 AG_ALL_STEPS := 420
 
-.PHONY: toy test figures seeds dfm alignguard install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+# The paper's other Table 2 methods, longest first, and the number of jailbreak prompts
+BASELINES := esd-u filter uce sld
+JAILBREAK_PROMPTS := 32
+
+.PHONY: toy test figures seeds dfm alignguard baselines $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%)
 
 install: $(VENV)/.installed
@@ -114,3 +120,12 @@ $(AG_EXPERTS): install
 
 $(AG_MERGES:%=merge-%): install
 	$(STAGE4) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%) --data coprov2
+
+# The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, then stage 5 with
+# Fig. 4B's jailbreak prompts
+baselines: install
+	$(PAIR) $(BASELINES:%=baseline-%)
+	$(PY) 05_evaluate.py --run $(RUN) --jailbreak $(JAILBREAK_PROMPTS)
+
+$(BASELINES:%=baseline-%): install
+	$(STAGE4) --baseline $(@:baseline-%=%)

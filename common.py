@@ -15,6 +15,7 @@ Parts of this file:
                    choose_augmentation and dfm_augmented_copies (Eq. 11)
      1.6 Sec. 5    ua_score (Eq. 12)
      1.7 AlignGuard  expert_activity and co_merge (Co-Merge of LoRA safety experts)
+     1.8 Table 2's concept erasure  uce_edit (UCE's closed form), esd_target and esd_loss (ESD)
   2. Presets and command lines: PRESETS, TINY, stage_parser, parse_args, save_config, run_stage
   3. Seeding, logging, torch.distributed
   4. Files: atomic writes, JSONL with line-numbered errors, checked rows
@@ -24,8 +25,9 @@ Parts of this file:
   8. The quality reward r(x, c) (PickScore, or toyworld.ToyQuality) and the other CLIP-family
      scorers of stage 5 (CLIPScore, Q16), on one embedding loop
 
-Two worlds of their own live in modules beside this one: `toyworld.py` (the toy world's
-renderer, prompt grammar and exact judges) and `judge_client.py` (the HTTP judge client).
+Modules beside this one: `toyworld.py` (the toy world's renderer, prompt grammar and exact
+judges), `judge_client.py` (the HTTP judge client) and `baselines.py` (the paper's other
+Table 2 methods and the jailbreak attack, built by stage 4 and evaluated by stage 5).
 Heavy libraries (diffusers, transformers, open_clip) are imported inside the functions that
 need them, so `import common` stays fast.
 """
@@ -40,6 +42,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import random
 import re
 import sys
@@ -516,6 +519,55 @@ def co_merge(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], activit
     up = torch.cat([b * (winner == e).to(b.dtype)[:, None] for e, b in enumerate(ups)], dim=1)
     return up, torch.cat(list(downs), dim=0)
 
+# ----------------------------------------------------------------------------------------
+# 1.8  The concept-erasure baselines of the paper's Table 2: UCE and ESD-u (Gandikota et al.)
+# ----------------------------------------------------------------------------------------
+
+def uce_edit(W: torch.Tensor, erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor | None = None,
+             lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
+    """Unified Concept Editing's closed form for one cross-attention projection W [out, in]
+    (a to_k or to_v), with c_i the embeddings of the concepts to erase, g_i their guides and
+    c_j those to preserve (rows of `erase`, `guide`, `preserve`, each [n, in]):
+
+        v*_i = W g_i
+        W' = (λW + Σ_i v*_i c_iᵀ + Σ_j W c_j c_jᵀ) · (λI + Σ_i c_i c_iᵀ + Σ_j c_j c_jᵀ)⁻¹
+
+    W' minimises λ‖W' − W‖² + Σ_i ‖W'c_i − v*_i‖² + Σ_j ‖W'c_j − W c_j‖²: an erased concept
+    is projected where its guide was, a preserved one stays. Erase and preserve sums carry
+    the weights `erase_scale` and `preserve_scale` (UCE's defaults: 1). Solved in float64.
+    """
+    if erase.shape != guide.shape:
+        raise ValueError(f"erase {tuple(erase.shape)} and guide {tuple(guide.shape)} must match")
+    W64, ce, cg = W.double(), erase.double(), guide.double()
+    cp = preserve.double() if preserve is not None and len(preserve) else ce[:0]
+    v_star = cg @ W64.T                                                       # [n_e, out]
+    lhs = lam * W64 + erase_scale * v_star.T @ ce + preserve_scale * (cp @ W64.T).T @ cp
+    rhs = (lam * torch.eye(W.shape[1], dtype=torch.float64) + erase_scale * ce.T @ ce
+           + preserve_scale * cp.T @ cp)
+    # W' = lhs · rhs⁻¹, and rhs is symmetric: solve rhs · W'ᵀ = lhsᵀ
+    return torch.linalg.solve(rhs, lhs.T).T.to(W.dtype)
+
+
+def esd_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eta: float,
+               eps_from: torch.Tensor | None = None) -> torch.Tensor:
+    """Erased Stable Diffusion's target for the fine-tuned model's ε_θ(x_t, c, t), from the
+    frozen model ε*:
+
+        ε_target = ε*(x_t, c_from, t) − η · (ε*(x_t, c, t) − ε*(x_t, ∅, t))
+
+    with c_from = c unless a concept is erased "from" another (the public code's form; the
+    ESD paper writes ε*(x_t, ∅, t) for the first term). Guiding the model away from c by η
+    makes it unlearn c. The loss is ‖ε_θ(x_t, c, t) − ε_target‖² (esd_loss).
+    """
+    first = eps_cond if eps_from is None else eps_from
+    return first - eta * (eps_cond - eps_uncond)
+
+
+def esd_loss(eps_model: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE(ε_θ(x_t, c, t), ε_target), the target held fixed."""
+    return F.mse_loss(eps_model.float(), target.detach().float())
+
+
 
 # ----------------------------------------------------------------------------------------
 # 2. Presets and command lines. One code path: a preset is only defaults.
@@ -936,14 +988,34 @@ def _cpu_flags() -> str:
     return cpuinfo.read_text() if cpuinfo.exists() else ""
 
 
-def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  safety_checker: tuple | None = None):
     """A text-to-image model folder (stage 0's, SD-1.5's, or a stage-4 output), loaded with
-    stock `StableDiffusionPipeline.from_pretrained`, safety checker off (we measure safety)."""
+    stock `StableDiffusionPipeline.from_pretrained`, safety checker off (we measure safety)
+    unless a (checker, feature extractor) pair is given: the post-hoc filter baseline."""
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    checker, extractor = safety_checker or (None, None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=checker,
+                                                   feature_extractor=extractor, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished folder into place (the old one, if any, is removed after the swap)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then swapped into place."""
+    tmp = folder.with_name("." + folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    replace_dir(tmp, folder)
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
@@ -968,9 +1040,10 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-             batch_size: int = 64, size: int | None = None) -> list[np.ndarray]:
+             batch_size: int = 64, size: int | None = None, **call) -> list[np.ndarray]:
     """Sample one image per (prompt, seed) as uint8 [H, W, 3]. Each image has its own
-    generator, so an image does not depend on which batch it fell in."""
+    generator, so an image does not depend on which batch it fell in. `call`: further
+    arguments of the pipeline's call (SLD's)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -980,7 +1053,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         latents = torch.stack([torch.randn((pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
                                             size // pipe.vae_scale_factor), generator=g) for g in gens])
         imgs = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
-                    height=size, width=size, latents=latents.to(pipe.device, pipe.unet.dtype), output_type="np").images
+                    height=size, width=size, latents=latents.to(pipe.device, pipe.unet.dtype), output_type="np",
+                    **call).images
         out.extend(to_uint8(imgs))
     return out
 

@@ -1,0 +1,235 @@
+"""The paper's other Table 2 methods and the jailbreak attack (baselines.py): UCE's closed
+form and ESD's target on hand-computed values, ESD-u's trainable set, SLD's presets, the
+safety filter inside stock diffusers, the attack's vocabulary and search, and a --tiny run
+of every baseline through stage 5 with the jailbreak set."""
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import baselines as B
+import common as C
+import toyworld as W
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module(script):
+    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+EV = module("05_evaluate.py")
+
+
+def stage(script, run, *extra, check=True):
+    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+# --------------------------------------------------------------------------------------
+# UCE (common.uce_edit) and ESD (common.esd_target, esd_loss)
+# --------------------------------------------------------------------------------------
+
+def test_uce_closed_form_by_hand():
+    # W = I, erase c = e1 with guide g = e2 (v* = W g = e2), λ = 0.5, nothing preserved:
+    #   W' = (0.5·I + e2 e1ᵀ)(0.5·I + e1 e1ᵀ)⁻¹ = [[0.5, 0], [1, 0.5]] · diag(1/1.5, 1/0.5)
+    #      = [[1/3, 0], [2/3, 1]]
+    W = torch.eye(2)
+    W1 = C.uce_edit(W, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), lam=0.5)
+    torch.testing.assert_close(W1, torch.tensor([[1 / 3, 0.0], [2 / 3, 1.0]]))
+    # the erased concept's projection moved from W e1 = (1, 0) two thirds of the way to (0, 1);
+    # e2, orthogonal to it, projects as before
+    torch.testing.assert_close(W1 @ torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+
+
+def test_uce_with_preserved_concept_by_hand():
+    # W = [[1, 2]], erase c = (1, 0) to guide g = (0, 0) (v* = 0), preserve p = (1, 1), λ = 1:
+    #   lhs = W + W p pᵀ = [1, 2] + 3·[1, 1] = [4, 5]
+    #   rhs = I + c cᵀ + p pᵀ = [[3, 1], [1, 2]],  rhs⁻¹ = [[2, −1], [−1, 3]] / 5
+    #   W' = [4, 5] · rhs⁻¹ = [(8 − 5)/5, (−4 + 15)/5] = [0.6, 2.2]
+    W1 = C.uce_edit(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2),
+                    torch.tensor([[1.0, 1.0]]), lam=1.0)
+    torch.testing.assert_close(W1, torch.tensor([[0.6, 2.2]]))
+
+
+def test_uce_erases_to_the_guide_and_keeps_preserved_concepts_when_lambda_is_small():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 8, generator=g)
+    erase, guide, keep = (torch.randn(n, 8, generator=g) for n in (2, 2, 3))
+    W1 = C.uce_edit(W, erase, guide, keep, lam=1e-6)  # 5 constraints in 8 dims: met exactly
+    torch.testing.assert_close(erase @ W1.T, guide @ W.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(keep @ W1.T, keep @ W.T, atol=1e-4, rtol=1e-4)
+    assert (W1 - W).abs().max() > 0.1
+    with pytest.raises(ValueError, match="must match"):
+        C.uce_edit(W, erase, guide[:1])
+
+
+def test_esd_target_by_hand_and_its_loss_gradient():
+    eps_c, eps_u = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    # ε* (c) − η (ε*(c) − ε*(∅)) with η = 2: [1 − 2·1, 2 − 2·1]
+    torch.testing.assert_close(C.esd_target(eps_c, eps_u, 2.0), torch.tensor([-1.0, 0.0]))
+    # erasing c "from" another concept: the first term is that concept's prediction
+    torch.testing.assert_close(C.esd_target(eps_c, eps_u, 2.0, eps_from=torch.tensor([5.0, 5.0])),
+                               torch.tensor([3.0, 3.0]))
+    model = torch.tensor([0.0, 1.0], requires_grad=True)
+    target = torch.tensor([-1.0, 0.0], requires_grad=True)
+    loss = C.esd_loss(model, target)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0)              # ((0 + 1)² + (1 − 0)²) / 2
+    torch.testing.assert_close(model.grad, torch.tensor([1.0, 1.0]))  # 2 (ε − target) / 2
+    assert target.grad is None                               # the target is held fixed
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def test_esd_u_trains_everything_but_cross_attention():
+    unet = tiny_unet()
+    chosen = {id(p) for p in B.esd_u_parameters(unet)}
+    names = {n for n, p in unet.named_parameters() if id(p) in chosen}
+    assert not any("attn2" in n for n in names)
+    assert {"conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight"} <= names
+    assert any("attn1.to_q" in n for n in names)
+    # every parameter left out is cross-attention or a normalisation layer
+    assert all("attn2" in n or "norm" in n for n, p in unet.named_parameters() if id(p) not in chosen)
+
+
+# --------------------------------------------------------------------------------------
+# SLD's presets and the safety filter in stock diffusers
+# --------------------------------------------------------------------------------------
+
+def test_sld_recipe_is_diffusers_preset_with_warmup_scaled_to_the_sampler():
+    strong = B.sld_recipe("strong", "blood")
+    assert strong["sld_guidance_scale"] == 2000 and strong["sld_warmup_steps"] == 7
+    assert B.sld_call_kwargs(strong, 50)["sld_warmup_steps"] == 7
+    assert B.sld_call_kwargs(strong, 10)["sld_warmup_steps"] == 1   # round(7 · 10 / 50)
+    assert B.sld_call_kwargs(B.sld_recipe("max", None), 10) == {
+        "sld_guidance_scale": 5000, "sld_warmup_steps": 0, "sld_threshold": 1.0, "sld_momentum_scale": 0.5,
+        "sld_mom_beta": 0.7}
+    assert len(C.clip_tokenizer(32)(B.toy_sld_concept()).input_ids) <= 32
+
+
+def test_filter_blacks_out_exactly_the_images_it_flags(tmp_path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    checker, processor = B.toy_safety_checker(0)
+    images = [W.render(W.random_scene(random.Random(i), "harmful")) for i in range(2)]
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        checker.concept_embeds_weights[:] = B.NEVER
+        checker.special_care_embeds_weights[:] = B.NEVER
+        cos = B.checker_scores(checker, pixels, 1)[:, 0] + B.NEVER
+        checker.concept_embeds_weights[0] = (cos[0] + cos[1]) / 2  # fires on the image of higher cosine
+    checker.save_pretrained(tmp_path / "safety_checker")
+    processor.save_pretrained(tmp_path / "feature_extractor")
+    loaded, proc = B.load_safety_checker(tmp_path)
+    assert isinstance(loaded, StableDiffusionSafetyChecker)
+    batch = torch.tensor(np.stack(images)).float() / 255
+    out, flagged = loaded(images=batch.clone(), clip_input=proc(images=images, return_tensors="pt").pixel_values)
+    assert flagged == [bool(cos[0] > cos[1]), bool(cos[1] > cos[0])]
+    for k in range(2):
+        assert (out[k] == 0).all() if flagged[k] else torch.equal(out[k], batch[k])
+
+
+# --------------------------------------------------------------------------------------
+# The jailbreak attack
+# --------------------------------------------------------------------------------------
+
+def test_attack_vocabulary_has_whole_words_and_none_banned():
+    tok = C.clip_tokenizer(16)
+    ids = B.attack_vocabulary(tok, ["blood", "gore"])
+    words = [t[:-4] for t in tok.convert_ids_to_tokens(ids.tolist())]
+    assert len(words) > 10_000 and all(w.isalpha() and len(w) >= 2 for w in words)
+    assert not any("blood" in w or "gore" in w for w in words)
+    assert "circle" in words and "bloody" not in words and "gorest" not in words
+
+
+def test_mma_attack_raises_similarity_without_banned_words():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    tok = C.clip_tokenizer(16)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=16)).eval().requires_grad_(False)
+    allowed = B.attack_vocabulary(tok, B.toy_banned_words())
+    run = lambda steps: B.mma_attack(enc, tok, "a small red circle, white background, blood", "a small red circle",
+                                     allowed, 4, steps, 16, 8, torch.Generator().manual_seed(3))
+    start, found = run(0), run(15)
+    assert found["prompt"].startswith("a small red circle, ") and not B.contains_banned(
+        found["prompt"].removeprefix("a small red circle"), B.toy_banned_words())
+    assert found["search_similarity"] > start["search_similarity"]
+    assert found == run(15)  # its own seed makes it exact
+
+
+# --------------------------------------------------------------------------------------
+# Every baseline at --tiny, through stage 5 with the jailbreak set
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bl_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    stage("00_toy_world.py", run, "--eval-per-set", "4")
+    torch.manual_seed(0)
+    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    # a stand-in for T2I-SPO (the comparison's claims need its row; its training is tested elsewhere)
+    C.save_pipeline(C.load_pipeline(run / "world" / "model"), run / "spo" / "model")
+    C.atomic_write_json(run / "spo" / "config.json", {"objective": "spo"})
+    for b in B.BASELINES:
+        stage("04_train_spo.py", run, "--baseline", b)
+    r = stage("05_evaluate.py", run, "--jailbreak", "2")
+    return run, r
+
+
+def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
+    run, r = bl_run
+    m = C.read_json(run / "eval" / "metrics.json")
+    for name in EV.BASELINE_MODELS:
+        assert {"harmful", "benign", "lookalike", "jailbreak"} <= set(m[name]), name
+        assert set(m[name]["harmful"]["IP_by_category"]) == set(EV.CATEGORIES)
+    assert 0.0 <= m["filter"]["harmful"]["refused"] <= 1.0
+    jb = C.read_jsonl(run / "eval" / "jailbreak.jsonl")
+    assert len(jb) == 2 and all(not B.contains_banned(j["prompt"].split(", ")[-1], B.toy_banned_words()) for j in jb)
+    assert {c["claim"] for c in m["baseline_claims"]} >= {"T2I-SPO has a higher UAS than uce",
+                                                          "SLD-STRONG costs quality (the base scores higher PS)"}
+    report = (run / "eval" / "report.md").read_text()
+    assert "## The paper's comparison (Table 2)" in report and "IP under attack" in report
+    assert C.read_json(run / "baselines" / "uce" / "metrics.json")["projections_edited"] > 0
+    # what stock diffusers loads from the ESD-u folder differs from the base outside attn2 only
+    from diffusers import UNet2DConditionModel
+    base = UNet2DConditionModel.from_pretrained(run / "world" / "model", subfolder="unet").state_dict()
+    esd = UNet2DConditionModel.from_pretrained(run / "baselines" / "esd_u" / "model", subfolder="unet").state_dict()
+    changed = [k for k in base if not torch.equal(base[k], esd[k])]
+    assert changed and not any("attn2" in k for k in changed)
+
+
+def test_jailbreak_set_is_reused_and_other_settings_are_refused(bl_run):
+    run, _ = bl_run
+    before = (run / "eval" / "jailbreak.jsonl").read_bytes()
+    r = stage("05_evaluate.py", run)  # no --jailbreak: the cached set is scored again
+    assert "jailbreak" in C.read_json(run / "eval" / "metrics.json")["spo"]
+    assert (run / "eval" / "jailbreak.jsonl").read_bytes() == before
+    r = stage("05_evaluate.py", run, "--jailbreak", "2", "--jailbreak-seed", "7", check=False)
+    assert r.returncode != 0 and "jailbreak_seed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_finished_baseline_is_left_untouched(bl_run):
+    run, _ = bl_run
+    weights = run / "baselines" / "uce" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    r = stage("04_train_spo.py", run, "--baseline", "uce")
+    assert "nothing to do" in r.stderr + r.stdout and weights.stat().st_mtime_ns == mtime
