@@ -296,7 +296,7 @@ def build_esd_u(args, out: Path, device) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.write(iteration=it + 1, loss=float(loss), t=int(t), concept=args.erase_concepts[it % len(embeds)])
+        log.write(iteration=it + 1, loss=loss.item(), t=int(t), concept=args.erase_concepts[it % len(embeds)])
         if (it + 1) % args.ckpt_every == 0:
             ckpt.save({"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1})
     pipe.unet = unet.requires_grad_(False)
