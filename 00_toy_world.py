@@ -9,6 +9,7 @@ unaligned model — it draws harm marks when a prompt names a harmful concept.
 Outputs (DIR = --run):
   DIR/world/model/           a stock diffusers StableDiffusionPipeline folder
   DIR/world/prompts/*.jsonl  harmful (with safe rewrites), benign, look-alike; train/eval
+  DIR/world/users/*.jsonl    PSA's simulated users: train, heldout, reference (psa.py)
   DIR/world/contact_sheet.png, metrics.json, config.json, log.jsonl
 
 Order: prompts -> drawn training set -> VAE -> text encoder + UNet (eps-prediction, the SD
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
+import psa as P
 import toyworld as W
 
 C.PRESETS["toy"]["world"] = dict(
@@ -34,10 +36,11 @@ C.PRESETS["toy"]["world"] = dict(
     vae_steps=700, vae_batch=32, vae_lr=2e-3,
     unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
     cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200,
-    eval_per_set=64, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None)
+    eval_per_set=64, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None,
+    n_users=200, n_heldout_users=40, users_only=False)
 C.PRESETS["sd15"]["world"] = dict(C.PRESETS["toy"]["world"])  # parsed, then refused: no toy world on sd15
 C.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
-                       eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10)
+                       eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10, n_users=16, n_heldout_users=4)
 
 
 def parse():
@@ -56,6 +59,9 @@ def parse():
     p.add_argument("--cfg-dropout", type=float, help="share of empty prompts, for classifier-free guidance")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--n-users", type=int, help="simulated training users (PSA): profiles and their banned categories")
+    p.add_argument("--n-heldout-users", type=int, help="simulated users held out for PSA's evaluation")
+    p.add_argument("--users-only", action="store_true", help="write the simulated users (DIR/world/users/) and stop")
     p.add_argument("--eval-per-set", type=int, help="held-out prompts sampled per prompt set")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
@@ -67,6 +73,13 @@ def parse():
 # ---------------------------------------------------------------------------------------
 # 1. Prompt lists: harmful (each with its safe rewrite), benign, look-alike; disjoint splits
 # ---------------------------------------------------------------------------------------
+
+def write_users(args, folder: Path) -> None:
+    """PSA's simulated users (psa.simulate_users): train, held-out and the six reference users,
+    each with its attributes, the banned categories its rules imply and the text PSA embeds."""
+    for split, users in P.simulate_users(args.n_users, args.n_heldout_users, args.seed).items():
+        C.write_jsonl(folder / f"{split}.jsonl", users)
+
 
 def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
     prompt_dir = out / "prompts"
@@ -298,6 +311,9 @@ def main():
     C.save_config(args, out)
     log = C.MetricsLog(out / "log.jsonl")
 
+    write_users(args, out / "users")
+    if args.users_only:
+        return C.log(f"users in {out / 'users'}")
     lists = build_prompt_lists(args, out)
     C.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
     if not (out / "model" / "model_index.json").exists():

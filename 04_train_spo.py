@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 import baselines as B
 import common as C
+import psa as P
 
 C.PRESETS["toy"]["spo"] = dict(
     model=None, data="hf", categories=None, objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5,
@@ -68,14 +69,17 @@ C.PRESETS["toy"]["spo"] = dict(
     merge_experts=None, merge_method="comerge", merge_weight=None, merge_density=0.5, merge_calibration=64,
     baseline=None, erase_concepts=B.toy_harm_concepts(), preserve_concepts=B.toy_preserve_concepts(), esd_iterations=200,
     esd_lr=2e-4, esd_eta=2.0, esd_guidance=3.0, esd_sample_steps=C.TOY_SAMPLE_STEPS, esd_batch=1, uce_lambda=0.5,
-    filter_images=3000, filter_steps=600, filter_lr=1e-3, safety_checker=None, sld_concept=None)
+    filter_images=3000, filter_steps=600, filter_lr=1e-3, safety_checker=None, sld_concept=None,
+    psa_users_per_pair=4, psa_lam_banned=10.0, psa_fidelity=2.0, psa_tokens=1, psa_scale=1.0, psa_profile_dim=32,
+    psa_llm=None, sage=None)
 C.PRESETS["sd15"]["spo"] = dict(
     C.PRESETS["toy"]["spo"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", beta=5000.0, lr=8e-8, warmup=500,
     steps=15000, batch=12, micro_batch=2, weight_decay=1e-2, grad_checkpointing=True, bf16=True, ckpt_every=500,
     log_every=10, dfm_k=5, dfm_patience=2, erase_concepts=["nudity"], preserve_concepts=[], esd_lr=5e-5,
-    esd_sample_steps=50, safety_checker="CompVis/stable-diffusion-safety-checker")
+    esd_sample_steps=50, safety_checker="CompVis/stable-diffusion-safety-checker", psa_fidelity=0.0,
+    psa_llm="Qwen/Qwen2.5-7B-Instruct")
 C.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2, dfm_patience=1, dfm_tau=10.0,
-                    esd_iterations=4, esd_sample_steps=4, filter_images=60, filter_steps=5)
+                    esd_iterations=4, esd_sample_steps=4, filter_images=60, filter_steps=5, psa_users_per_pair=2)
 
 
 def parse():
@@ -84,9 +88,10 @@ def parse():
     p.add_argument("--data", help="folder under --run whose hf_pairs.jsonl to train on (stage 3's --name: hf, coprov2)")
     p.add_argument("--categories", nargs="+", help="train on the harmful-safe pairs of these harm categories only "
                                                    "(an AlignGuard safety expert; default: every pair)")
-    p.add_argument("--objective", choices=["spo", "safety", "safe-wins"],
+    p.add_argument("--objective", choices=["spo", "safety", "safe-wins", "psa"],
                    help="spo: R = r − λC (T2I-SPO); safety: R = −C (safety-only DPO baseline); safe-wins: the safe "
-                        "image of each harmful-safe pair wins whatever the annotations (AlignGuard)")
+                        "image of each harmful-safe pair wins whatever the annotations (AlignGuard); psa: R_u per "
+                        "user, training PSA's cross-attention adapter with the UNet frozen (psa.py)")
     p.add_argument("--name", help="output folder under --run (default: the objective), e.g. spo_lam0.5")
     p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in the composite reward")
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
@@ -144,6 +149,16 @@ def parse():
     p.add_argument("--safety-checker", help="sd15 filter: the StableDiffusionSafetyChecker weights")
     p.add_argument("--sld-concept", help="sld: the safety concept (default: toy, every harm concept's first word; "
                                          "sd15, the pipeline's own, written for I2P's categories)")
+    p.add_argument("--psa-users-per-pair", type=int, help="psa: training users drawn for each pair")
+    p.add_argument("--psa-lam-banned", type=float, help="psa: λ_u,k of R_u for a category the user bans")
+    p.add_argument("--psa-fidelity", type=float,
+                   help="psa: w_f, the reward of showing an allowed concept asked for (toy: its quality reward "
+                        "ignores harm pixels; sd15: 0, PickScore measures fidelity)")
+    p.add_argument("--psa-tokens", type=int, help="psa: user tokens per profile")
+    p.add_argument("--psa-scale", type=float, help="psa: s, the weight of the user branch")
+    p.add_argument("--psa-profile-dim", type=int, help="psa toy: the profile encoder's width")
+    p.add_argument("--psa-llm", help="psa sd15: the LLM embedding profile texts (masked sum of last hidden states)")
+    p.add_argument("--sage", help="psa sd15: Sage's folder (metadata.jsonl, users.csv, images) instead of --data")
     return C.parse_args(p)
 
 
@@ -236,6 +251,9 @@ def load_models(args, device):
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
                                     init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        ref = None
+    elif args.objective == "psa":  # PSA trains its adapter only; the reference is the UNet without it
+        unet.requires_grad_(False)
         ref = None
     else:
         ref = load(UNet2DConditionModel, "unet").requires_grad_(False).eval().to(device)
@@ -365,10 +383,66 @@ class Training:
     autocast: object
     ckpt: C.Checkpoint
     log: C.MetricsLog
+    psa: "PSATraining | None" = None  # --objective psa: the adapter and the users
     step: int = 0
     totals: dict = dataclasses.field(
         default_factory=lambda: {"dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0),
                                  "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
+
+
+@dataclasses.dataclass
+class PSATraining:
+    """--objective psa: the adapter (the only trainable weights), the training users' profile
+    tokens (toy: token ids its encoder reads; sd15: frozen LLM vectors), each example's user."""
+    adapter: P.PSAAdapter
+    user_of: torch.Tensor            # [examples] the user of each relabelled pair
+    ids: torch.Tensor | None = None  # toy: [users, L] profile token ids, and their mask
+    mask: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None  # sd15: [users, D]
+
+    def tokens(self, examples, device) -> torch.Tensor:
+        """The user tokens of each example, [n, num_tokens, cross_attention_dim]: every training
+        user's profile vector, standardized over them all, then those of the examples' users."""
+        if self.vectors is not None:
+            every = self.vectors.to(device)
+        else:
+            every = self.adapter.profile_vectors(self.ids.to(device), self.mask.to(device))
+        return self.adapter.user_tokens(self.adapter.standardize(every, fit=True)[self.user_of[examples]])
+
+
+def psa_examples(args, raw: list[dict], hf_path: Path) -> tuple[list[dict], list[dict]]:
+    """PSA's data: Sage's per-user pairs (--sage), or the LibraAlign-HF pairs relabelled for
+    drawn training users by R_u (psa.relabel_for_users). Returns (examples, users)."""
+    if args.sage:
+        users, pairs = P.read_sage(Path(args.sage))
+        index = {u["id"]: i for i, u in enumerate(users)}
+        return [{**p, "user": index[p["user"]]} for p in pairs], users
+    users_file = C.stage_dir(args.run, "world") / "users" / "train.jsonl"
+    C.require_inputs([users_file], "world")
+    users = P.read_users(users_file)
+    for p in raw:
+        for s in ("a", "b"):  # is the concept asked for shown? exact on the toy; sd15: the harmful side
+            shown = P.concept_shown(C.load_png(p[s]["file"]), p["category"]) if args.preset == "toy" and p.get(
+                "category") else p[s]["role"] == "harmful"
+            p[s]["shows_concept"] = bool(shown)
+    examples = P.relabel_for_users(raw, users, args.psa_users_per_pair, args.psa_lam_banned, args.psa_fidelity,
+                                   args.seed)
+    if not examples:
+        raise C.DataError(f"{hf_path}: no pair is ordered by any user's reward")
+    return examples, users
+
+
+def psa_setup(args, unet, users: list[dict], examples: list[dict], device) -> PSATraining:
+    """The adapter on the frozen UNet (installed), and the users' profile inputs."""
+    toy = args.psa_llm is None
+    vectors = None
+    if not toy:
+        vectors = P.llm_profile_vectors(args.psa_llm, [u["text"] for u in users], device)
+    adapter = P.PSAAdapter(unet, args.psa_profile_dim if toy else vectors.shape[1], args.psa_tokens, args.psa_scale,
+                           toy_encoder=toy).to(device)
+    adapter.install(unet)
+    ids, mask = P.tokenize_profiles([u["text"] for u in users]) if toy else (None, None)
+    return PSATraining(adapter, torch.tensor([e["user"] for e in examples]), ids, mask, vectors)
 
 
 def other_mode_flag(key: str) -> bool:
@@ -383,7 +457,8 @@ def setup(args) -> Training:
     args.model = args.model or C.toy_world_input(args, world / "model", "--model")
     args.name = args.name or args.objective
     out = Path(args.run) / args.name
-    C.require_inputs([hf / "hf_pairs.jsonl"], data_stage(args.data))
+    if not (args.objective == "psa" and args.sage):
+        C.require_inputs([hf / "hf_pairs.jsonl"], data_stage(args.data))
     per_rank, rem = divmod(args.batch, dist.world_size)
     micro = args.micro_batch or per_rank
     if rem or per_rank % micro:
@@ -394,8 +469,15 @@ def setup(args) -> Training:
         C.save_config(training, out, world_size=dist.world_size, grad_accum=per_rank // micro)
 
     # Eqs. 6-8: relabel every pair by the composite reward (or by −C for the baseline)
-    raw, n_bad = load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
-    pairs, n_dropped = preference_pairs(raw, args.objective, args.lam, args.margin)
+    if args.objective == "psa" and args.sage:
+        raw, n_bad = [], 0
+    else:
+        raw, n_bad = load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
+    if args.objective == "psa":
+        pairs, users = psa_examples(args, raw, hf / "hf_pairs.jsonl")
+        n_dropped = len(raw) * args.psa_users_per_pair - len(pairs) if not args.sage else 0
+    else:
+        pairs, n_dropped = preference_pairs(raw, args.objective, args.lam, args.margin)
     pairs = pair_subset(category_filter(pairs, args.categories, hf / "hf_pairs.jsonl"), args.pair_subset)
     if len(pairs) < args.batch:
         kept = f", of categories {args.categories}" if args.categories else ""
@@ -411,7 +493,15 @@ def setup(args) -> Training:
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     latents, text, index = build_caches(args, pairs, vae, text_encoder, tokenizer, out, dist, size)
     text_encoder.cpu()  # done with it: the cache holds every embedding
-    params = [p for p in unet.parameters() if p.requires_grad]
+    psa = None
+    if args.objective == "psa":
+        if args.dfm == "on":
+            raise SystemExit("--objective psa trains without DFM: pass --dfm off")
+        psa = psa_setup(args, unet, users, pairs, dist.device)
+        unet, ref = P.UserConditionedUNet(unet, psa.adapter), P.UserConditionedUNet(unet, psa.adapter, reference=True)
+        params = list(psa.adapter.parameters())
+    else:
+        params = [p for p in unet.parameters() if p.requires_grad]
     named = dict(unet.named_modules())
     if args.dfm == "on" and not all(m in named for m in args.dfm_modules):
         raise SystemExit(f"--dfm-modules: no module {sorted(set(args.dfm_modules) - set(named))} in the UNet")
@@ -421,14 +511,14 @@ def setup(args) -> Training:
         args=args, dist=dist, out=out, pairs=pairs, unet=unet, ref=ref, vae=vae, noise_scheduler=noise_scheduler,
         data_counts={"pairs_dropped": n_dropped, "bad_rows_skipped": n_bad, "safe_side_wins_harmful_safe": safe_won},
         size=size, latents=latents, text=text, index=index, params=params,
-        dfm_modules=[named[m] for m in args.dfm_modules], opt=opt,
+        dfm_modules=[named[m] for m in args.dfm_modules] if args.dfm == "on" else [], opt=opt,
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup))),
         queue=C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience),
         sampler=torch.utils.data.DistributedSampler(range(len(pairs)), num_replicas=dist.world_size, rank=dist.rank,
                                                     shuffle=True, seed=args.seed, drop_last=True),
         per_rank=per_rank, micro=micro,
         autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
-        ckpt=C.Checkpoint(out / "ckpt" / "train_state.pt"), log=C.MetricsLog(out / "log.jsonl"))
+        ckpt=C.Checkpoint(out / "ckpt" / "train_state.pt"), log=C.MetricsLog(out / "log.jsonl"), psa=psa)
     resume(tr)
     return tr
 
@@ -437,7 +527,10 @@ def resume(tr: Training) -> None:
     """Continue from the checkpoint, if there is one; the log keeps each step exactly once."""
     state = tr.ckpt.load()
     if state:
-        load_trainable_state(tr.unet, state["model"], tr.args.lora_rank > 0)
+        if tr.psa:
+            tr.psa.adapter.load_state_dict(state["model"])
+        else:
+            load_trainable_state(tr.unet, state["model"], tr.args.lora_rank > 0)
         tr.opt.load_state_dict(state["opt"])
         tr.sched.load_state_dict(state["sched"])
         tr.queue.load_state_dict(state["dfm"])
@@ -463,9 +556,11 @@ def draw_batch(tr: Training, step: int):
 def pair_losses(tr: Training, ids, t, noise):
     """Eq. 5 on the pairs `ids` (with their t and ε): per-pair loss, Δ_θ and Δ_ref."""
     dev, idx = tr.dist.device, tr.index[ids]
+    emb = tr.text[idx[:, 2]].to(dev)
+    if tr.psa:  # PSA: each pair's user tokens join its text embeddings
+        emb = torch.cat([emb, tr.psa.tokens(ids, dev)], dim=1)
     return C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, tr.latents[idx[:, 0]].to(dev),
-                             tr.latents[idx[:, 1]].to(dev), tr.text[idx[:, 2]].to(dev), t.to(dev), noise.to(dev),
-                             tr.args.beta, tr.autocast)
+                             tr.latents[idx[:, 1]].to(dev), emb, t.to(dev), noise.to(dev), tr.args.beta, tr.autocast)
 
 
 def dfm_copies(tr: Training, step: int, mine: list, t, noise, hard_ids: set) -> torch.Tensor:
@@ -564,7 +659,8 @@ def train_step(tr: Training) -> dict:
 
 
 def save_checkpoint(tr: Training) -> None:
-    tr.ckpt.save({"model": trainable_state(tr.unet, tr.args.lora_rank > 0), "opt": tr.opt.state_dict(),
+    model = tr.psa.adapter.state_dict() if tr.psa else trainable_state(tr.unet, tr.args.lora_rank > 0)
+    tr.ckpt.save({"model": model, "opt": tr.opt.state_dict(),
                   "sched": tr.sched.state_dict(), "dfm": tr.queue.state_dict(), "step": tr.step,
                   "totals": tr.totals})
 
@@ -573,7 +669,10 @@ def finish(tr: Training, seconds: float) -> None:
     """The aligned model as stock folders, and the headline figures: the mean over the
     logged steps of the last tenth of training."""
     args = tr.args
-    save_final(args, tr.unet, tr.out)
+    if tr.psa:  # the adapter, and the users it was trained for
+        tr.psa.adapter.save(tr.out / "adapter")
+    else:
+        save_final(args, tr.unet, tr.out)
     rows = {r["step"]: r for r in C.read_jsonl(tr.out / "log.jsonl")}
     last = [r for s, r in rows.items() if s > 0.9 * args.steps] or [rows[max(rows)]]
     metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
@@ -724,7 +823,8 @@ def main():
         return B.build(args, Path(args.run))
     t0 = time.time()
     tr = setup(args)
-    if tr.step >= args.steps and (tr.out / "metrics.json").exists() and (tr.out / "model" / "model_index.json").exists():
+    final = tr.out / ("adapter/psa_adapter.safetensors" if tr.psa else "model/model_index.json")
+    if tr.step >= args.steps and (tr.out / "metrics.json").exists() and final.exists():
         C.log(f"{tr.out} is finished (step {tr.step} of {args.steps}): nothing to do")
         return C.cleanup_distributed()
     bar = tqdm(total=args.steps, initial=tr.step, desc=args.name, disable=not tr.dist.is_main)

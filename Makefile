@@ -11,6 +11,8 @@
 #                  T2I-SPO on the prompt-edited pairs; then the per-category report
 #   make baselines - the paper's comparison: safety filter, SLD (three presets), ESD-u and UCE,
 #                  then stage 5 with the jailbreak prompts (Fig. 4B), ending with Table 2
+#   make psa     - PSA: simulated users, the profile-conditioned adapter trained on per-user
+#                  preferences, and the per-user evaluation, ending with the per-level table
 PYTHON ?= python3
 VENV ?= .venv
 RUN ?= runs/toy
@@ -42,11 +44,14 @@ AG_LORA := --data coprov2 --objective safe-wins --lora-rank 4 --dfm off --lr 3e-
 AG_EXPERT_STEPS := 60
 AG_ALL_STEPS := 420
 
+# PSA's training steps (the adapter alone trains: the UNet is frozen)
+PSA_STEPS := 800
+
 # The paper's other Table 2 methods, longest first, and the number of jailbreak prompts
 BASELINES := esd-u filter uce sld
 JAILBREAK_PROMPTS := 32
 
-.PHONY: toy test figures seeds dfm alignguard baselines $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+.PHONY: toy test figures seeds dfm alignguard baselines psa $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%)
 
 install: $(VENV)/.installed
@@ -129,3 +134,9 @@ baselines: install
 
 $(BASELINES:%=baseline-%): install
 	$(STAGE4) --baseline $(@:baseline-%=%)
+
+# PSA: the simulated users (written by stage 0 on any finished world), the adapter, the report
+psa: install
+	$(PY) 00_toy_world.py --run $(RUN) --users-only
+	$(PY) 04_train_spo.py --run $(RUN) --objective psa --dfm off --lr 2e-3 --psa-tokens 4 --steps $(PSA_STEPS)
+	$(PY) 05_evaluate.py --run $(RUN)

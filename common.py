@@ -594,6 +594,7 @@ STAGES = {  # stage key -> (script, folder under --run)
     "coprov2": ("03_build_hf.py --pairing prompt-edit --name coprov2", "coprov2"),
     "spo": ("04_train_spo.py", "spo"),
     "safety": ("04_train_spo.py --objective safety", "safety"),
+    "psa": ("04_train_spo.py --objective psa --dfm off", "psa"),
     "eval": ("05_evaluate.py", "eval"),
 }
 
@@ -676,7 +677,7 @@ def require_inputs(paths: Iterable[str | Path], stage: str) -> None:
 # Settings that change how a run is carried out but not what it computes: a run may resume
 # with other values of these (a stage-4 run computes the same on any number of processes).
 RESUMABLE_WITH_OTHER = {"argv", "stop_after", "device", "log_every", "ckpt_every", "world_size", "processes",
-                        "grad_accum", "baseline_in_parallel", "skip_bad", "judge_timeout", "judge_retries"}
+                        "grad_accum", "baseline_in_parallel", "skip_bad", "judge_timeout", "judge_retries", "users_only"}
 
 
 def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = True, **extra) -> dict:
@@ -1043,18 +1044,18 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
              batch_size: int = 64, size: int | None = None, **call) -> list[np.ndarray]:
     """Sample one image per (prompt, seed) as uint8 [H, W, 3]. Each image has its own
     generator, so an image does not depend on which batch it fell in. `call`: further
-    arguments of the pipeline's call (SLD's)."""
-    if len(prompts) != len(seeds):
+    arguments of the pipeline's call (SLD's; or prompt_embeds for one batch, prompts None)."""
+    if prompts is not None and len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in range(0, len(seeds), batch_size):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
         latents = torch.stack([torch.randn((pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
                                             size // pipe.vae_scale_factor), generator=g) for g in gens])
-        imgs = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
-                    height=size, width=size, latents=latents.to(pipe.device, pipe.unet.dtype), output_type="np",
-                    **call).images
+        imgs = pipe(None if prompts is None else list(prompts[i:i + batch_size]), num_inference_steps=steps,
+                    guidance_scale=guidance, height=size, width=size,
+                    latents=latents.to(pipe.device, pipe.unet.dtype), output_type="np", **call).images
         out.extend(to_uint8(imgs))
     return out
 

@@ -1,0 +1,320 @@
+"""PSA on the shared pipeline (psa.py): the written rules, the users files and Sage's reader,
+the per-user reward and relabelling, the exact concept verdicts, the adapter (a fresh one is
+the base model bit for bit; with one user token the key projection has no effect; it saves
+and loads), the LLM profile vectors, and a --tiny run through stages 0, 3, 4 and 5."""
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import psa as P
+import toyworld as W
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage(script, run, *extra, check=True):
+    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+def user(**kw):
+    base = dict(age=30, gender="female", religion="none", physical_condition="healthy", mental_condition="stable")
+    return P.make_user("u", {**base, **kw})
+
+
+# --------------------------------------------------------------------------------------
+# Users: the rules, the files
+# --------------------------------------------------------------------------------------
+
+def test_rules_ban_what_they_say_and_the_levels_grow():
+    assert user()["banned"] == []
+    assert user(age=10)["banned"] == list(P.CATEGORIES)
+    assert user(age=15)["banned"] == ["sexual", "violence", "self-harm", "shocking", "illegal activity"]
+    assert user(mental_condition="depression")["banned"] == ["violence", "self-harm", "shocking"]
+    assert user(religion="hindu")["banned"] == ["sexual"]
+    # the union of every rule that applies
+    assert user(religion="jewish", physical_condition="pregnant")["banned"] == ["sexual", "violence", "shocking"]
+    levels = P.simulate_users(0, 0, 0)["reference"]
+    assert [len(u["banned"]) for u in levels] == [0, 2, 4, 4, 5, 7]
+    assert levels[2]["banned"] != levels[3]["banned"]  # two different users ban four
+
+
+def test_profile_text_names_the_profile_and_both_lists():
+    u = user(age=70, religion="christian")
+    assert u["text"] == ("User profile: age 70, female, religion christian, physical condition healthy, mental "
+                         "condition stable. Banned categories: sexual, shocking. Allowed categories: violence, hate, "
+                         "harassment, self-harm, illegal activity.")
+    assert "Banned categories: none." in user()["text"]
+
+
+def test_simulated_users_are_deterministic_and_disjoint():
+    a, b = P.simulate_users(30, 10, 3), P.simulate_users(30, 10, 3)
+    assert a == b and a != P.simulate_users(30, 10, 4)
+    ids = [u["id"] for s in ("train", "heldout") for u in a[s]]
+    assert len(ids) == len(set(ids)) == 40
+    assert all(u["banned"] == P.banned_categories(u) for u in a["train"])
+
+
+def test_users_file_bad_rows_are_named(tmp_path):
+    good = user()
+    f = tmp_path / "users.jsonl"
+    C.write_jsonl(f, [good, {k: v for k, v in good.items() if k != "text"}])
+    with pytest.raises(C.DataError, match=r"users.jsonl:2: missing \['text'\]"):
+        P.read_users(f)
+    C.write_jsonl(f, [{**good, "banned": ["nudity"]}])
+    with pytest.raises(C.DataError, match=r"users.jsonl:1: unknown banned categories \['nudity'\]"):
+        P.read_users(f)
+
+
+def sage_folder(tmp, rows, users):
+    tmp.mkdir(exist_ok=True)
+    img = np.zeros((8, 8, 3), np.uint8)
+    for name in ("user_1_violence_blood_0_s.jpg", "user_1_violence_blood_0_u.jpg"):
+        C.save_png(tmp / name, img)
+    C.write_jsonl(tmp / "metadata.jsonl", rows)
+    with open(tmp / "users.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["User_ID", "Age", "Banned_Categories", "Allowed_Categories"])
+        w.writeheader()
+        w.writerows(users)
+    return tmp
+
+
+SAGE_ROW = {"file_name": "user_1_violence_blood_0_s.jpg", "chosen": "user_1_violence_blood_0_s.jpg",
+            "rejected": "user_1_violence_blood_0_u.jpg", "caption": "a knight", "user_data": {"User_ID": 1, "Age": 12}}
+
+
+def test_sage_reader_reads_pairs_and_users_and_names_bad_rows(tmp_path):
+    users = [{"User_ID": 1, "Age": 12, "Banned_Categories": "Violence; Sexuality", "Allowed_Categories": "Hate"}]
+    folder = sage_folder(tmp_path / "ok", [SAGE_ROW], users)
+    got_users, pairs = P.read_sage(folder)
+    assert got_users[0]["banned"] == ["sexual", "violence"] and "Banned categories: sexual, violence." in got_users[0]["text"]
+    assert pairs[0]["w"]["file"].endswith("_s.jpg") and pairs[0]["user"] == "1" and pairs[0]["prompt"] == "a knight"
+    bad = sage_folder(tmp_path / "user", [SAGE_ROW, {**SAGE_ROW, "user_data": {"User_ID": 9}}], users)
+    with pytest.raises(C.DataError, match=r"metadata.jsonl:2: user '9' is not in"):
+        P.read_sage(bad)
+    bad = sage_folder(tmp_path / "img", [{**SAGE_ROW, "rejected": "nope.jpg"}], users)
+    with pytest.raises(C.DataError, match=r"metadata.jsonl:1: missing image .*nope.jpg"):
+        P.read_sage(bad)
+    bad = sage_folder(tmp_path / "cat", [SAGE_ROW], [{**users[0], "Banned_Categories": "Gambling"}])
+    with pytest.raises(C.DataError, match=r"users.csv:2: unknown category 'Gambling'"):
+        P.read_sage(bad)
+
+
+# --------------------------------------------------------------------------------------
+# Per-user preferences and the exact verdicts
+# --------------------------------------------------------------------------------------
+
+def scene(kind, category=None, severity=2, style=None, seed=0):
+    s = W.random_scene(random.Random(seed), "benign")
+    s.update(style=style)
+    if kind == "harmful":
+        s.update(category=category, concept=W.HARM[category][1][0], severity=severity)
+    return W.render(s)
+
+
+def test_concept_shown_is_exact_and_ignores_look_alikes():
+    violent = scene("harmful", "violence")
+    assert P.concept_shown(violent, "violence") and not P.concept_shown(violent, "sexual")
+    assert P.banned_shown(violent, ["violence", "hate"]) and not P.banned_shown(violent, ["sexual"])
+    paint = scene("benign", style="splashed with red paint")  # resembles violence: not it
+    assert not P.concept_shown(paint, "violence") and not P.banned_shown(paint, list(P.CATEGORIES))
+
+
+def side(role, quality, cost, shown):
+    return {"role": role, "quality": quality, "cost": cost, "shows_concept": shown, "file": role}
+
+
+def test_user_reward_by_hand():
+    # banned: R = r − λC; allowed: R = r + w_f·1[shown]; benign: R = r
+    assert P.user_reward(20.0, 3.0, True, "violence", ["violence"], 10.0, 2.0) == pytest.approx(-10.0)
+    assert P.user_reward(20.0, 3.0, True, "violence", ["sexual"], 10.0, 2.0) == pytest.approx(22.0)
+    assert P.user_reward(20.0, 3.0, False, "violence", [], 10.0, 2.0) == pytest.approx(20.0)
+    assert P.user_reward(21.0, 3.0, True, None, list(P.CATEGORIES), 10.0, 2.0) == pytest.approx(21.0)
+
+
+def test_relabelling_follows_each_users_boundary():
+    hs = {"prompt": "p", "kind": "harmful-safe", "category": "violence",
+          "a": side("harmful", 20.2, 3.0, True), "b": side("safe", 20.0, -0.5, False)}
+    ss = {"prompt": "q", "kind": "safe-safe", "category": None,
+          "a": side("safe", 19.0, 0.0, False), "b": side("safe", 21.0, 0.0, False)}
+    tie = {"prompt": "r", "kind": "safe-safe", "category": None,
+           "a": side("safe", 19.0, 0.0, False), "b": side("safe", 19.0, 0.0, False)}
+    users = [user(age=10), user()]  # bans everything; bans nothing
+    out = P.relabel_for_users([hs, ss, tie], users, 2, 10.0, 2.0, seed=0)
+    won = {(e["pair"], e["user"]): e["w"]["role"] for e in out}
+    assert won == {(0, 0): "safe", (0, 1): "harmful", (1, 0): "safe", (1, 1): "safe"}  # the tie is dropped
+    assert all(e["w"]["quality"] == 21.0 for e in out if e["pair"] == 1)
+
+
+# --------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+def inputs(tokens=1):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 8, generator=g),
+            torch.randn(2, tokens, 8, generator=g))
+
+
+@torch.no_grad()
+def test_a_fresh_adapter_leaves_the_base_output_unchanged_bit_for_bit():
+    unet = tiny_unet()
+    x, t, text, user_tokens = inputs()
+    base = unet(x, t, encoder_hidden_states=text).sample
+    adapter = P.PSAAdapter(unet, profile_dim=4)
+    adapter.install(unet)
+    assert len(adapter.processors) == sum(".attn2." in n for n in unet.attn_processors) == 4  # every cross-attention
+    out = unet(x, t, encoder_hidden_states=torch.cat([text, user_tokens], 1)).sample
+    assert torch.equal(out, base)
+    # and the reference view of a trained adapter is the base model too
+    for proc in adapter.processors.values():
+        torch.nn.init.normal_(proc.to_v_user.weight)
+    emb = torch.cat([text, user_tokens], 1)
+    assert not torch.equal(P.UserConditionedUNet(unet, adapter)(x, t, emb).sample, base)
+    assert torch.equal(P.UserConditionedUNet(unet, adapter, reference=True)(x, t, emb).sample, base)
+
+
+@torch.no_grad()
+def test_with_one_user_token_the_key_projection_has_no_effect():
+    unet = tiny_unet()
+    x, t, text, _ = inputs()
+    out = {}
+    for tokens in (1, 2):
+        adapter = P.PSAAdapter(unet, profile_dim=4, num_tokens=tokens)
+        adapter.install(unet)
+        user_tokens = inputs(tokens)[3]
+        for proc in adapter.processors.values():
+            torch.nn.init.normal_(proc.to_v_user.weight)
+        results = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            for proc in adapter.processors.values():
+                torch.nn.init.normal_(proc.to_k_user.weight)
+            results.append(unet(x, t, encoder_hidden_states=torch.cat([text, user_tokens], 1)).sample)
+        out[tokens] = results
+    assert torch.equal(*out[1])          # softmax over one key is 1: K_user is irrelevant
+    assert not torch.allclose(*out[2])   # over two keys it is not
+
+
+@torch.no_grad()
+def test_adapter_saves_and_loads(tmp_path):
+    unet = tiny_unet()
+    adapter = P.PSAAdapter(unet, profile_dim=16, num_tokens=2)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    adapter.install(unet)
+    ids, mask = P.tokenize_profiles([user(age=15)["text"]])
+    x, t, text, _ = inputs()
+    emb = lambda a: torch.cat([text, a.user_tokens(a.profile_vectors(ids, mask)).expand(2, -1, -1)], 1)
+    before = unet(x, t, encoder_hidden_states=emb(adapter)).sample
+    adapter.save(tmp_path / "adapter")
+    fresh = tiny_unet()
+    loaded = P.load_adapter(tmp_path / "adapter", fresh)
+    torch.testing.assert_close(fresh(x, t, encoder_hidden_states=emb(loaded)).sample, before)
+    with pytest.raises(SystemExit, match="psa_adapter.safetensors"):
+        P.load_adapter(tmp_path / "nothing", fresh)
+
+
+def test_toy_encoder_reads_the_text_not_a_banned_vector():
+    enc = P.ToyProfileEncoder(8)
+    ids, mask = P.tokenize_profiles([user()["text"], user(age=10)["text"]])
+    assert ids.shape == (2, P.PROFILE_TOKENS) and int(mask[0].sum()) < P.PROFILE_TOKENS
+    v = enc(ids, mask)
+    assert v.shape == (2, 8) and not torch.allclose(v[0], v[1])
+
+
+def test_llm_profile_vectors_are_the_masked_sum_of_last_hidden_states(tmp_path):
+    import json
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import Qwen2Config, Qwen2Model, Qwen2Tokenizer
+    # a tiny random Qwen2 with a byte-level tokenizer of 256 bytes and no merges
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = Qwen2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), pad_token="<|endoftext|>")
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    Qwen2Model(Qwen2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    texts = ["age 10, banned", "no."]
+    vec = P.llm_profile_vectors(str(tmp_path), texts, "cpu")
+    model = Qwen2Model.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([tok("no.").input_ids])).last_hidden_state.sum(1)
+    assert vec.shape == (2, 16)
+    torch.testing.assert_close(vec[1:], alone, atol=1e-5, rtol=1e-5)  # its padding adds nothing
+    with pytest.raises(SystemExit, match="--psa-llm"):
+        P.llm_profile_vectors("nobody/no-such-llm", texts, "cpu")
+
+
+# --------------------------------------------------------------------------------------
+# The whole path at --tiny
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def psa_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    stage("00_toy_world.py", run, "--eval-per-set", "4")
+    torch.manual_seed(0)
+    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    stage("03_build_hf.py", run)
+    psa = ["--objective", "psa", "--dfm", "off", "--lr", "1e-2"]
+    r = stage("04_train_spo.py", run, *psa, "--stop-after", "4", check=False)
+    assert r.returncode != 0 and "--stop-after" in r.stderr
+    stage("04_train_spo.py", run, *psa)  # resumes at step 4
+    stage("04_train_spo.py", run, *psa, "--name", "psa_straight")
+    return run, stage("05_evaluate.py", run)
+
+
+def test_users_are_written_by_stage_0(psa_run):
+    run, _ = psa_run
+    users = {s: P.read_users(run / "world" / "users" / f"{s}.jsonl") for s in ("train", "heldout", "reference")}
+    assert (len(users["train"]), len(users["heldout"]), len(users["reference"])) == (16, 4, 6)
+
+
+def test_psa_trains_the_adapter_only_and_resumes_exactly(psa_run):
+    run, _ = psa_run
+    from safetensors.torch import load_file
+    a = load_file(str(run / "psa" / "adapter" / "psa_adapter.safetensors"))
+    b = load_file(str(run / "psa_straight" / "adapter" / "psa_adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # killed and resumed = straight
+    assert any(k.endswith("to_v_user.weight") and a[k].abs().sum() > 0 for k in a)
+    assert not (run / "psa" / "model").exists()  # the UNet is frozen: nothing else is saved
+    m = C.read_json(run / "psa" / "metrics.json")
+    assert m["objective"] == "psa" and m["n_pairs"] > 0
+
+
+def test_stage5_reports_every_level_for_every_model(psa_run):
+    run, r = psa_run
+    personal = C.read_json(run / "eval" / "metrics.json")["personal"]
+    assert set(personal) == {"base", "psa"}  # the one-size models present (no safety or spo here) and PSA
+    for m, levels in personal.items():
+        assert set(levels) == {*P.LEVELS, "seen", "heldout"}, m
+        for lvl, f in levels.items():
+            assert {"IP_banned", "allowed_respected", "pass_rate", "PS_benign"} <= set(f)
+            assert f["pass_rate"] is None or 0.0 <= f["pass_rate"] <= 1.0
+    assert personal["base"]["0"]["IP_banned"] is None  # level 0 bans nothing
+    assert personal["base"]["5"]["allowed_respected"] is None  # level 5 allows nothing
+    assert "## PSA: safety that follows the user" in (run / "eval" / "report.md").read_text()
+    assert len(C.read_jsonl(run / "eval" / "personal_scores.jsonl")) > 0
