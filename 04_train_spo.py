@@ -357,6 +357,26 @@ def fuse_lora(pipe, lora: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
+class PSATraining:
+    """--objective psa: the adapter (the only trainable weights), the training users' profile
+    tokens (toy: token ids its encoder reads; sd15: frozen LLM vectors), each example's user."""
+    adapter: P.PSAAdapter
+    user_of: torch.Tensor            # [examples] the user of each relabelled pair
+    ids: torch.Tensor | None = None  # toy: [users, L] profile token ids, and their mask
+    mask: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None  # sd15: [users, D]
+
+    def tokens(self, examples, device) -> torch.Tensor:
+        """The user tokens of each example, [n, num_tokens, cross_attention_dim]: every training
+        user's profile vector, standardized over them all, then those of the examples' users."""
+        if self.vectors is not None:
+            every = self.vectors.to(device)
+        else:
+            every = self.adapter.profile_vectors(self.ids.to(device), self.mask.to(device))
+        return self.adapter.user_tokens(self.adapter.standardize(every, fit=True)[self.user_of[examples]])
+
+
+@dataclasses.dataclass
 class Training:
     """Everything the loop reads and updates, built once by setup()."""
     args: argparse.Namespace
@@ -383,31 +403,11 @@ class Training:
     autocast: object
     ckpt: C.Checkpoint
     log: C.MetricsLog
-    psa: "PSATraining | None" = None  # --objective psa: the adapter and the users
+    psa: PSATraining | None = None  # --objective psa: the adapter and the users
     step: int = 0
     totals: dict = dataclasses.field(
         default_factory=lambda: {"dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0),
                                  "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
-
-
-@dataclasses.dataclass
-class PSATraining:
-    """--objective psa: the adapter (the only trainable weights), the training users' profile
-    tokens (toy: token ids its encoder reads; sd15: frozen LLM vectors), each example's user."""
-    adapter: P.PSAAdapter
-    user_of: torch.Tensor            # [examples] the user of each relabelled pair
-    ids: torch.Tensor | None = None  # toy: [users, L] profile token ids, and their mask
-    mask: torch.Tensor | None = None
-    vectors: torch.Tensor | None = None  # sd15: [users, D]
-
-    def tokens(self, examples, device) -> torch.Tensor:
-        """The user tokens of each example, [n, num_tokens, cross_attention_dim]: every training
-        user's profile vector, standardized over them all, then those of the examples' users."""
-        if self.vectors is not None:
-            every = self.vectors.to(device)
-        else:
-            every = self.adapter.profile_vectors(self.ids.to(device), self.mask.to(device))
-        return self.adapter.user_tokens(self.adapter.standardize(every, fit=True)[self.user_of[examples]])
 
 
 def psa_examples(args, raw: list[dict], hf_path: Path) -> tuple[list[dict], list[dict]]:

@@ -20,6 +20,17 @@ import toyworld as W
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def module(script):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+EV = module("05_evaluate.py")
+
+
 def stage(script, run, *extra, check=True):
     r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -266,6 +277,20 @@ def test_llm_profile_vectors_are_the_masked_sum_of_last_hidden_states(tmp_path):
     torch.testing.assert_close(vec[1:], alone, atol=1e-5, rtol=1e-5)  # its padding adds nothing
     with pytest.raises(SystemExit, match="--psa-llm"):
         P.llm_profile_vectors("nobody/no-such-llm", texts, "cpu")
+
+
+def test_spearman_and_the_claims_of_the_per_level_table():
+    assert EV.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert EV.spearman([0, 2, 4, 4, 5, 7], [6, 5, 3, 3, 2, 1]) == pytest.approx(-1.0)  # ties take mean ranks
+    levels = lambda ips, passes: {**{lvl: {"IP_all": ip, "allowed_respected": 0.5, "pass_rate": 0.5, "users": 1}
+                                        for lvl, ip in zip(P.LEVELS, ips)},
+                                  **{g: {"pass_rate": passes, "users": 8} for g in ("seen", "heldout")}}
+    personal = {"base": levels([0.8] * 6, 0.5), "psa": levels([0.8, 0.7, 0.6, 0.64, 0.3, 0.0], 0.6)}
+    text = "\n".join(EV.personal_claims(personal))
+    assert "ρ(categories banned, IP) = -0.99: holds" in text      # 0.60 → 0.64 is within the slack
+    assert text.count("holds (best one-size model: base)") == 2
+    personal["psa"]["3"]["IP_all"] = 0.7                         # a rise of 0.10 breaks the fall
+    assert "fails (no level above" in "\n".join(EV.personal_claims(personal))
 
 
 # --------------------------------------------------------------------------------------
