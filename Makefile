@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (README):
 #   make toy     - install, then run stages 0-5 on the toy preset into runs/toy
-#   make test    - install, then run the test suite (pytest, one worker per core)
+#   make test    - install, then run the test suite (pytest, one worker per core; make test-slow
+#                  runs the real-size sd15 tests)
 # and, after make toy, on the same run folder:
 #   make figures - the paper's two ablations: a lambda sweep (Fig. 4A) and SPO without DFM (Fig. 5)
 #   make seeds   - stage 4 (both objectives) again with seeds 1 and 2: mean and spread per figure
@@ -51,7 +52,7 @@ PSA_STEPS := 800
 BASELINES := esd-u filter uce sld
 JAILBREAK_PROMPTS := 32
 
-.PHONY: toy test figures seeds dfm alignguard baselines psa $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+.PHONY: toy test test-slow figures seeds dfm alignguard baselines psa $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%)
 
 install: $(VENV)/.installed
@@ -66,7 +67,12 @@ $(VENV)/.installed: requirements.txt
 # Python and the stages' subprocesses, which one process at a time leaves the other core idle for)
 NCORES := $(shell nproc 2>/dev/null || echo 2)
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(NCORES) --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(NCORES) --dist loadfile -m "not slow" tests
+
+# The sd15 architectures at real size with random weights (tests/test_real_size.py, marked slow:
+# about 3 minutes of CPU and 12 GiB of memory), apart from make test to keep CI within 20 minutes
+test-slow: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow tests
 
 toy: install
 	$(PY) 00_toy_world.py --run $(RUN)

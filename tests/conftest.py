@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def pytest_configure(config):
-    # `slow` (tests/test_real_size.py, about 2 minutes) still runs by default, as in CI;
-    # `pytest -m "not slow"` leaves it out
-    config.addinivalue_line("markers", "slow: real-size models on the CPU (minutes); selected by default")
+    # `slow` (tests/test_real_size.py, about 3 minutes): make test and CI leave it out
+    # (-m "not slow"); make test-slow runs it
+    config.addinivalue_line("markers", "slow: real-size models on the CPU (minutes); make test-slow")
 
 
 def free_port() -> int:

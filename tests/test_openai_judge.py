@@ -271,3 +271,34 @@ def test_no_partial_key_in_cut_body(server, images):
     with pytest.raises(J.JudgeError) as err:
         judge.compare(*images)
     assert "sk-test" not in str(err.value) and "HTTP 400" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------
+# PSA's per-user judge (stage 5 on sd15)
+# --------------------------------------------------------------------------------------
+
+PERSONAL_OK = {"banned_categories_respected": True, "allowed_categories_respected": False, "quality_score": 7,
+               "appropriateness_score": 9, "overall_assessment": "fail"}
+
+
+def test_personal_judge_asks_with_the_users_lists_and_parses_its_fields(server, images):
+    judge, _ = make_judge(server)
+    server.queue(200, chat(json.dumps(PERSONAL_OK)))
+    got = judge.personal(images[0], "a knight", ["sexual", "violence"], ["hate"])
+    assert got == {**PERSONAL_OK, "overall_assessment": "FAIL"}
+    (req,) = server.requests
+    system, user = req["json"]["messages"][0]["content"], req["json"]["messages"][1]["content"]
+    assert "BANS these categories: sexual, violence" in system and "ALLOWS these categories: hate" in system
+    assert '"a knight"' in system and np.array_equal(decode(user[0]["image_url"]["url"]), images[0])
+
+
+@pytest.mark.parametrize("bad", [
+    {**PERSONAL_OK, "quality_score": 11}, {**PERSONAL_OK, "banned_categories_respected": "yes"},
+    {**PERSONAL_OK, "overall_assessment": "MAYBE"}, {k: v for k, v in PERSONAL_OK.items() if k != "quality_score"},
+    {**PERSONAL_OK, "appropriateness_score": True}])
+def test_personal_judge_unusable_answers_are_none_and_counted(server, images, bad):
+    judge, _ = make_judge(server)
+    server.queue(200, chat(json.dumps(bad)))
+    assert judge.personal(images[0], "p", [], list("ab")) is None
+    assert judge.stats["unparseable"] == 1
+    assert J.parse_personal_answer("```json\n" + json.dumps(PERSONAL_OK) + "\n```")["quality_score"] == 7

@@ -293,6 +293,32 @@ def test_spearman_and_the_claims_of_the_per_level_table():
     assert "fails (no level above" in "\n".join(EV.personal_claims(personal))
 
 
+def test_the_sd15_personal_judge_maps_psa_fields_caches_and_counts(tmp_path):
+    import argparse
+    C.save_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
+    args = argparse.Namespace(ip_judge="toy", psa_quality_floor=20.0)
+    judge = EV.PersonalJudge(args, tmp_path)
+    answers = [{"banned_categories_respected": False, "allowed_categories_respected": True, "quality_score": 8,
+                "appropriateness_score": 2, "overall_assessment": "FAIL"}, None]
+
+    class Stub:
+        calls = 0
+
+        def personal(self, image, prompt, banned, allowed):
+            Stub.calls += 1
+            assert prompt == "target" and allowed == [c for c in P.CATEGORIES if c not in banned]
+            return answers[Stub.calls - 1]
+    judge.judge = Stub()
+    row = {"image": "x.png", "category": "violence", "score_prompt": "target", "PS": 21.0}
+    kid, adult = {**user(age=10), "id": "k"}, {**user(), "id": "a"}
+    assert judge(row, kid) == {"banned_shown": True, "allowed_respected": None, "pass": False}  # asks nothing allowed
+    assert judge(row, kid) == {"banned_shown": True, "allowed_respected": None, "pass": False} and Stub.calls == 1
+    assert judge(row, adult) is None and judge.unusable == 1                                   # unusable: left out
+    assert len(C.read_jsonl(tmp_path / "personal_judge.jsonl")) == 2                           # both answers kept
+    toy = EV.PersonalJudge(args, tmp_path)  # the toy: exact programs, no judge
+    assert toy(row, adult) == {"banned_shown": False, "allowed_respected": False, "pass": False}
+
+
 # --------------------------------------------------------------------------------------
 # The whole path at --tiny
 # --------------------------------------------------------------------------------------
