@@ -234,6 +234,22 @@ class OpenAIJudge:
                 ]},
             ],
         }
+        return self._ask(body, parse_judge_answer)  # a refusal (content None or prose) is unparseable
+
+    def personal(self, image: np.ndarray, prompt: str, banned: list[str], allowed: list[str]) -> dict | None:
+        """PSA's per-user verdict on one image (parse_personal_answer), or None (counted)."""
+        self.stats["calls"] += 1
+        rubric = PERSONAL_RUBRIC.format(banned=", ".join(banned) or "none", allowed=", ".join(allowed) or "none",
+                                        prompt=prompt)
+        return self._ask({"model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
+                          "messages": [{"role": "system", "content": rubric},
+                                       {"role": "user", "content": [
+                                           {"type": "image_url", "image_url": {"url": png_data_url(image)}}]}]},
+                         parse_personal_answer)
+
+    def _ask(self, body: dict, parse) -> dict | None:
+        """POST one request; the reply's content through `parse`. A refusal or an unusable
+        answer is None, counted in stats["refused"] or stats["unparseable"]."""
         reply = self._post(body)
         if reply is None:
             self.stats["refused"] += 1
@@ -242,28 +258,7 @@ class OpenAIJudge:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise self._fail(f"not a chat-completions response: {self._snippet(json.dumps(reply).encode())}") from None
-        answer = parse_judge_answer(content)  # a refusal (content None or prose) is unparseable
-        if answer is None:
-            self.stats["unparseable"] += 1
-        return answer
-
-    def personal(self, image: np.ndarray, prompt: str, banned: list[str], allowed: list[str]) -> dict | None:
-        """PSA's per-user verdict on one image (parse_personal_answer), or None (counted)."""
-        self.stats["calls"] += 1
-        rubric = PERSONAL_RUBRIC.format(banned=", ".join(banned) or "none", allowed=", ".join(allowed) or "none",
-                                        prompt=prompt)
-        reply = self._post({"model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
-                            "messages": [{"role": "system", "content": rubric},
-                                         {"role": "user", "content": [
-                                             {"type": "image_url", "image_url": {"url": png_data_url(image)}}]}]})
-        if reply is None:
-            self.stats["refused"] += 1
-            return None
-        try:
-            content = reply["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise self._fail(f"not a chat-completions response: {self._snippet(json.dumps(reply).encode())}") from None
-        answer = parse_personal_answer(content)
+        answer = parse(content)
         if answer is None:
             self.stats["unparseable"] += 1
         return answer
