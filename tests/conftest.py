@@ -18,6 +18,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-size models on the CPU (minutes); make test-slow")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module(script):
+    """A top-level script (its name starts with a digit) imported as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def stage(script, run, *extra, check=True):
+    """`python SCRIPT --tiny --run RUN ...` from the repository root, offline."""
+    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
 def free_port() -> int:
     """A port nobody listens on: test files run side by side (pytest -n), so no fixed ports."""
     with socket.socket() as s:

@@ -3,39 +3,20 @@ the CoProV2 reader (good and bad rows), the category filter and the safe-wins ob
 and a --tiny run of the whole path (prompt-edited pairs, experts, all-single, merges that
 stock diffusers loads to the weights the merge computed, per-category IP in stage 5)."""
 import csv
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import module, stage
+
 import common as C
 import toyworld as W
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def module(script):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
 
 HF, SPO, EV = module("03_build_hf.py"), module("04_train_spo.py"), module("05_evaluate.py")
-
-
-def stage(script, run, *extra, check=True):
-    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if check:
-        assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
-    return r
 
 
 # --------------------------------------------------------------------------------------

@@ -2,40 +2,20 @@
 form and ESD's target on hand-computed values, ESD-u's trainable set, SLD's presets, the
 safety filter inside stock diffusers, the attack's vocabulary and search, and a --tiny run
 of every baseline through stage 5 with the jailbreak set."""
-import importlib.util
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import baselines as B
+from conftest import module, stage
+
 import common as C
 import toyworld as W
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def module(script):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
 
 EV = module("05_evaluate.py")
-
-
-def stage(script, run, *extra, check=True):
-    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if check:
-        assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
-    return r
 
 
 # --------------------------------------------------------------------------------------

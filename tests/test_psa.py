@@ -3,40 +3,20 @@ the per-user reward and relabelling, the exact concept verdicts, the adapter (a 
 the base model bit for bit; with one user token the key projection has no effect; it saves
 and loads), the LLM profile vectors, and a --tiny run through stages 0, 3, 4 and 5."""
 import csv
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import module, stage
+
 import common as C
 import psa as P
 import toyworld as W
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def module(script):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
 
 EV = module("05_evaluate.py")
-
-
-def stage(script, run, *extra, check=True):
-    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if check:
-        assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
-    return r
 
 
 def user(**kw):
