@@ -19,7 +19,10 @@ safe image is sampled from the safe prompt with a seed of its own, so it shares 
 the harmful one but the subject. Its public CSV (prompt,image,category; rows alternating
 unsafe, safe) is read with `--coprov2 FILE`. Both keep each pair's harm category, which
 AlignGuard's per-category experts train on (04_train_spo.py --categories); the judge filters
-generated pairs only (CoProV2's are taken as published).
+generated pairs only (CoProV2's are taken as published). The two pairings plan the same
+harmful images and safe-safe pairs (same prompts, seeds, guidance scales); with
+`--reuse-images hf` a prompt-edited build copies those samples from the inpainted build
+instead of drawing them again, so that a pair both builds keep differs in its safe image alone.
 
 Every image is annotated twice (the "dual dimensions"): quality r(x, c) (PickScore for
 sd15, the exact toy quality reward for toy) and cost C(x) from the stage-2 SCM. Stage 4
@@ -46,7 +49,7 @@ from tqdm import tqdm
 import common as C
 
 C.PRESETS["toy"]["hf"] = dict(
-    name="hf", pairing="inpaint", coprov2=None,
+    name="hf", pairing="inpaint", coprov2=None, reuse_images=None,
     model=None, img2img_model=None, harmful_prompts=None, safe_prompts=None, safe_pairs=None,
     n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0,
     safe_guidances=[1.0, 2.0, 4.0, 7.0], dtype="auto", chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
@@ -66,6 +69,10 @@ def parse():
                         "inpainting) or a fresh sample of the safe prompt with its own seed (CoProV2's prompt editing)")
     p.add_argument("--coprov2", help="AlignGuard's CoProV2 CSV (prompt,image,category; rows alternating unsafe, safe; "
                                      "image paths relative to the CSV): its pairs instead of generated harmful-safe ones")
+    p.add_argument("--reuse-images", metavar="NAME",
+                   help="copy every text-to-image sample that the stage-3 build DIR/NAME already holds (the same "
+                        "prompt, seed and guidance; both builds' model, steps and dtype must agree) instead of "
+                        "drawing it again")
     p.add_argument("--model", help="T2I model folder for the harmful images (default: the stage-0 model)")
     p.add_argument("--img2img-model", help="img2img pipeline for the safe counterparts, e.g. an SDXL folder "
                                            "(default: the --model components in StableDiffusionImg2ImgPipeline)")
@@ -227,11 +234,34 @@ def safety_aware_inpainting(i2i, harmful: list[np.ndarray], specs: list[dict], s
     return out
 
 
+def mark_shared_samples(args, plan: list[dict], dtype: torch.dtype) -> None:
+    """--reuse-images NAME: every text-to-image side of `plan` that the stage-3 build DIR/NAME
+    holds gets `copied_from`, its image path under DIR. A sample is a function of its prompt,
+    seed and guidance once model, sampler steps and dtype agree, which is checked."""
+    src = Path(args.run) / args.reuse_images
+    C.require_inputs([src / "config.json", src / "hf_pairs.jsonl"], "hf")
+    theirs = C.read_json(src / "config.json")
+    mine = {"model": args.model, "sample_steps": args.sample_steps, "sample_dtype": str(dtype)}
+    diff = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
+    if diff:
+        raise SystemExit(f"--reuse-images {args.reuse_images}: {src} was drawn with other settings "
+                         f"({'; '.join(diff)}): build with the same ones or leave out --reuse-images")
+    key = lambda side: (side["prompt"], side["seed"], side["guidance"])
+    shared = {key(side): f"{args.reuse_images}/{side['path']}" for _, pair in C.iter_jsonl(src / "hf_pairs.jsonl")
+              for side in (pair["a"], pair["b"]) if side["source"] == "t2i"}
+    for side in (side for p in plan for side in (p["a"], p["b"])):
+        if side["source"] == "t2i" and key(side) in shared:
+            side["copied_from"] = shared[key(side)]
+
+
 def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Path) -> dict:
     """Images, the judge's filter and the dual annotation of one chunk of planned pairs."""
-    t2i = [(p, s) for p in chunk for s in ("a", "b") if p[s]["source"] == "t2i"]
-    images = {(p["id"], s): img for (p, s), img in zip(t2i, text_to_image(pipe, [p[s] for p, s in t2i],
-                                                                             args.sample_steps))}
+    # samples another build holds (--reuse-images) are read, the other text-to-image ones drawn
+    images = {(p["id"], s): C.load_png(out.parent / p[s]["copied_from"])
+              for p in chunk for s in ("a", "b") if "copied_from" in p[s]}
+    t2i = [(p, s) for p in chunk for s in ("a", "b") if p[s]["source"] == "t2i" and (p["id"], s) not in images]
+    images.update({(p["id"], s): img for (p, s), img in zip(t2i, text_to_image(pipe, [p[s] for p, s in t2i],
+                                                                                  args.sample_steps))})
     inpaint = [p for p in chunk if p["b"]["source"] == "img2img"]
     if inpaint:
         safe = safety_aware_inpainting(i2i, [images[p["id"], "a"] for p in inpaint], [p["b"] for p in inpaint],
@@ -282,12 +312,14 @@ def main():
     scm_dir = C.stage_dir(args.run, "scm")
     model = args.model or C.toy_world_input(args, world / "model", "--model")
     C.require_inputs([scm_dir / "scm.safetensors"], "scm")
-    out.mkdir(parents=True, exist_ok=True)
     dtype = C.sample_dtype(args.dtype, device)
+    plan = plan_pairs(args, world)
+    if args.reuse_images:
+        mark_shared_samples(args, plan, dtype)
+    out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
 
-    plan = plan_pairs(args, world)
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     shard = lambda c: out / "shards" / f"pairs-{c:05d}.json"
     todo = C.my_share([c for c in range(len(chunks)) if not shard(c).exists()])  # every N-th chunk per process
@@ -326,6 +358,7 @@ def main():
         "cost_harmful_side": mean([p["a"]["cost"] for p in hs]),
         "cost_safe_side": mean([p["b"]["cost"] for p in hs]),
         "quality_gap_safe_safe": mean([abs(p["a"]["quality"] - p["b"]["quality"]) for p in ss]),
+        "images_copied": sum("copied_from" in p[s] for p in records for s in ("a", "b")),  # --reuse-images
         "seconds": round(time.time() - t0, 1)}
     C.atomic_write_json(out / "metrics.json", metrics)
     C.log(C.format_metrics(metrics))

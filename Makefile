@@ -115,7 +115,7 @@ $(DFM_RUNS): install
 
 # longest first, so that two at a time finish together
 alignguard: install
-	$(PY) 03_build_hf.py --run $(RUN) --pairing prompt-edit --name coprov2
+	$(PY) 03_build_hf.py --run $(RUN) --pairing prompt-edit --name coprov2 --reuse-images hf
 	$(PAIR) spo-promptedit all-single $(AG_EXPERTS)
 	$(PAIR) $(AG_MERGES:%=merge-%)
 	$(PY) 05_evaluate.py --run $(RUN)

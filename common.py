@@ -591,7 +591,7 @@ STAGES = {  # stage key -> (script, folder under --run)
     "coarse": ("01_build_coarse.py", "coarse"),
     "scm": ("02_train_scm.py", "scm"),
     "hf": ("03_build_hf.py", "hf"),
-    "coprov2": ("03_build_hf.py --pairing prompt-edit --name coprov2", "coprov2"),
+    "coprov2": ("03_build_hf.py --pairing prompt-edit --name coprov2 --reuse-images hf", "coprov2"),
     "spo": ("04_train_spo.py", "spo"),
     "safety": ("04_train_spo.py --objective safety", "safety"),
     "psa": ("04_train_spo.py --objective psa --dfm off", "psa"),

@@ -159,7 +159,8 @@ def ag_run(tmp_path_factory):
     torch.manual_seed(0)
     C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
     stage("03_build_hf.py", run)
-    stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2", "--n-harmful-safe", "24")
+    stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2", "--n-harmful-safe", "24",
+          "--reuse-images", "hf")
     pairs = C.read_jsonl(run / "coprov2" / "hf_pairs.jsonl")
     counts = {}
     for p in pairs:
@@ -192,6 +193,38 @@ def test_prompt_edited_pairs_sample_the_safe_prompt_with_their_own_seed(ag_run):
     assert q["b"]["source"] == "img2img" and p["a"]["seed"] == q["a"]["seed"]  # the same harmful image
     assert np.array_equal(C.load_png(run / "coprov2" / p["a"]["path"]), C.load_png(run / "hf" / q["a"]["path"]))
     assert not np.array_equal(C.load_png(run / "coprov2" / p["b"]["path"]), C.load_png(run / "hf" / q["b"]["path"]))
+
+
+def test_prompt_edited_build_copies_the_samples_it_shares_with_the_inpainted_one(ag_run):
+    """--reuse-images hf: the harmful images hf/ kept and both sides of every safe-safe pair are
+    copied from hf/ (the same prompt, seed and guidance), the rest are drawn."""
+    run, pairs, *_ = ag_run
+    key = lambda side: (side["prompt"], side["seed"], side["guidance"])
+    held = {key(s): s["path"] for p in C.read_jsonl(run / "hf" / "hf_pairs.jsonl") for s in (p["a"], p["b"])
+            if s["source"] == "t2i"}
+    sides = [s for p in pairs for s in (p["a"], p["b"]) if s["source"] == "t2i"]
+    copied = [s for s in sides if "copied_from" in s]
+    assert all(s["copied_from"] == "hf/" + held[key(s)] for s in copied)
+    assert all(key(s) not in held for s in sides if "copied_from" not in s)
+    assert all("copied_from" in p["a"] and "copied_from" in p["b"] for p in pairs if p["kind"] == "safe-safe")
+    edited = [p for p in pairs if p["kind"] == "harmful-safe"]
+    assert any("copied_from" in p["a"] for p in edited) and any("copied_from" not in p["a"] for p in edited)
+    assert not any("copied_from" in p["b"] for p in edited)  # the safe image has a seed of its own
+    assert json.loads((run / "coprov2" / "metrics.json").read_text())["images_copied"] == len(copied)
+    for s in copied[:4]:
+        assert np.array_equal(C.load_png(run / "coprov2" / s["path"]), C.load_png(run / s["copied_from"]))
+
+
+def test_reuse_images_refuses_a_build_with_other_settings(ag_run):
+    run, *_ = ag_run
+    r = stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2_steps", "--reuse-images", "hf",
+              "--sample-steps", "5", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--reuse-images hf" in r.stderr and "sample_steps 4 there, 5 here" in r.stderr
+    assert not (run / "coprov2_steps").exists()  # nothing written
+    r = stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2_none", "--reuse-images", "nohf",
+              check=False)
+    assert r.returncode != 0 and "nohf/hf_pairs.jsonl" in r.stderr and "03_build_hf.py" in r.stderr
 
 
 def test_experts_train_on_their_category_only(ag_run):
