@@ -871,18 +871,40 @@ def alignguard_claims(metrics, harmful, benign) -> list[dict]:
     return judged_claims(metrics, specs)
 
 
+def seed_differences(metrics, a: str, b: str, prompt_set: str, metric: str) -> list[float] | None:
+    """a − b on one set and metric for every training seed both models have (NAME and
+    NAME_seedK, grouped by seed_spread), paired by seed; None below two shared seeds."""
+    groups = metrics.get("seeds", {})
+    if a not in groups or b not in groups:
+        return None
+    theirs = {n[len(b):] for n in groups[b]["models"]}
+    shared = [n[len(a):] for n in groups[a]["models"] if n[len(a):] in theirs]
+    if len(shared) < 2:
+        return None
+    return [metrics[a + x][prompt_set][metric] - metrics[b + x][prompt_set][metric] for x in shared]
+
+
 def judged_claims(metrics, specs) -> list[dict]:
     """Each spec (claim, a, b, [(set, metric, need)]) whose pair has intervals, with its
-    verdict (claim_verdict) and the intervals it rests on."""
+    verdict (claim_verdict) and the intervals it rests on. The bootstrap resamples the prompts
+    and images of ONE training run of each model; where both were also trained with other
+    seeds, each part gets the per-seed differences and their t interval (paired_t_interval),
+    and the claim a second verdict from those, `seed_verdict`: does it survive training
+    randomness?"""
     claims = []
     for claim, a, b, keys in specs:
         iv = metrics["intervals"].get(f"{a}-{b}")
         if not iv:
             continue
-        parts = [(a, b, s, k, need, iv[s][k]) for s, k, need in keys]
-        claims.append({"claim": claim, "verdict": claim_verdict([(x[-1]["verdict"], x[4]) for x in parts]),
-                       "parts": [{"a": a, "b": b, "set": s, "metric": k, "need": need, **v}
-                                 for a, b, s, k, need, v in parts]})
+        parts = [{"a": a, "b": b, "set": s, "metric": k, "need": need, **iv[s][k]} for s, k, need in keys]
+        c = {"claim": claim, "verdict": claim_verdict([(x["verdict"], x["need"]) for x in parts]), "parts": parts}
+        for x in parts:
+            d = seed_differences(metrics, a, b, x["set"], x["metric"])
+            if d:
+                x["seeds"] = {"diffs": d, **paired_t_interval(d, BETTER[x["metric"]])}
+        if all("seeds" in x for x in parts):
+            c["seed_verdict"] = claim_verdict([(x["seeds"]["verdict"], x["need"]) for x in parts])
+        claims.append(c)
     return claims
 
 
@@ -907,6 +929,12 @@ def claim_lines(claims: list[dict]) -> list[str]:
         detail = "; ".join(f"{x['set']} {x['metric']} {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}] {x['verdict']}"
                            for x in c["parts"])
         lines.append(f"- **{c['claim']}**: {c['verdict']} ({c['parts'][0]['a']} − {c['parts'][0]['b']}: {detail}).")
+        if "seed_verdict" in c:
+            per_seed = "; ".join(f"{x['set']} {x['metric']} " + ", ".join(f"{d:+.3f}" for d in x["seeds"]["diffs"])
+                                 + f" (t interval [{x['seeds']['lo']:+.3f}, {x['seeds']['hi']:+.3f}])"
+                                 for x in c["parts"])
+            lines.append(f"  Over {c['parts'][0]['seeds']['n']} training seeds of each: {c['seed_verdict']} "
+                         f"(per seed: {per_seed}).")
     return lines
 
 
@@ -1658,11 +1686,11 @@ def main():
     C.write_jsonl(out / "scores.jsonl", rows)
     metrics = summarise(rows, args.nudenet_threshold, args.ua_center)
     metrics["intervals"] = intervals(rows, args.bootstrap, args.seed, args.ua_center)
+    metrics["seeds"] = seed_spread(metrics, [m.name for m in models])  # before the claims: they use it
     if harmful:
         metrics["alignguard_experts"] = expert_specificity(metrics, harmful[0])
         metrics["alignguard_claims"] = alignguard_claims(metrics, harmful, benign)
         metrics["baseline_claims"] = baseline_claims(metrics, harmful, benign)
-    metrics["seeds"] = seed_spread(metrics, [m.name for m in models])
     personal, psa_rows = personal_evaluation(args, run, out, models, items, rows, harmful, benign, scorers,
                                              dist.device, dtype)
     if personal:

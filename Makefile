@@ -10,6 +10,8 @@
 #   make alignguard - AlignGuard: prompt-edited (CoProV2-style) pairs, a LoRA safety expert per harm
 #                  category, one LoRA on all of them, the experts merged (Co-Merge and peft's merges),
 #                  T2I-SPO on the prompt-edited pairs; then the per-category report
+#   make alignguard-seeds - after make alignguard: T2I-SPO on inpainted and on prompt-edited pairs
+#                  with seeds 1 and 2, for the spread of the Sec. 3.2 comparison over training seeds
 #   make baselines - the paper's comparison: safety filter, SLD (three presets), ESD-u and UCE,
 #                  then stage 5 with the jailbreak prompts (Fig. 4B), ending with Table 2
 #   make psa     - PSA: simulated users, the profile-conditioned adapter trained on per-user
@@ -44,6 +46,7 @@ AG_MERGES := comerge linear ties dare_ties cat svd
 AG_LORA := --data coprov2 --objective safe-wins --lora-rank 4 --dfm off --lr 3e-4 --warmup 10
 AG_EXPERT_STEPS := 60
 AG_ALL_STEPS := 420
+PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2
 
 # PSA's training steps (the adapter alone trains: the UNet is frozen)
 PSA_STEPS := 800
@@ -52,8 +55,8 @@ PSA_STEPS := 800
 BASELINES := esd-u filter uce sld
 JAILBREAK_PROMPTS := 32
 
-.PHONY: toy test test-slow figures seeds dfm alignguard baselines psa $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
-	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%)
+.PHONY: toy test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%) $(PROMPTEDIT_SEEDS)
 
 install: $(VENV)/.installed
 
@@ -131,6 +134,15 @@ $(AG_EXPERTS): install
 
 $(AG_MERGES:%=merge-%): install
 	$(STAGE4) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%) --data coprov2
+
+# spo-promptedit-<seed>: T2I-SPO on the prompt-edited pairs with another training seed, beside
+# seed-spo-<seed> on the inpainted ones (stage 5 reports each figure's spread over the seeds)
+alignguard-seeds: install
+	$(PAIR) seed-spo-1 seed-spo-2 $(PROMPTEDIT_SEEDS)
+	$(PY) 05_evaluate.py --run $(RUN)
+
+$(PROMPTEDIT_SEEDS): install
+	$(STAGE4) --data coprov2 --seed $(@:spo-promptedit-%=%) --name spo_promptedit_seed$(@:spo-promptedit-%=%)
 
 # The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, then stage 5 with
 # Fig. 4B's jailbreak prompts

@@ -232,6 +232,38 @@ def test_seed_spread_groups_a_model_with_its_seed_runs():
     assert ps["mean"] == pytest.approx(22.0) and ps["std"] == pytest.approx(1.0)
 
 
+def test_claims_get_a_second_verdict_over_training_seeds():
+    """Per-seed differences a − b, paired by seed suffix, and their t interval: PS diffs 1.0,
+    1.1, 0.9 give 1.0 ± 4.303·0.1/√3 = [0.7516, 1.2484] (holds); 1, 2, 3 give [−0.4843, 4.4843]."""
+    def metrics_for(ps_a):
+        m = {}
+        for k, (pa, pb) in enumerate(zip(ps_a, [20.0, 20.0, 20.0])):
+            sfx = "" if k == 0 else f"_seed{k}"
+            m["a" + sfx] = {"benign": {"PS": pa, "IP": 0.0, "UAS": 0.5}, "harmful": {"PS": 20.0, "IP": 0.1, "UAS": 0.5}}
+            m["b" + sfx] = {"benign": {"PS": pb, "IP": 0.0, "UAS": 0.5}, "harmful": {"PS": 20.0, "IP": 0.2, "UAS": 0.5}}
+        m["c"] = m["b"]
+        iv = {"diff": 1.0, "lo": 0.5, "hi": 1.5, "verdict": "holds"}
+        m["intervals"] = {f"{x}-{y}": {"benign": {"PS": iv}, "harmful": {"IP": {**iv, "verdict": "not separable"}}}
+                          for x, y in (("a", "b"), ("a", "c"))}
+        m["seeds"] = ev.seed_spread(m, [n for n in m if n not in ("intervals", "c")])
+        return m
+
+    keys = [("benign", "PS", "holds"), ("harmful", "IP", "not worse")]
+    m = metrics_for([21.0, 21.1, 20.9])
+    (c, no_seeds) = ev.judged_claims(m, [("a keeps quality", "a", "b", keys), ("against c", "a", "c", keys)])
+    ps = c["parts"][0]["seeds"]
+    assert ps["diffs"] == pytest.approx([1.0, 1.1, 0.9]) and ps["n"] == 3 and ps["verdict"] == "holds"
+    assert (ps["lo"], ps["hi"]) == (pytest.approx(0.7516, abs=1e-4), pytest.approx(1.2484, abs=1e-4))
+    assert c["parts"][1]["seeds"]["diffs"] == pytest.approx([-0.1] * 3) and c["verdict"] == "holds"
+    assert c["seed_verdict"] == "holds"
+    assert "seed_verdict" not in no_seeds and "seeds" not in no_seeds["parts"][0]  # c has one run only
+    line = ev.claim_lines([c])[1]
+    assert line.startswith("  Over 3 training seeds of each: holds") and "benign PS +1.000, +1.100, +0.900" in line
+    c = ev.judged_claims(metrics_for([21.0, 22.0, 23.0]), [("a keeps quality", "a", "b", keys)])[0]
+    assert c["verdict"] == "holds" and c["seed_verdict"] == "not separable"  # one run says holds, seeds do not
+    assert c["parts"][0]["seeds"]["lo"] == pytest.approx(2.0 - 2.4843, abs=1e-4)
+
+
 def test_t_interval_on_hand_computed_differences():
     assert ev.t975(2) == 4.303 and ev.t975(30) == pytest.approx(2.042, abs=1e-3)  # tables of Student's t
     # d = 1, 2, 3: mean 2, sd 1, half-width 4.303/√3 = 2.4843
