@@ -39,6 +39,17 @@ def stage(script, run, *extra, check=True):
     return r
 
 
+def tiny_world_with_scm(run):
+    """Stage 0 at --tiny (4 evaluation prompts per set) and a random SCM saved as stage 2 saves
+    one: the paths that need no trained SCM start here."""
+    import torch
+    import common as C
+    stage("00_toy_world.py", run, "--eval-per-set", "4")
+    torch.manual_seed(0)
+    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    return run
+
+
 def free_port() -> int:
     """A port nobody listens on: test files run side by side (pytest -n), so no fixed ports."""
     with socket.socket() as s:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import module, stage
+from conftest import module, stage, tiny_world_with_scm
 
 import common as C
 import toyworld as W
@@ -155,9 +155,7 @@ def ag_run(tmp_path_factory):
     one), stage 3 with prompt-edited pairs beside the inpainted ones, two experts, all-single,
     T2I-SPO on both kinds of pairs, a Co-Merge and a peft merge, and stage 5."""
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "4")
-    torch.manual_seed(0)
-    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    tiny_world_with_scm(run)
     stage("03_build_hf.py", run)
     stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2", "--n-harmful-safe", "24",
           "--reuse-images", "hf")

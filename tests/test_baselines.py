@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import baselines as B
-from conftest import module, stage
+from conftest import module, stage, tiny_world_with_scm
 
 import common as C
 import toyworld as W
@@ -163,9 +163,7 @@ def test_mma_attack_raises_similarity_without_banned_words():
 @pytest.fixture(scope="module")
 def bl_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "4")
-    torch.manual_seed(0)
-    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    tiny_world_with_scm(run)
     # a stand-in for T2I-SPO (the comparison's claims need its row; its training is tested elsewhere)
     C.save_pipeline(C.load_pipeline(run / "world" / "model"), run / "spo" / "model")
     C.atomic_write_json(run / "spo" / "config.json", {"objective": "spo"})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import module, stage
+from conftest import module, stage, tiny_world_with_scm
 
 import common as C
 import psa as P
@@ -306,9 +306,7 @@ def test_the_sd15_personal_judge_maps_psa_fields_caches_and_counts(tmp_path):
 @pytest.fixture(scope="module")
 def psa_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "4")
-    torch.manual_seed(0)
-    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    tiny_world_with_scm(run)
     stage("03_build_hf.py", run)
     psa = ["--objective", "psa", "--dfm", "off", "--lr", "1e-2"]
     r = stage("04_train_spo.py", run, *psa, "--stop-after", "4", check=False)
