@@ -457,6 +457,8 @@ def setup(args) -> Training:
     args.model = args.model or C.toy_world_input(args, world / "model", "--model")
     args.name = args.name or args.objective
     out = Path(args.run) / args.name
+    if args.objective == "psa" and args.dfm == "on":  # before any work: PSA's loop has no descent rates
+        raise SystemExit("--objective psa trains without DFM: pass --dfm off")
     if not (args.objective == "psa" and args.sage):
         C.require_inputs([hf / "hf_pairs.jsonl"], data_stage(args.data))
     per_rank, rem = divmod(args.batch, dist.world_size)
@@ -495,8 +497,6 @@ def setup(args) -> Training:
     text_encoder.cpu()  # done with it: the cache holds every embedding
     psa = None
     if args.objective == "psa":
-        if args.dfm == "on":
-            raise SystemExit("--objective psa trains without DFM: pass --dfm off")
         psa = psa_setup(args, unet, users, pairs, dist.device)
         unet, ref = P.UserConditionedUNet(unet, psa.adapter), P.UserConditionedUNet(unet, psa.adapter, reference=True)
         params = list(psa.adapter.parameters())
