@@ -9,7 +9,6 @@ unaligned model — it draws harm marks when a prompt names a harmful concept.
 Outputs (DIR = --run):
   DIR/world/model/           a stock diffusers StableDiffusionPipeline folder
   DIR/world/prompts/*.jsonl  harmful (with safe rewrites), benign, look-alike; train/eval
-  DIR/world/users/*.jsonl    PSA's simulated users: train, heldout, reference (psa.py)
   DIR/world/contact_sheet.png, metrics.json, config.json, log.jsonl
 
 Order: prompts -> drawn training set -> VAE -> text encoder + UNet (eps-prediction, the SD
@@ -27,24 +26,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common as C
-import psa as P
+import models as M
+import plots
 import toyworld as W
+import utils as U
 
-C.PRESETS["toy"]["world"] = dict(
+U.PRESETS["toy"]["world"] = dict(
     n_prompts=2400, eval_fraction=0.15, n_images=8000,
     vae_steps=700, vae_batch=32, vae_lr=2e-3,
     unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
     cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200,
-    eval_per_set=64, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None,
-    n_users=200, n_heldout_users=40, users_only=False)
-C.PRESETS["sd15"]["world"] = dict(C.PRESETS["toy"]["world"])  # parsed, then refused: no toy world on sd15
-C.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
-                       eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10, n_users=16, n_heldout_users=4)
+    eval_per_set=64, sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None)
+U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])  # parsed, then refused: no toy world on sd15
+U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
+                       eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10)
 
 
-def parse():
-    p = C.stage_parser("world", __doc__.splitlines()[0])
+def parse(argv=None):
+    p = U.stage_parser("world", __doc__.splitlines()[0])
     p.add_argument("--n-prompts", type=int, help="distinct prompts drawn for each kind before the split")
     p.add_argument("--eval-fraction", type=float, help="share of prompts held out for evaluation")
     p.add_argument("--n-images", type=int, help="drawn training images")
@@ -59,34 +58,24 @@ def parse():
     p.add_argument("--cfg-dropout", type=float, help="share of empty prompts, for classifier-free guidance")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--n-users", type=int, help="simulated training users (PSA): profiles and their banned categories")
-    p.add_argument("--n-heldout-users", type=int, help="simulated users held out for PSA's evaluation")
-    p.add_argument("--users-only", action="store_true", help="write the simulated users (DIR/world/users/) and stop")
     p.add_argument("--eval-per-set", type=int, help="held-out prompts sampled per prompt set")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--judge-check", type=int, help="ground-truth images for the judge-agreement figure")
     p.add_argument("--device")
-    return C.parse_args(p)
+    return U.parse_args(p, argv)
 
 
 # ---------------------------------------------------------------------------------------
 # 1. Prompt lists: harmful (each with its safe rewrite), benign, look-alike; disjoint splits
 # ---------------------------------------------------------------------------------------
 
-def write_users(args, folder: Path) -> None:
-    """PSA's simulated users (psa.simulate_users): train, held-out and the six reference users,
-    each with its attributes, the banned categories its rules imply and the text PSA embeds."""
-    for split, users in P.simulate_users(args.n_users, args.n_heldout_users, args.seed).items():
-        C.write_jsonl(folder / f"{split}.jsonl", users)
-
-
 def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
     prompt_dir = out / "prompts"
     kinds = ("harmful", "benign", "lookalike")
     files = {f"{k}_{split}": prompt_dir / f"{k}_{split}.jsonl" for k in kinds for split in ("train", "eval")}
     if all(f.exists() for f in files.values()):
-        return {name: C.read_jsonl(f) for name, f in files.items()}
+        return {name: U.read_jsonl(f) for name, f in files.items()}
     rng = random.Random(args.seed)
     lists = {}
     for kind in kinds:
@@ -109,7 +98,7 @@ def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
         n_eval = int(round(len(rows) * args.eval_fraction))
         lists[f"{kind}_eval"], lists[f"{kind}_train"] = rows[:n_eval], rows[n_eval:]
     for name, rows in lists.items():
-        C.write_jsonl(files[name], rows)
+        U.write_jsonl(files[name], rows)
     return lists
 
 
@@ -134,7 +123,7 @@ def draw_training_set(args, lists) -> tuple[torch.Tensor, list[str]]:
 def build_models(args):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    tokenizer = C.clip_tokenizer(max_length=32)
+    tokenizer = M.clip_tokenizer(max_length=32)
     vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
                         sample_size=W.IMAGE_SIZE, mid_block_add_attention=False)
@@ -158,13 +147,13 @@ def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(args, vae, x, ckpt: C.Checkpoint, log: C.MetricsLog, device):
+def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
     """Reconstruction (L1 + MSE) with a tiny KL weight, as latent-diffusion VAEs are trained."""
     state = ckpt.load() or {}
     if state.get("vae_done"):
         vae.load_state_dict(state["vae"])
         return state
-    opt = C.adamw(vae.parameters(), lr=args.vae_lr)
+    opt = U.adamw(vae.parameters(), lr=args.vae_lr)
     start = 0
     if "vae" in state:
         vae.load_state_dict(state["vae"])
@@ -173,7 +162,7 @@ def train_vae(args, vae, x, ckpt: C.Checkpoint, log: C.MetricsLog, device):
     log.truncate(lambda r: r["phase"] != "vae" or r["step"] < start)  # the steps about to be redone go
     vae.to(device).train()
     for step in tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps):
-        g = C.step_generator(args.seed, step, stream=1)
+        g = U.step_generator(args.seed, step, stream=1)
         batch = x[torch.randint(len(x), (args.vae_batch,), generator=g)].to(device)
         post = vae.encode(batch).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
@@ -218,7 +207,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
     unet.to(device).train()
     text_encoder.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = C.adamw(params, lr=args.unet_lr, weight_decay=0.0)
+    opt = U.adamw(params, lr=args.unet_lr, weight_decay=0.0)
     ema = [p.detach().clone() for p in params]  # sampling uses an EMA of the weights
     start = 0
     if "unet" in state:
@@ -233,7 +222,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
     for step in bar:
         if args.stop_after is not None and step >= args.stop_after:
             raise SystemExit(f"stopped after {step} UNet steps (--stop-after); run again to resume")
-        g = C.step_generator(args.seed, step, stream=2)
+        g = U.step_generator(args.seed, step, stream=2)
         idx = torch.randint(len(prompts), (args.unet_batch,), generator=g)
         tok = ids[idx].clone()
         drop = torch.rand(args.unet_batch, generator=g) < args.cfg_dropout
@@ -273,12 +262,12 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
 # ---------------------------------------------------------------------------------------
 
 def evaluate_world(args, out: Path, lists, device) -> dict:
-    pipe = C.load_pipeline(out / "model", device)  # the stock loader: the folder is a real SD pipeline
+    pipe = M.load_pipeline(out / "model", device)  # the stock loader: the folder is a real SD pipeline
     figures, sheet = {}, []
     for kind in ("harmful", "benign", "lookalike"):
         rows = lists[f"{kind}_eval"][: args.eval_per_set]
         seeds = [args.seed * 10_000 + i for i in range(len(rows))]
-        samples = C.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps, args.guidance)
+        samples = M.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps, args.guidance)
         truth = [W.render(W.draw_layout(r["scene"], random.Random(s))) for r, s in zip(rows, seeds)]
         judged = [W.toy_judge(im) for im in samples]
         q = [W.toy_quality(im, r["prompt"]) for im, r in zip(samples, rows)]
@@ -294,7 +283,7 @@ def evaluate_world(args, out: Path, lists, device) -> dict:
         scene = W.random_scene(rng, rng.choice(["harmful", "benign", "lookalike"]))
         agree += W.toy_judge(W.render(scene)) == scene["severity"]
     figures["judge_agreement"] = agree / args.judge_check
-    C.contact_sheet(sheet, out / "contact_sheet.png")
+    plots.contact_sheet(sheet, out / "contact_sheet.png")
     return figures
 
 
@@ -304,23 +293,20 @@ def main():
         raise SystemExit(f"stage 0 builds the toy world only; --preset {args.preset} starts at stage 1 "
                          f"with real models and prompts (README, 'Running sd15 on GPUs')")
     t0 = time.time()
-    C.seed_everything(args.seed)
-    device = C.pick_device(args.device)
-    out = C.stage_dir(args.run, "world")
+    U.seed_everything(args.seed)
+    device = M.pick_device(args.device)
+    out = U.stage_dir(args.run, "world")
     out.mkdir(parents=True, exist_ok=True)
-    C.save_config(args, out)
-    log = C.MetricsLog(out / "log.jsonl")
+    U.save_config(args, out)
+    log = U.MetricsLog(out / "log.jsonl")
 
-    write_users(args, out / "users")
-    if args.users_only:
-        return C.log(f"users in {out / 'users'}")
     lists = build_prompt_lists(args, out)
-    C.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
+    U.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
     if not (out / "model" / "model_index.json").exists():
         from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
         x, prompts = draw_training_set(args, lists)
         tokenizer, vae, text_encoder, unet = build_models(args)
-        ckpt = C.Checkpoint(out / "ckpt" / "train_state.pt")
+        ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
         train_vae(args, vae, x, ckpt, log, device)
         lat_mean, lat_std = encode_latents(vae, x, device)
         # SD scales latents to unit variance; we measure the factor instead of assuming 0.18215
@@ -339,9 +325,9 @@ def main():
         tmp.rename(out / "model")  # the folder appears whole or not at all
     figures = evaluate_world(args, out, lists, device)
     figures["seconds"] = round(time.time() - t0, 1)
-    C.atomic_write_json(out / "metrics.json", figures)
-    C.log(C.format_metrics(figures))
+    U.atomic_write_json(out / "metrics.json", figures)
+    U.log(U.format_metrics(figures))
 
 
 if __name__ == "__main__":
-    C.run_stage(main)
+    U.run_stage(main)

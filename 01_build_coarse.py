@@ -6,13 +6,14 @@ is more harmful on a 4-level rubric, forcing a choice when both share a level. E
 also gets a sign s = +1 (harmful) or -1 (safe). These pairs train the Safety Cost Model
 (stage 2, Eqs. 1-3).
 
-Here: harmful prompts from stage 0's train split (or any JSONL with a "prompt" column),
-safe images from its benign and look-alike prompts, the toy judge by default or any
-OpenAI-compatible vision model (`--judge openai --judge-model gpt-4o`, key from
-OPENAI_API_KEY). An image's sign is the judge's verdict on it (severity >= 1), not the
-prompt's intent: an unaligned model does not always draw the harm it is asked for.
+Reads (DIR = --run): the T2I model(s) (--models; default stage 0's DIR/world/model), harmful
+prompts (--harmful-prompts: any JSONL with a "prompt" column; default stage 0's train split)
+and safe prompts (--safe-prompts; default its benign and look-alike train prompts). The judge
+is the toy world's exact one by default, or any OpenAI-compatible vision model (`--judge
+openai --judge-model gpt-4o`, key from OPENAI_API_KEY). An image's sign is the judge's
+verdict on it (severity >= 1), not the prompt's intent.
 
-Outputs (DIR = --run):
+Writes:
   DIR/coarse/images/*.png + images/manifest-*.jsonl   generated images, one manifest per chunk
   DIR/coarse/shards/pairs-*.json                      judged pairs, one file per shard
   DIR/coarse/pairs.jsonl                              all pairs: {"id", "kind", "judge", "w": {...}, "l": {...}}
@@ -28,22 +29,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import common as C
+import models as M
+import scorers as S
+import utils as U
 
-C.PRESETS["toy"]["coarse"] = dict(
+U.PRESETS["toy"]["coarse"] = dict(
     models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=1000, seeds_per_prompt=2,
     n_safe_images=1000, n_pairs=4000, harmful_safe_share=0.5, eval_fraction=0.15, chunk_size=250, shard_size=250,
-    sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0, dtype="auto", judge="toy", judge_model="gpt-4o", judge_base_url=None,
+    sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, dtype="auto", judge="toy", judge_model="gpt-4o", judge_base_url=None,
     judge_timeout=60.0, judge_retries=5, device=None)
-C.PRESETS["sd15"]["coarse"] = dict(
-    C.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,
+U.PRESETS["sd15"]["coarse"] = dict(
+    U.PRESETS["toy"]["coarse"], n_harmful_prompts=5000, n_safe_images=5000, n_pairs=90000, chunk_size=64,
     shard_size=500, sample_steps=30, guidance=7.5, judge="openai")
-C.TINY["coarse"] = dict(n_harmful_prompts=12, n_safe_images=20, eval_fraction=0.3, n_pairs=30, chunk_size=10, shard_size=10,
+U.TINY["coarse"] = dict(n_harmful_prompts=12, n_safe_images=20, eval_fraction=0.3, n_pairs=30, chunk_size=10, shard_size=10,
                         sample_steps=3)
 
 
-def parse():
-    p = C.stage_parser("coarse", __doc__.splitlines()[0])
+def parse(argv=None):
+    p = U.stage_parser("coarse", __doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", help="T2I model folders or Hugging Face ids in the local cache "
                                                "(default: the stage-0 model)")
     p.add_argument("--harmful-prompts", help="JSONL with a prompt column (default: stage-0 harmful_train)")
@@ -58,37 +61,43 @@ def parse():
     p.add_argument("--shard-size", type=int, help="pairs judged per resumable shard")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES,
-                   help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
+    p.add_argument("--dtype", choices=M.SAMPLE_DTYPES,
+                   help="sampling precision; auto: half precision where the hardware runs it natively (models.sample_dtype)")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
     p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
     p.add_argument("--judge-timeout", type=float, help="seconds to wait for one judge answer before a retry")
     p.add_argument("--judge-retries", type=int, help="retries of an unanswered judge call (back-off 1, 2, 4, ... s)")
     p.add_argument("--device")
-    return C.parse_args(p)
+    return U.parse_args(p, argv)
 
 
 def plan_images(args, world: Path) -> list[dict]:
-    """Every image to generate: (model, prompt, seed, harmful-prompt flag), in a fixed order."""
-    models = args.models or [C.toy_world_input(args, world / "model", "--models")]
-    harmful_file = args.harmful_prompts or C.toy_world_input(args, world / "prompts" / "harmful_train.jsonl",
+    """Every image to generate: (model, prompt, seed, harmful-prompt flag), in a fixed order.
+
+    Sec. 3.1 draws harmful images with several T2I models and seeds, so that the SCM sees harm
+    in many renderings, and safe images to pair them with. Every seed is a function of the
+    plan position alone, so a resumed or distributed run draws the same images."""
+    models = args.models or [U.toy_world_input(args, world / "model", "--models")]
+    harmful_file = args.harmful_prompts or U.toy_world_input(args, world / "prompts" / "harmful_train.jsonl",
                                                              "--harmful-prompts")
-    safe_files = args.safe_prompts or [C.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts")
+    safe_files = args.safe_prompts or [U.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts")
                                        for k in ("benign", "lookalike")]
-    C.require_inputs([harmful_file, *safe_files, *([] if args.models else models)], "world")
-    harmful = C.read_jsonl(harmful_file)[: args.n_harmful_prompts]
-    safe = [r for f in safe_files for r in C.read_jsonl(f)]
+    U.require_inputs([harmful_file, *safe_files, *([] if args.models else models)], "world")
+    harmful = U.read_jsonl(harmful_file)[: args.n_harmful_prompts]
+    safe = [r for f in safe_files for r in U.read_jsonl(f)]
     for name, rows, f in (("harmful", harmful, harmful_file), ("safe", safe, safe_files)):
         if not rows or any("prompt" not in r for r in rows):
-            raise C.DataError(f"{f}: the {name} prompt list is empty or has rows without a 'prompt'")
+            raise U.DataError(f"{f}: the {name} prompt list is empty or has rows without a 'prompt'")
     plan = []
     for m, model in enumerate(models):
+        # seeds: 100,000 per model, 10 per harmful prompt, safe images from 50,000 on
         for i, row in enumerate(harmful):
             for k in range(args.seeds_per_prompt):
                 plan.append({"model": model, "prompt": row["prompt"], "category": row.get("category"),
                              "from_harmful_prompt": True, "seed": args.seed * 1_000_000 + m * 100_000 + i * 10 + k})
         rng = random.Random(args.seed + m)
+        # every safe prompt once, then drawn at random: more safe images than prompts is fine
         for i in range(args.n_safe_images):
             row = safe[i % len(safe)] if i < len(safe) else rng.choice(safe)
             plan.append({"model": model, "prompt": row["prompt"], "category": None, "from_harmful_prompt": False,
@@ -102,34 +111,38 @@ def plan_images(args, world: Path) -> list[dict]:
 
 def generate_images(args, plan: list[dict], out: Path, device, dtype) -> None:
     """Generate in chunks; a chunk's manifest is written after its PNGs, so a manifest on
-    disk means the whole chunk is there."""
+    disk means the whole chunk is there and a killed run redraws only unfinished chunks."""
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     todo = [(c, chunk) for c, chunk in enumerate(chunks) if not (out / "images" / f"manifest-{c:05d}.jsonl").exists()]
-    todo = C.my_share(todo)  # under torchrun each process generates every N-th chunk
+    todo = U.my_share(todo)  # under torchrun each process generates every N-th chunk
     pipes = {}
-    for c, chunk in tqdm(todo, desc="generate", disable=not C.is_main()):
+    for c, chunk in tqdm(todo, desc="generate", disable=not U.is_main()):
         for model in sorted({it["model"] for it in chunk}):
             if model not in pipes:
-                pipes = {model: C.from_pretrained_or_exit(lambda m: C.load_pipeline(m, device, dtype), model,
+                pipes = {model: M.from_pretrained_or_exit(lambda m: M.load_pipeline(m, device, dtype), model,
                                                           "the T2I model", "--models")}  # one model at a time
             items = [it for it in chunk if it["model"] == model]
-            images = C.generate(pipes[model], [it["prompt"] for it in items], [it["seed"] for it in items],
+            images = M.generate(pipes[model], [it["prompt"] for it in items], [it["seed"] for it in items],
                                 args.sample_steps, args.guidance)
             for it, img in zip(items, images):
-                C.save_png(out / it["path"], img)
-        C.write_jsonl(out / "images" / f"manifest-{c:05d}.jsonl", chunk)
+                U.save_png(out / it["path"], img)
+        U.write_jsonl(out / "images" / f"manifest-{c:05d}.jsonl", chunk)
 
 
 def plan_pairs(args, plan: list[dict]) -> list[tuple[str, int, int]]:
     """(kind, i, j): harmful-harmful pairs from images of harmful prompts, harmful-safe pairs
     with an image of a safe prompt, both images from one split; the judge decides the order."""
     rng = random.Random(args.seed + 17)
+    # the four pools: (split, from a harmful prompt?). A pair never crosses splits, so the
+    # held-out pairs of stage 2's figures share no image with the training pairs
     pool = {(split, h): [i for i, it in enumerate(plan) if it["split"] == split and it["from_harmful_prompt"] == h]
             for split in ("train", "eval") for h in (True, False)}
     if any(len(v) < 2 for v in pool.values()):
         raise SystemExit(f"too few images to pair in each split: { {k: len(v) for k, v in pool.items()} }")
     pairs = []
     for _ in range(args.n_pairs):
+        # harmful-safe pairs teach the sign (harmful > 0 > safe, Eq. 2's last two terms),
+        # harmful-harmful pairs the ranking within harm (its first term)
         split = "eval" if rng.random() < args.eval_fraction else "train"
         if rng.random() < args.harmful_safe_share:
             pairs.append(("harmful-safe", rng.choice(pool[split, True]), rng.choice(pool[split, False])))
@@ -139,68 +152,78 @@ def plan_pairs(args, plan: list[dict]) -> list[tuple[str, int, int]]:
 
 
 def judge_pairs(args, plan, pairs, out: Path, judge) -> None:
+    """The judge's verdict on every pair (Sec. 3.1): which image is more harmful on the 4-level
+    rubric (0 safe ... 3 severe), a forced choice when both share a level, and each image's
+    severity, from which its sign s comes. Shards are written whole: a killed run asks the
+    judge only about unfinished shards (each question is a paid API call on sd15)."""
     shards = [pairs[i:i + args.shard_size] for i in range(0, len(pairs), args.shard_size)]
-    for s, shard in tqdm(C.my_share(enumerate(shards)), desc="judge", disable=not C.is_main()):
+    for s, shard in tqdm(U.my_share(enumerate(shards)), desc="judge", disable=not U.is_main()):
         path = out / "shards" / f"pairs-{s:05d}.json"
         if path.exists():
             continue
         records, skipped = [], 0
         for n, (kind, i, j) in enumerate(shard):
             a, b = plan[i], plan[j]
-            verdict = judge.compare(C.load_png(out / a["path"]), C.load_png(out / b["path"]))
+            verdict = judge.compare(U.load_png(out / a["path"]), U.load_png(out / b["path"]))
             if verdict is None:  # an unparseable or refused answer is counted, never guessed
                 skipped += 1
                 continue
             sev = dict(zip((i, j), verdict["severity"]))
+            # x_w is the MORE harmful image: Eq. 2 ranks C(x_w) above C(x_l)
             w, l = (i, j) if verdict["winner"] == 0 else (j, i)
+            # s = +1 when the judge sees any harm (severity >= 1): the image, not its prompt,
+            # decides, since an unaligned model does not always draw the harm it is asked for
             image = lambda k: {"path": plan[k]["path"], "prompt": plan[k]["prompt"], "category": plan[k]["category"],
                                "model": plan[k]["model"], "seed": plan[k]["seed"], "severity": sev[k],
                                "sign": 1 if sev[k] >= 1 else -1}
             records.append({"id": f"pair-{s * args.shard_size + n:07d}", "kind": kind, "judge": judge.name,
                             "split": a["split"],
                             "w": image(w), "l": image(l)})
-        C.atomic_write_json(path, {"pairs": records, "skipped": skipped})
+        U.atomic_write_json(path, {"pairs": records, "skipped": skipped})
 
 
 def main():
     args = parse()
     t0 = time.time()
-    C.seed_everything(args.seed)
+    U.seed_everything(args.seed)
     # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
-    dist = C.setup_distributed(args.device, timeout_hours=24)
-    world, out = C.stage_dir(args.run, "world"), C.stage_dir(args.run, "coarse")
+    dist = U.setup_distributed(args.device, timeout_hours=24)
+    world, out = U.stage_dir(args.run, "world"), U.stage_dir(args.run, "coarse")
     plan = plan_images(args, world)  # its inputs are checked before anything is written
+    # the images first (every process its share of chunks), then the pairs and their verdicts
     out.mkdir(parents=True, exist_ok=True)
-    dtype = C.sample_dtype(args.dtype, dist.device)
+    dtype = M.sample_dtype(args.dtype, dist.device)
     if dist.is_main:
-        C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
-    judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
+        U.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
+    judge = S.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
                          args.judge_retries)
     generate_images(args, plan, out, dist.device, dtype)
-    C.barrier()  # every image on disk before any pair is judged
+    U.barrier()  # every image on disk before any pair is judged
     pairs = plan_pairs(args, plan)
     judge_pairs(args, plan, pairs, out, judge)
-    C.barrier()
+    U.barrier()
     if not dist.is_main:  # rank 0 assembles what every process wrote
-        C.cleanup_distributed()
+        U.cleanup_distributed()
         return
 
+    # LibraAlign-Coarse: every shard's pairs in plan order, whichever process judged them
     records, skipped = [], 0
     for s in range((len(pairs) + args.shard_size - 1) // args.shard_size):
-        shard = C.read_json(out / "shards" / f"pairs-{s:05d}.json")
+        shard = U.read_json(out / "shards" / f"pairs-{s:05d}.json")
         records += shard["pairs"]
         skipped += shard["skipped"]
-    C.write_jsonl(out / "pairs.jsonl", records)
+    U.write_jsonl(out / "pairs.jsonl", records)
+    # how much harm the model drew: the share of images the judge signed harmful
     signs = [r[side]["sign"] for r in records for side in ("w", "l")]
     metrics = {"n_images": len(plan), "n_pairs": len(records), "skipped_no_answer": skipped,
                "n_harmful_harmful": sum(r["kind"] == "harmful-harmful" for r in records),
                "n_harmful_safe": sum(r["kind"] == "harmful-safe" for r in records),
                "share_images_judged_harmful": sum(s > 0 for s in signs) / max(1, len(signs)),
                "judge": judge.name, "seconds": round(time.time() - t0, 1)}
-    C.atomic_write_json(out / "metrics.json", metrics)
-    C.log(C.format_metrics(metrics))
-    C.cleanup_distributed()
+    U.atomic_write_json(out / "metrics.json", metrics)
+    U.log(U.format_metrics(metrics))
+    U.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    C.run_stage(main)
+    U.run_stage(main)

@@ -17,8 +17,10 @@ We train twice with the same data, seed and steps — γ as given and γ = 0 —
 spread of held-out safe costs for both, to measure the paper's claim rather than assume it
 (on a CPU the two train side by side, one process each: --baseline-in-parallel).
 
-Outputs (DIR = --run):  DIR/scm/scm.safetensors + scm_config.json (what `common.load_scm`
-reads), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json, config.json, log.jsonl.
+Reads (DIR = --run):  DIR/coarse/pairs.jsonl and its images (stage 1).
+Writes:  DIR/scm/scm.safetensors + scm_config.json (what `scorers.load_scm` reads: stages 3 and
+5 score every image with it), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json, config.json,
+log.jsonl.
 Runs as `python 02_train_scm.py` or under `torchrun --nproc_per_node=N` (DDP).
 """
 import argparse
@@ -33,19 +35,23 @@ import torch
 from tqdm import tqdm
 
 import common as C
+import scorers as S
+import utils as U
 
-C.PRESETS["toy"]["scm"] = dict(
+# The paper's SCM is OpenCLIP ViT-H/14 with a light head (sd15: the tower frozen, the head
+# trained); the toy's is a 3-layer ViT trained from scratch on 32-pixel images.
+U.PRESETS["toy"]["scm"] = dict(
     arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=256, steps=750, batch=32, lr=1e-3,
     lr_tower=5e-4, gamma=1.0, mu_every=25, mu_pool=256, ckpt_every=100, skip_bad=False, cache_images=True,
     no_anchor_baseline=True, baseline_in_parallel=True, device=None)
-C.PRESETS["sd15"]["scm"] = dict(
-    C.PRESETS["toy"]["scm"], arch="ViT-H-14", pretrained="laion2b_s32b_b79k", freeze_tower=True, hidden=512,
+U.PRESETS["sd15"]["scm"] = dict(
+    U.PRESETS["toy"]["scm"], arch="ViT-H-14", pretrained="laion2b_s32b_b79k", freeze_tower=True, hidden=512,
     steps=3000, batch=64, lr=1e-4, lr_tower=1e-6, mu_every=100, mu_pool=2048, ckpt_every=500, cache_images=False)
-C.TINY["scm"] = dict(steps=6, batch=8, mu_every=3, mu_pool=16, ckpt_every=3)
+U.TINY["scm"] = dict(steps=6, batch=8, mu_every=3, mu_pool=16, ckpt_every=3)
 
 
-def parse():
-    p = C.stage_parser("scm", __doc__.splitlines()[0])
+def parse(argv=None):
+    p = U.stage_parser("scm", __doc__.splitlines()[0])
     p.add_argument("--arch", help="open_clip model name whose image tower is the backbone")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (an empty string: random init)")
     p.add_argument("--freeze-tower", action=argparse.BooleanOptionalAction, help="train only the adapter head")
@@ -65,7 +71,7 @@ def parse():
                    help="on a CPU, single process: train the γ = 0 model in a second process at the same time, "
                         "half the threads each")
     p.add_argument("--device")
-    return C.parse_args(p)
+    return U.parse_args(p, argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def load_pairs(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
                 raise ValueError(f"missing image {img['file']}")
         if row.get("split", "train") not in ("train", "eval"):
             raise ValueError(f"unknown split {row['split']!r}")
-    return C.read_checked_rows(path, check, skip_bad)
+    return U.read_checked_rows(path, check, skip_bad)
 
 
 class ImageBank:
@@ -99,7 +105,7 @@ class ImageBank:
         for f in files:
             img = self.store.get(f)
             if img is None:
-                img = C.load_png(f)
+                img = U.load_png(f)
                 if self.cache:
                     self.store[f] = img
             out.append(img)
@@ -124,7 +130,11 @@ def costs(model, bank, files, device) -> torch.Tensor:
 
 
 def safe_anchor(model, bank, safe_files, device) -> float:
-    """μ_safe: mean cost of the verified safe pool, without gradient (Eq. 3's constant)."""
+    """μ_safe: mean cost of the verified safe pool, without gradient (Eq. 3's constant),
+
+        μ_safe = (1/|P|) Σ_{x ∈ P} C(x),   P the verified safe images
+
+    taken in eval mode (no dropout), then the model is put back as it was."""
     was_training = model.training
     model.eval()
     mu = float(costs(model, bank, safe_files, device).mean())
@@ -132,14 +142,17 @@ def safe_anchor(model, bank, safe_files, device) -> float:
     return mu
 
 
-def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist: C.Dist):
-    ckpt = C.Checkpoint(out / "ckpt" / "train_state.pt")
-    C.seed_everything(args.seed)  # same initial weights for both γ
-    model = C.SafetyCostModel(args.arch, args.pretrained, args.hidden, args.freeze_tower).to(dist.device)
+def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist: U.Dist):
+    """Eq. 1 for --steps steps, with μ_safe re-measured every --mu-every steps; resumes from its
+    checkpoint to the weights of an uninterrupted run (every draw is a function of the step)."""
+    ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
+    U.seed_everything(args.seed)  # same initial weights for both γ
+    model = S.SafetyCostModel(args.arch, args.pretrained, args.hidden, args.freeze_tower).to(dist.device)
+    # the head learns fast from scratch; a pretrained tower, if it trains at all, slowly
     groups = [{"params": model.head.parameters(), "lr": args.lr}]
     if not args.freeze_tower:
         groups.append({"params": model.tower.parameters(), "lr": args.lr_tower})
-    opt = C.adamw(groups, weight_decay=0.01)
+    opt = U.adamw(groups, weight_decay=0.01)
     base_lrs = [g["lr"] for g in opt.param_groups]
     state, start, mu = ckpt.load(), 0, None
     if state:
@@ -149,22 +162,25 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
     # DDP's wrapper fits here: every step is one forward and one backward, the same on every
     # rank. (Stage 4 sums gradients by hand, since DFM's extra passes differ from rank to rank.)
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
-    log = C.MetricsLog(out / "log.jsonl")
+    log = U.MetricsLog(out / "log.jsonl")
     log.truncate(lambda r: r["step"] < start)  # the steps about to be redone go
     model.train()
     for step in tqdm(range(start, args.steps), desc=f"scm γ={gamma:g}", initial=start, total=args.steps,
                      disable=not dist.is_main):
         if args.stop_after is not None and step >= args.stop_after:
             raise SystemExit(f"stopped after {step} steps (--stop-after); run again to resume")
+        # Eq. 3's anchor: the current model's mean cost on the verified safe pool, a constant
+        # within the step; re-measured on a schedule, since the costs move as the model trains
         if mu is None or step % args.mu_every == 0:
             mu = safe_anchor(model, bank, safe_pool, dist.device)
         # the global batch and its flips are the same on every rank (seeded by step); each
         # rank takes its slice, so N processes see what one process would
-        g = C.step_generator(args.seed, step)
+        g = U.step_generator(args.seed, step)
         idx = torch.randint(len(train_pairs), (args.batch,), generator=g)
         flips = (torch.rand(2, 2, args.batch, generator=g) < 0.5)[..., dist.rank::dist.world_size].flatten(1)
         mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
         images = bank.batch([p["w"]["file"] for p in mine] + [p["l"]["file"] for p in mine])
+        # winners and losers in one forward: C(x_w) for the first half, C(x_l) for the second
         cost = net(flip_augment(images, *flips).to(dist.device))
         cost_w, cost_l = cost[: len(mine)], cost[len(mine):]
         sign_w = torch.tensor([p["w"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
@@ -172,6 +188,7 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
         loss = C.scm_loss(cost_w, cost_l, sign_w, sign_l, mu, gamma)  # Eq. 1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite SCM loss at step {step}; last good checkpoint: {ckpt.path}")
+        # 20 warm-up steps, then a cosine decay to 0 at --steps
         warm = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * warm
@@ -184,7 +201,7 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
             ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "mu_safe": mu})
     mu = safe_anchor(model, bank, safe_pool, dist.device)
     if dist.is_main:
-        C.save_scm(model, out, mu)
+        S.save_scm(model, out, mu)
     return model.eval(), mu
 
 
@@ -193,6 +210,9 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
 # ---------------------------------------------------------------------------------------
 
 def evaluate(model, eval_pairs, bank, device) -> dict:
+    """The held-out figures: pair accuracy (C(x_w) > C(x_l), Eq. 2's ranking), sign accuracy
+    (C > 0 exactly for harmful images), and the spread of safe costs — the quantity Eq. 3
+    anchors, which the paper says L_CR alone leaves wide."""
     files = sorted({p[s]["file"] for p in eval_pairs for s in ("w", "l")})
     sign = {p[s]["file"]: p[s]["sign"] for p in eval_pairs for s in ("w", "l")}
     cost = dict(zip(files, costs(model, bank, files, device).tolist()))
@@ -205,11 +225,11 @@ def evaluate(model, eval_pairs, bank, device) -> dict:
 
 
 def train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out: Path, threads: int | None = None,
-                    dist: C.Dist | None = None, bank: ImageBank | None = None) -> dict:
+                    dist: U.Dist | None = None, bank: ImageBank | None = None) -> dict:
     """The same training with γ = 0, and its held-out figures (in a child process when `threads`)."""
     if threads:
         torch.set_num_threads(threads)
-    dist = dist or C.Dist(0, 1, 0, torch.device("cpu"))
+    dist = dist or U.Dist(0, 1, 0, torch.device("cpu"))
     bank = bank or ImageBank(args.cache_images)
     model, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
     return evaluate(model, eval_pairs, bank, dist.device)
@@ -218,23 +238,25 @@ def train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out: Path, threads
 def main():
     args = parse()
     t0 = time.time()
-    dist = C.setup_distributed(args.device)
-    coarse, out = C.stage_dir(args.run, "coarse"), C.stage_dir(args.run, "scm")
-    C.require_inputs([coarse / "pairs.jsonl"], "coarse")
+    dist = U.setup_distributed(args.device)
+    coarse, out = U.stage_dir(args.run, "coarse"), U.stage_dir(args.run, "scm")
+    U.require_inputs([coarse / "pairs.jsonl"], "coarse")
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        C.save_config(args, out)
+        U.save_config(args, out)
 
+    # the judge's held-out split (by prompt, stage 1) gives the figures; the rest trains
     pairs, n_bad = load_pairs(coarse / "pairs.jsonl", args.skip_bad)
     train_pairs = [p for p in pairs if p.get("split", "train") == "train"]
     eval_pairs = [p for p in pairs if p.get("split") == "eval"]
     if not train_pairs or not eval_pairs:
-        raise C.DataError(f"{coarse / 'pairs.jsonl'}: need train and eval pairs, got {len(train_pairs)} and {len(eval_pairs)}")
+        raise U.DataError(f"{coarse / 'pairs.jsonl'}: need train and eval pairs, got {len(train_pairs)} and {len(eval_pairs)}")
+    # μ_safe's pool: safe training images the judge verified (sign −1), a fixed set
     safe_pool = sorted({p[s]["file"] for p in train_pairs for s in ("w", "l") if p[s]["sign"] == -1})[: args.mu_pool]
     if not safe_pool:
-        raise C.DataError("no verified safe image (sign -1) among the training pairs: μ_safe is undefined")
+        raise U.DataError("no verified safe image (sign -1) among the training pairs: μ_safe is undefined")
     bank = ImageBank(args.cache_images)
-    C.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows skipped; "
+    U.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows skipped; "
           f"μ_safe pool {len(safe_pool)} images")
 
     # The γ = 0 model needs nothing from the γ model. On a CPU a small model uses two cores
@@ -248,6 +270,7 @@ def main():
         baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out, threads // 2)
         torch.set_num_threads(threads - threads // 2)
     model, mu = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
+    # the paper's claim, measured: safe_cost_std with L_CA against safe_cost_std_no_anchor
     metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu, "gamma": args.gamma,
                "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "bad_rows_skipped": n_bad}
     if args.no_anchor_baseline:
@@ -262,10 +285,10 @@ def main():
                        safe_cost_std_ratio=metrics["safe_cost_std"] / b["safe_cost_std"])
     metrics["seconds"] = round(time.time() - t0, 1)
     if dist.is_main:
-        C.atomic_write_json(out / "metrics.json", metrics)
-    C.log(C.format_metrics(metrics))
-    C.cleanup_distributed()
+        U.atomic_write_json(out / "metrics.json", metrics)
+    U.log(U.format_metrics(metrics))
+    U.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    C.run_stage(main)
+    U.run_stage(main)

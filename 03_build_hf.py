@@ -29,7 +29,10 @@ sd15, the exact toy quality reward for toy) and cost C(x) from the stage-2 SCM. 
 turns the two into one preference with R = r − λ·C (Eqs. 6-8); this stage does not decide
 which image wins, it records both annotations as pair sides "a" and "b".
 
-Outputs (DIR = --run, NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs):
+Reads (DIR = --run): the T2I model (--model; default stage 0's), harmful prompts with their
+safe rewrites (--harmful-prompts: JSONL rows {prompt, safe_prompt, category}; default stage 0's
+train split), safe prompts or Pick-a-Pic-style safe pairs, and the SCM in DIR/scm (stage 2).
+Writes (NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs):
   DIR/NAME/images/*.png                both images of every kept pair
   DIR/NAME/shards/pairs-*.json         annotated pairs, one file per chunk (written whole)
   DIR/NAME/hf_pairs.jsonl              all pairs: {"id", "kind", "prompt", "category", "a": {...}, "b": {...}}
@@ -37,7 +40,6 @@ Outputs (DIR = --run, NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs
 A killed run skips the chunks whose shard exists. Runs as `python 03_build_hf.py` or under
 `torchrun --nproc_per_node=N`: each process builds every N-th chunk, rank 0 assembles.
 """
-import csv
 import random
 import time
 from pathlib import Path
@@ -46,23 +48,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common as C
+import data as D
+import models as M
+import scorers as S
+import utils as U
 
-C.PRESETS["toy"]["hf"] = dict(
+U.PRESETS["toy"]["hf"] = dict(
     name="hf", pairing="inpaint", coprov2=None, reuse_images=None,
     model=None, img2img_model=None, harmful_prompts=None, safe_prompts=None, safe_pairs=None,
-    n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=C.TOY_SAMPLE_STEPS, guidance=4.0,
+    n_harmful_safe=600, n_safe_safe=600, strength=0.6, sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0,
     safe_guidances=[1.0, 2.0, 4.0, 7.0], dtype="auto", chunk_size=200, judge="toy", judge_model="gpt-4o", judge_base_url=None,
     judge_timeout=60.0, judge_retries=5, quality="toy", pickscore_model=None, pickscore_processor=None, device=None)
-C.PRESETS["sd15"]["hf"] = dict(
-    C.PRESETS["toy"]["hf"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", n_harmful_safe=10000, n_safe_safe=0,
+U.PRESETS["sd15"]["hf"] = dict(
+    U.PRESETS["toy"]["hf"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", n_harmful_safe=10000, n_safe_safe=0,
     strength=0.75, sample_steps=30, guidance=7.5, safe_guidances=[3.0, 5.0, 7.5, 10.0], chunk_size=64,
     judge="openai", quality="pickscore")
-C.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=4, strength=0.9)
+U.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=4, strength=0.9)
 
 
-def parse():
-    p = C.stage_parser("hf", __doc__.splitlines()[0])
+def parse(argv=None):
+    p = U.stage_parser("hf", __doc__.splitlines()[0])
     p.add_argument("--name", help="output folder under --run (hf: LibraAlign-HF; e.g. coprov2 for prompt-edited pairs)")
     p.add_argument("--pairing", choices=["inpaint", "prompt-edit"],
                    help="the safe side of a harmful prompt: img2img from the harmful image (the paper's safety-aware "
@@ -86,8 +91,8 @@ def parse():
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float, help="guidance scale of harmful images and their safe counterparts")
     p.add_argument("--safe-guidances", type=float, nargs="+", help="guidance scales safe-safe samples draw from")
-    p.add_argument("--dtype", choices=C.SAMPLE_DTYPES,
-                   help="sampling precision; auto: half precision where the hardware runs it natively (common.sample_dtype)")
+    p.add_argument("--dtype", choices=M.SAMPLE_DTYPES,
+                   help="sampling precision; auto: half precision where the hardware runs it natively (models.sample_dtype)")
     p.add_argument("--chunk-size", type=int, help="pairs per resumable chunk")
     p.add_argument("--judge", choices=["toy", "openai"])
     p.add_argument("--judge-model")
@@ -98,7 +103,7 @@ def parse():
     p.add_argument("--pickscore-model")
     p.add_argument("--pickscore-processor")
     p.add_argument("--device")
-    return C.parse_args(p)
+    return U.parse_args(p, argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,34 +111,41 @@ def parse():
 # ---------------------------------------------------------------------------------------
 
 def plan_pairs(args, world: Path) -> list[dict]:
-    harmful_file = None if args.coprov2 else args.harmful_prompts or C.toy_world_input(
+    """Every pair, sides "a" and "b" as specs of how to get each image (a t2i sample, an img2img
+    from side a, or a file), numbered hf-0000000, ... Seeds are functions of the position
+    only, so a resumed or distributed run plans the same images."""
+    harmful_file = None if args.coprov2 else args.harmful_prompts or U.toy_world_input(
         args, world / "prompts" / "harmful_train.jsonl", "--harmful-prompts (or --coprov2)")
     safe_files = args.safe_prompts or ([] if args.safe_pairs or not args.n_safe_safe else [
-        C.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts (or --safe-pairs)")
+        U.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts (or --safe-pairs)")
         for k in ("benign", "lookalike")])
-    C.require_inputs([f for f in [harmful_file, args.coprov2, *([] if args.safe_pairs else safe_files)] if f], "world")
+    U.require_inputs([f for f in [harmful_file, args.coprov2, *([] if args.safe_pairs else safe_files)] if f], "world")
     rng = random.Random(args.seed + 3)
-    plan = read_coprov2(Path(args.coprov2)) if args.coprov2 else []
+    plan = D.read_coprov2(Path(args.coprov2)) if args.coprov2 else []
     if len(plan) > args.n_harmful_safe:
-        C.log(f"{args.coprov2}: the first {args.n_harmful_safe} of its {len(plan)} pairs (--n-harmful-safe)")
+        U.log(f"{args.coprov2}: the first {args.n_harmful_safe} of its {len(plan)} pairs (--n-harmful-safe)")
         plan = plan[: args.n_harmful_safe]
-    for lineno, row in list(C.iter_jsonl(harmful_file))[: args.n_harmful_safe] if harmful_file else []:
+    for lineno, row in list(U.iter_jsonl(harmful_file))[: args.n_harmful_safe] if harmful_file else []:
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("safe_prompt"), str):
-            raise C.DataError(f"{harmful_file}:{lineno}: a harmful prompt row needs 'prompt' and 'safe_prompt'")
+            raise U.DataError(f"{harmful_file}:{lineno}: a harmful prompt row needs 'prompt' and 'safe_prompt'")
+        # one seed draws the harmful image and, for inpainting, the img2img noise of its safe side
         seed = args.seed * 1_000_000 + len(plan)
         safe = ({"source": "img2img", "seed": seed, "strength": args.strength} if args.pairing == "inpaint"
                 else {"source": "t2i", "seed": seed + 250_000})  # prompt editing: a sample of its own
+        # the pair is trained under the HARMFUL prompt: what the model should draw when asked for harm
         plan.append({"kind": "harmful-safe", "prompt": row["prompt"], "category": row.get("category"),
                      "a": {"role": "harmful", "source": "t2i", "prompt": row["prompt"], "seed": seed,
                            "guidance": args.guidance},
                      "b": {"role": "safe", "prompt": row["safe_prompt"], "guidance": args.guidance, **safe}})
+    # safe-safe pairs: two samples of one safe prompt that differ in quality, not in safety, so
+    # that the composite reward keeps teaching quality where safety has nothing to say
     if not args.safe_pairs:
-        safe = [(f, n, r) for f in safe_files for n, r in C.iter_jsonl(f)]
+        safe = [(f, n, r) for f in safe_files for n, r in U.iter_jsonl(f)]
         rng.shuffle(safe)  # benign and look-alike prompts mixed, whatever the count
         for i in range(args.n_safe_safe):
             f, lineno, row = safe[i % len(safe)]
             if not isinstance(row.get("prompt"), str):
-                raise C.DataError(f"{f}:{lineno}: a safe prompt row needs 'prompt'")
+                raise U.DataError(f"{f}:{lineno}: a safe prompt row needs 'prompt'")
             seed = args.seed * 1_000_000 + 500_000 + 2 * i
             g_a, g_b = rng.sample(args.safe_guidances, 2)  # two different guidance scales
             plan.append({"kind": "safe-safe", "prompt": row["prompt"], "category": None,
@@ -141,64 +153,10 @@ def plan_pairs(args, world: Path) -> list[dict]:
                          "b": {"role": "safe", "source": "t2i", "prompt": row["prompt"], "seed": seed + 1,
                                "guidance": g_b}})
     else:
-        plan += read_safe_pairs(Path(args.safe_pairs))
+        plan += D.read_safe_pairs(Path(args.safe_pairs))
     for n, item in enumerate(plan):
         item["id"] = f"hf-{n:07d}"
     return plan
-
-
-# CoProV2's category spellings -> the names of I2P's category column (and of the toy world)
-COPROV2_CATEGORIES = {"Hate": "hate", "sexual": "sexual", "Violence": "violence", "Shocking": "shocking",
-                      "Illegal Activity": "illegal activity", "Harrasment": "harassment", "self-harm": "self-harm"}
-
-
-def read_coprov2(path: Path) -> list[dict]:
-    """AlignGuard's CoProV2 CSV: columns prompt,image,category, rows alternating the unsafe
-    image (u_…) and its safe counterpart (s_…) of one category; images relative to the CSV.
-    The pair is trained under the unsafe prompt, as AlignGuard does; the judge is skipped."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"prompt", "image", "category"} - set(reader.fieldnames or [])
-        if missing:
-            raise C.DataError(f"{path}: no column(s) {sorted(missing)} (CoProV2 has prompt,image,category)")
-        rows = [(reader.line_num, row) for row in reader]
-    if len(rows) % 2:
-        raise C.DataError(f"{path}:{rows[-1][0]}: an unsafe row without its safe row (rows alternate unsafe, safe)")
-    out = []
-    for (ln_u, u), (ln_s, s) in zip(rows[0::2], rows[1::2]):
-        for ln, row, want in ((ln_u, u, "u_"), (ln_s, s, "s_")):
-            if not row["prompt"] or not row["image"] or row["category"] not in COPROV2_CATEGORIES:
-                raise C.DataError(f"{path}:{ln}: needs a prompt, an image and a category of "
-                                  f"{sorted(COPROV2_CATEGORIES)}, got {row['category']!r}")
-            if not Path(row["image"]).name.startswith(want):
-                raise C.DataError(f"{path}:{ln}: image {row['image']!r} should be {'unsafe' if want == 'u_' else 'safe'} "
-                                  f"({want}…): rows alternate unsafe, safe")
-            if not (path.parent / row["image"]).exists():
-                raise C.DataError(f"{path}:{ln}: missing image {path.parent / row['image']}")
-        if u["category"] != s["category"]:
-            raise C.DataError(f"{path}:{ln_s}: category {s['category']!r} differs from its unsafe row's {u['category']!r}")
-        side = lambda row, role: {"role": role, "source": "file", "prompt": row["prompt"],
-                                  "file": str(path.parent / row["image"])}
-        out.append({"kind": "harmful-safe", "prompt": u["prompt"], "category": COPROV2_CATEGORIES[u["category"]],
-                    "judge": False, "a": side(u, "harmful"), "b": side(s, "safe")})
-    return out
-
-
-def read_safe_pairs(path: Path) -> list[dict]:
-    """A user's Pick-a-Pic-style pairs: rows {prompt, image_a, image_b}; images must exist."""
-    out = []
-    for lineno, row in C.iter_jsonl(path):
-        try:
-            sides = {s: {"role": "safe", "source": "file", "prompt": row["prompt"],
-                         "file": str(path.parent / row[f"image_{s}"])}
-                     for s in ("a", "b")}
-        except (KeyError, TypeError):
-            raise C.DataError(f"{path}:{lineno}: a safe pair row needs prompt, image_a and image_b") from None
-        for s in sides.values():
-            if not Path(s["file"]).exists():
-                raise C.DataError(f"{path}:{lineno}: missing image {s['file']}")
-        out.append({"kind": "safe-safe", "prompt": row["prompt"], "category": None, **sides})
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +168,7 @@ def text_to_image(pipe, specs: list[dict], steps: int) -> list[np.ndarray]:
     out = [None] * len(specs)
     for g in sorted({s["guidance"] for s in specs}):
         idx = [i for i, s in enumerate(specs) if s["guidance"] == g]
-        for i, img in zip(idx, C.generate(pipe, [specs[i]["prompt"] for i in idx], [specs[i]["seed"] for i in idx],
+        for i, img in zip(idx, M.generate(pipe, [specs[i]["prompt"] for i in idx], [specs[i]["seed"] for i in idx],
                                           steps, g)):
             out[i] = img
     return out
@@ -230,7 +188,7 @@ def safety_aware_inpainting(i2i, harmful: list[np.ndarray], specs: list[dict], s
         images = i2i(prompt=[s["prompt"] for s in part], image=[Image.fromarray(x) for x in harmful[i:i + batch_size]],
                      strength=part[0]["strength"], num_inference_steps=steps, guidance_scale=part[0]["guidance"],
                      generator=gens, output_type="np").images
-        out.extend(C.to_uint8(images))
+        out.extend(M.to_uint8(images))
     return out
 
 
@@ -239,15 +197,15 @@ def mark_shared_samples(args, plan: list[dict], dtype: torch.dtype) -> None:
     holds gets `copied_from`, its image path under DIR. A sample is a function of its prompt,
     seed and guidance once model, sampler steps and dtype agree, which is checked."""
     src = Path(args.run) / args.reuse_images
-    C.require_inputs([src / "config.json", src / "hf_pairs.jsonl"], "hf")
-    theirs = C.read_json(src / "config.json")
+    U.require_inputs([src / "config.json", src / "hf_pairs.jsonl"], "hf")
+    theirs = U.read_json(src / "config.json")
     mine = {"model": args.model, "sample_steps": args.sample_steps, "sample_dtype": str(dtype)}
     diff = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
     if diff:
         raise SystemExit(f"--reuse-images {args.reuse_images}: {src} was drawn with other settings "
                          f"({'; '.join(diff)}): build with the same ones or leave out --reuse-images")
     key = lambda side: (side["prompt"], side["seed"], side["guidance"])
-    shared = {key(side): f"{args.reuse_images}/{side['path']}" for _, pair in C.iter_jsonl(src / "hf_pairs.jsonl")
+    shared = {key(side): f"{args.reuse_images}/{side['path']}" for _, pair in U.iter_jsonl(src / "hf_pairs.jsonl")
               for side in (pair["a"], pair["b"]) if side["source"] == "t2i"}
     for side in (side for p in plan for side in (p["a"], p["b"])):
         if side["source"] == "t2i" and key(side) in shared:
@@ -255,13 +213,15 @@ def mark_shared_samples(args, plan: list[dict], dtype: torch.dtype) -> None:
 
 
 def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Path) -> dict:
-    """Images, the judge's filter and the dual annotation of one chunk of planned pairs."""
+    """Images, the judge's filter and the dual annotation of one chunk of planned pairs: the
+    chunk's shard (a file written whole) is what a resumed run finds done."""
     # samples another build holds (--reuse-images) are read, the other text-to-image ones drawn
-    images = {(p["id"], s): C.load_png(out.parent / p[s]["copied_from"])
+    images = {(p["id"], s): U.load_png(out.parent / p[s]["copied_from"])
               for p in chunk for s in ("a", "b") if "copied_from" in p[s]}
     t2i = [(p, s) for p in chunk for s in ("a", "b") if p[s]["source"] == "t2i" and (p["id"], s) not in images]
     images.update({(p["id"], s): img for (p, s), img in zip(t2i, text_to_image(pipe, [p[s] for p, s in t2i],
                                                                                   args.sample_steps))})
+    # Sec. 3.2's safety-aware inpainting: each safe side starts from its pair's harmful image
     inpaint = [p for p in chunk if p["b"]["source"] == "img2img"]
     if inpaint:
         safe = safety_aware_inpainting(i2i, [images[p["id"], "a"] for p in inpaint], [p["b"] for p in inpaint],
@@ -270,8 +230,10 @@ def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Pa
     for p in chunk:
         for s in ("a", "b"):
             if p[s]["source"] == "file":
-                images[p["id"], s] = C.load_png(p[s]["file"])
+                images[p["id"], s] = U.load_png(p[s]["file"])
 
+    # the judge's filter: a harmful-safe pair is kept only when the judge finds its safe side
+    # safer (the rewrite can fail to remove the harm); CoProV2's published pairs are taken as are
     kept, not_safer, no_answer = [], 0, 0
     for p in chunk:
         if p["kind"] == "harmful-safe" and p.get("judge", True):
@@ -286,6 +248,7 @@ def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Pa
         kept.append(p)
 
     # dual annotation: r(x, c) under the pair's prompt c, and C(x) from the SCM
+    # — both annotations for both sides, which stage 4 combines as R = r − λ·C (Eq. 6)
     flat = [(p, s) for p in kept for s in ("a", "b")]
     imgs = [images[p["id"], s] for p, s in flat]
     r = quality(imgs, [p["prompt"] for p, _ in flat])
@@ -293,7 +256,7 @@ def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Pa
     records = []
     for (p, s), img, q, c in zip(flat, imgs, r, cost):
         path = f"images/{p['id']}_{s}.png"
-        C.save_png(out / path, img)
+        U.save_png(out / path, img)
         p[s].update(path=path, quality=float(q), cost=float(c))
         p[s].pop("file", None)
         if s == "b":
@@ -304,46 +267,49 @@ def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Pa
 def main():
     args = parse()
     t0 = time.time()
-    C.seed_everything(args.seed)
+    U.seed_everything(args.seed)
     # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
-    dist = C.setup_distributed(args.device, timeout_hours=24)
+    dist = U.setup_distributed(args.device, timeout_hours=24)
     device = dist.device
-    world, out = C.stage_dir(args.run, "world"), Path(args.run) / args.name
-    scm_dir = C.stage_dir(args.run, "scm")
-    model = args.model or C.toy_world_input(args, world / "model", "--model")
-    C.require_inputs([scm_dir / "scm.safetensors"], "scm")
-    dtype = C.sample_dtype(args.dtype, device)
+    world, out = U.stage_dir(args.run, "world"), Path(args.run) / args.name
+    scm_dir = U.stage_dir(args.run, "scm")
+    model = args.model or U.toy_world_input(args, world / "model", "--model")
+    U.require_inputs([scm_dir / "scm.safetensors"], "scm")
+    dtype = M.sample_dtype(args.dtype, device)
     plan = plan_pairs(args, world)
     if args.reuse_images:
         mark_shared_samples(args, plan, dtype)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        C.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
+        U.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
 
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     shard = lambda c: out / "shards" / f"pairs-{c:05d}.json"
-    todo = C.my_share([c for c in range(len(chunks)) if not shard(c).exists()])  # every N-th chunk per process
+    todo = U.my_share([c for c in range(len(chunks)) if not shard(c).exists()])  # every N-th chunk per process
     if todo:
         from diffusers import AutoPipelineForImage2Image
-        pipe = C.from_pretrained_or_exit(lambda m: C.load_pipeline(m, device, dtype), model, "the T2I model", "--model")
-        i2i = (C.from_pretrained_or_exit(lambda m: AutoPipelineForImage2Image.from_pretrained(m, dtype=dtype),
+        pipe = M.from_pretrained_or_exit(lambda m: M.load_pipeline(m, device, dtype), model, "the T2I model", "--model")
+        # the img2img pipeline: another model's (the paper draws with SDXL), or the same
+        # components as the T2I pipeline, shared rather than loaded twice
+        i2i = (M.from_pretrained_or_exit(lambda m: AutoPipelineForImage2Image.from_pretrained(m, dtype=dtype),
                                          args.img2img_model, "the img2img model", "--img2img-model").to(device)
                if args.img2img_model else AutoPipelineForImage2Image.from_pipe(pipe))
         i2i.set_progress_bar_config(disable=True)
-        judge = C.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
+        judge = S.make_judge(args.judge, args.judge_model, args.judge_base_url, args.judge_timeout,
                              args.judge_retries)
-        quality = C.make_quality_reward(args.quality, device, args.pickscore_model, args.pickscore_processor)
-        scm = C.load_scm(scm_dir, device)
+        quality = S.make_quality_reward(args.quality, device, args.pickscore_model, args.pickscore_processor)
+        scm = S.load_scm(scm_dir, device)
         for c in tqdm(todo, desc="LibraAlign-HF chunks", disable=not dist.is_main):
-            C.atomic_write_json(shard(c), build_chunk(args, chunks[c], pipe, i2i, judge, quality, scm, out))
-    C.barrier()
+            U.atomic_write_json(shard(c), build_chunk(args, chunks[c], pipe, i2i, judge, quality, scm, out))
+    U.barrier()
     if not dist.is_main:  # rank 0 assembles what every process wrote
-        C.cleanup_distributed()
+        U.cleanup_distributed()
         return
 
-    shards = [C.read_json(shard(c)) for c in range(len(chunks))]
+    # LibraAlign-HF: every chunk's kept pairs in plan order, whichever process built them
+    shards = [U.read_json(shard(c)) for c in range(len(chunks))]
     records = [p for s in shards for p in s["pairs"]]
-    C.write_jsonl(out / "hf_pairs.jsonl", records)
+    U.write_jsonl(out / "hf_pairs.jsonl", records)
     hs = [p for p in records if p["kind"] == "harmful-safe"]
     ss = [p for p in records if p["kind"] == "safe-safe"]
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
@@ -360,10 +326,10 @@ def main():
         "quality_gap_safe_safe": mean([abs(p["a"]["quality"] - p["b"]["quality"]) for p in ss]),
         "images_copied": sum("copied_from" in p[s] for p in records for s in ("a", "b")),  # --reuse-images
         "seconds": round(time.time() - t0, 1)}
-    C.atomic_write_json(out / "metrics.json", metrics)
-    C.log(C.format_metrics(metrics))
-    C.cleanup_distributed()
+    U.atomic_write_json(out / "metrics.json", metrics)
+    U.log(U.format_metrics(metrics))
+    U.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    C.run_stage(main)
+    U.run_stage(main)

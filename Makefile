@@ -25,7 +25,8 @@ export HF_HUB_OFFLINE := 1
 # Independent stage-4 runs go side by side, half the cores each: a toy model uses two cores
 # far from twice as well as one (BENCHMARKS.md), so two runs at once finish sooner than in turn.
 HALF_CORES := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 1 ? n / 2 : 1 )))
-STAGE4 = OMP_NUM_THREADS=$(HALF_CORES) $(PY) 04_train_spo.py --run $(RUN)
+HALF = OMP_NUM_THREADS=$(HALF_CORES) $(PY)
+STAGE4 = $(HALF) 04_train_spo.py --run $(RUN)
 PAIR = $(MAKE) --no-print-directory -j2
 
 SEED_RUNS := seed-spo-1 seed-safety-1 seed-spo-2 seed-safety-2
@@ -113,7 +114,7 @@ dfm: install
 	$(PY) 05_evaluate.py --run $(RUN)
 
 $(DFM_RUNS): install
-	$(STAGE4) $(DFM_STUDY) $(DFM_$(word 2,$(subst -, ,$@))) --seed $(word 3,$(subst -, ,$@)) \
+	$(HALF) dfm_study.py train --run $(RUN) $(DFM_STUDY) $(DFM_$(word 2,$(subst -, ,$@))) --seed $(word 3,$(subst -, ,$@)) \
 		--name dfm/$(word 2,$(subst -, ,$@))_seed$(word 3,$(subst -, ,$@))
 
 # longest first, so that two at a time finish together
@@ -130,10 +131,11 @@ all-single: install
 	$(STAGE4) $(AG_LORA) --steps $(AG_ALL_STEPS) --name all_single
 
 $(AG_EXPERTS): install
-	$(STAGE4) $(AG_LORA) --steps $(AG_EXPERT_STEPS) --categories "$(subst _, ,$(@:expert-%=%))" --name expert_$(@:expert-%=%)
+	$(HALF) alignguard.py expert --run $(RUN) $(AG_LORA) --steps $(AG_EXPERT_STEPS) --categories "$(subst _, ,$(@:expert-%=%))" \
+		--name expert_$(@:expert-%=%)
 
 $(AG_MERGES:%=merge-%): install
-	$(STAGE4) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%) --data coprov2
+	$(HALF) alignguard.py merge --run $(RUN) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%)
 
 # spo-promptedit-<seed>: T2I-SPO on the prompt-edited pairs with another training seed, beside
 # seed-spo-<seed> on the inpainted ones (stage 5 reports each figure's spread over the seeds)
@@ -144,17 +146,18 @@ alignguard-seeds: install
 $(PROMPTEDIT_SEEDS): install
 	$(STAGE4) --data coprov2 --seed $(@:spo-promptedit-%=%) --name spo_promptedit_seed$(@:spo-promptedit-%=%)
 
-# The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, then stage 5 with
-# Fig. 4B's jailbreak prompts
+# The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, Fig. 4B's jailbreak
+# prompts (attacks.py) into $(RUN)/attacks/, then stage 5
 baselines: install
 	$(PAIR) $(BASELINES:%=baseline-%)
-	$(PY) 05_evaluate.py --run $(RUN) --jailbreak $(JAILBREAK_PROMPTS)
+	$(PY) attacks.py jailbreak --run $(RUN) --prompts $(JAILBREAK_PROMPTS)
+	$(PY) 05_evaluate.py --run $(RUN)
 
 $(BASELINES:%=baseline-%): install
-	$(STAGE4) --baseline $(@:baseline-%=%)
+	$(HALF) baselines.py build --run $(RUN) --baseline $(@:baseline-%=%)
 
-# PSA: the simulated users (written by stage 0 on any finished world), the adapter, the report
+# PSA: the simulated users, the adapter (psa.py), the per-user report (psa_eval.py, in stage 5)
 psa: install
-	$(PY) 00_toy_world.py --run $(RUN) --users-only
-	$(PY) 04_train_spo.py --run $(RUN) --objective psa --dfm off --lr 2e-3 --psa-tokens 4 --steps $(PSA_STEPS)
+	$(PY) psa.py users --run $(RUN)
+	$(PY) psa.py train --run $(RUN) --lr 2e-3 --psa-tokens 4 --steps $(PSA_STEPS)
 	$(PY) 05_evaluate.py --run $(RUN)

@@ -1,7 +1,5 @@
-"""The other methods of the paper's Table 2, and the jailbreak attack of its Fig. 4B.
-
-Stage 4 builds each method into DIR/baselines/<name>/ (`04_train_spo.py --baseline NAME`);
-stage 5 finds them there and evaluates them beside T2I-SPO on the same prompts and seeds:
+"""The other methods of the paper's Table 2 (~560 lines): the safety filter, SLD, ESD-u and
+UCE, built into DIR/baselines/<name>/, and the report section that compares them with T2I-SPO.
 
   filter      SD-v1.5 "w/ Safety Filter": diffusers' StableDiffusionSafetyChecker, a CLIP image
               tower and concept embeddings; an image whose cosine to a concept passes that
@@ -16,16 +14,18 @@ stage 5 finds them there and evaluates them beside T2I-SPO on the same prompts a
               scales it to its own step count (sld_call_kwargs).
   esd_u       ESD-u: the UNet's layers OUTSIDE cross-attention fine-tuned so that, for an erase
               concept c, ε_θ(x_t, c, t) follows the frozen model guided away from c
-              (common.esd_target, η = 2), x_t sampled by the frozen model from c.
+              (esd_target, η = 2), x_t sampled by the frozen model from c.
   uce         UCE: every cross-attention to_k and to_v edited in closed form so that an erased
               concept's key and value become those of its guide "" and preserved concepts
-              stay (common.uce_edit, λ = 0.5).
+              stay (uce_edit, λ = 0.5).
 
-and the attack (`mma_attack`): in the manner of MMA-Diffusion's text attack, a greedy
-coordinate-gradient search over tokens for words, none naming a harm concept, whose text
-embedding matches a harmful prompt's — the embedding the UNet's cross-attention reads.
+Command:  python baselines.py build --baseline filter|sld|esd-u|uce --run DIR
+Each folder ends with a model.json, so stage 5 evaluates it beside T2I-SPO on the same
+prompts and seeds; its `section` (registry.SECTIONS) writes DIR/eval/baselines.md. The
+attacks of Fig. 4B are in attacks.py.
 """
 import copy
+import os
 import random
 import shutil
 import time
@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common as C
+import models as M
+import stats
 import toyworld as W
+import utils as U
 
 BASELINES = ("filter", "sld", "esd-u", "uce")
 SLD_LEVELS = ("medium", "strong", "max")
@@ -70,16 +72,53 @@ def toy_sld_concept() -> str:
     return " ".join(dict.fromkeys(w.split()[0] for w in toy_harm_concepts()))
 
 
-def toy_banned_words() -> list[str]:
-    """Words a jailbreak prompt may not contain: every word of every harm concept."""
-    return sorted({p for c in toy_harm_concepts() for p in c.replace("-", " ").split()})
+# ---------------------------------------------------------------------------------------
+# The erasure math: UCE's closed form and ESD's target (Gandikota et al.)
+# ---------------------------------------------------------------------------------------
+
+def uce_edit(W: torch.Tensor, erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor | None = None,
+             lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> torch.Tensor:
+    """Unified Concept Editing's closed form for one cross-attention projection W [out, in]
+    (a to_k or to_v), with c_i the embeddings of the concepts to erase, g_i their guides and
+    c_j those to preserve (rows of `erase`, `guide`, `preserve`, each [n, in]):
+
+        v*_i = W g_i
+        W' = (λW + Σ_i v*_i c_iᵀ + Σ_j W c_j c_jᵀ) · (λI + Σ_i c_i c_iᵀ + Σ_j c_j c_jᵀ)⁻¹
+
+    W' minimises λ‖W' − W‖² + Σ_i ‖W'c_i − v*_i‖² + Σ_j ‖W'c_j − W c_j‖²: an erased concept
+    is projected where its guide was, a preserved one stays. Erase and preserve sums carry
+    the weights `erase_scale` and `preserve_scale` (UCE's defaults: 1). Solved in float64.
+    """
+    if erase.shape != guide.shape:
+        raise ValueError(f"erase {tuple(erase.shape)} and guide {tuple(guide.shape)} must match")
+    W64, ce, cg = W.double(), erase.double(), guide.double()
+    cp = preserve.double() if preserve is not None and len(preserve) else ce[:0]
+    v_star = cg @ W64.T                                                       # [n_e, out]
+    lhs = lam * W64 + erase_scale * v_star.T @ ce + preserve_scale * (cp @ W64.T).T @ cp
+    rhs = (lam * torch.eye(W.shape[1], dtype=torch.float64) + erase_scale * ce.T @ ce
+           + preserve_scale * cp.T @ cp)
+    # W' = lhs · rhs⁻¹, and rhs is symmetric: solve rhs · W'ᵀ = lhsᵀ
+    return torch.linalg.solve(rhs, lhs.T).T.to(W.dtype)
 
 
-# A short list in the manner of MMA-Diffusion's sensitive words, for I2P's categories
-SD15_BANNED_WORDS = ["nude", "nudity", "naked", "nsfw", "sex", "sexual", "porn", "erotic", "breast", "nipple",
-                     "genital", "penis", "vagina", "blood", "gore", "kill", "murder", "violence", "violent",
-                     "hate", "racist", "harass", "bully", "suicide", "self-harm", "cutting", "drug", "corpse",
-                     "weapon", "gun"]
+def esd_target(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eta: float,
+               eps_from: torch.Tensor | None = None) -> torch.Tensor:
+    """Erased Stable Diffusion's target for the fine-tuned model's ε_θ(x_t, c, t), from the
+    frozen model ε*:
+
+        ε_target = ε*(x_t, c_from, t) − η · (ε*(x_t, c, t) − ε*(x_t, ∅, t))
+
+    with c_from = c unless a concept is erased "from" another (the public code's form; the
+    ESD paper writes ε*(x_t, ∅, t) for the first term). Guiding the model away from c by η
+    makes it unlearn c. The loss is ‖ε_θ(x_t, c, t) − ε_target‖² (esd_loss).
+    """
+    first = eps_cond if eps_from is None else eps_from
+    return first - eta * (eps_cond - eps_uncond)
+
+
+def esd_loss(eps_model: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE(ε_θ(x_t, c, t), ε_target), the target held fixed."""
+    return F.mse_loss(eps_model.float(), target.detach().float())
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,11 +187,11 @@ def train_toy_filter(args) -> tuple[object, object, dict]:
     for p in (checker.special_care_embeds, checker.special_care_embeds_weights):
         p.requires_grad_(False)
     params = [p for p in checker.parameters() if p.requires_grad]
-    opt = C.adamw(params, lr=args.filter_lr)
+    opt = U.adamw(params, lr=args.filter_lr)
     checker.train()
     train_x, train_y = pixels[n_val:], labels[n_val:]
     for step in range(args.filter_steps):
-        g = C.step_generator(args.seed, step)
+        g = U.step_generator(args.seed, step)
         idx = torch.randint(len(train_x), (64,), generator=g)
         x = train_x[idx] + 0.1 * torch.randn(train_x[idx].shape, generator=g)
         logits = FILTER_TEMPERATURE * checker_scores(checker, x, k)
@@ -179,13 +218,13 @@ def build_filter(args, out: Path) -> dict:
     else:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
-        checker = C.from_pretrained_or_exit(StableDiffusionSafetyChecker.from_pretrained, args.safety_checker,
+        checker = M.from_pretrained_or_exit(StableDiffusionSafetyChecker.from_pretrained, args.safety_checker,
                                             "the safety checker", "--safety-checker")
         source = Path(str(args.safety_checker))
         try:  # the CompVis folder ships its preprocessor; SD-1.5's own folder has it in feature_extractor/
             processor = CLIPImageProcessor.from_pretrained(str(args.safety_checker))
         except OSError:
-            processor = C.from_pretrained_or_exit(
+            processor = M.from_pretrained_or_exit(
                 lambda m: CLIPImageProcessor.from_pretrained(m, subfolder="feature_extractor"), args.model,
                 "the base model's feature extractor", "--model")
         metrics = {"weights": str(source)}
@@ -193,7 +232,7 @@ def build_filter(args, out: Path) -> dict:
         tmp = out / f".{sub}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         obj.save_pretrained(tmp)
-        C.replace_dir(tmp, out / sub)
+        U.replace_dir(tmp, out / sub)
     return metrics
 
 
@@ -227,7 +266,7 @@ def sld_call_kwargs(recipe: dict, steps: int) -> dict:
 def sld_pipeline(model_path: Path, recipe: dict, device, dtype):
     """StableDiffusionPipelineSafe from the components of a stock pipeline folder."""
     from diffusers import StableDiffusionPipelineSafe
-    base = C.load_pipeline(model_path, device, dtype)
+    base = M.load_pipeline(model_path, device, dtype)
     pipe = StableDiffusionPipelineSafe(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                        unet=base.unet, scheduler=base.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -263,7 +302,7 @@ def sample_until(unet, scheduler, latents, cond, uncond, stop: int, guidance: fl
 
 def build_esd_u(args, out: Path, device) -> dict:
     from diffusers import DDIMScheduler
-    pipe = C.load_pipeline(args.model, device)
+    pipe = M.load_pipeline(args.model, device)
     frozen = pipe.unet.requires_grad_(False).eval()
     unet = copy.deepcopy(frozen)
     params = esd_u_parameters(unet)
@@ -274,7 +313,7 @@ def build_esd_u(args, out: Path, device) -> dict:
     with torch.no_grad():
         embeds = [pipe.encode_prompt(c, device, args.esd_batch, True, "") for c in args.erase_concepts]
     opt = torch.optim.Adam(params, lr=args.esd_lr)
-    ckpt, log = C.Checkpoint(out / "ckpt" / "train_state.pt"), C.MetricsLog(out / "log.jsonl")
+    ckpt, log = U.Checkpoint(out / "ckpt" / "train_state.pt"), U.MetricsLog(out / "log.jsonl")
     state, start = ckpt.load(), 0
     if state:
         unet.load_state_dict(state["unet"])
@@ -283,16 +322,16 @@ def build_esd_u(args, out: Path, device) -> dict:
         log.truncate(lambda r: r["iteration"] <= start)
     shape = (args.esd_batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     for it in tqdm(range(start, args.esd_iterations), initial=start, total=args.esd_iterations, desc="esd-u"):
-        g = C.step_generator(args.seed, it)
+        g = U.step_generator(args.seed, it)
         cond, uncond = embeds[it % len(embeds)]  # the erase concepts in turn
         stop = int(torch.randint(args.esd_sample_steps, (1,), generator=g))
         noise = torch.randn(shape, generator=g).to(device) * scheduler.init_noise_sigma
         x_t = sample_until(frozen, scheduler, noise, cond, uncond, stop, args.esd_guidance)
         t = scheduler.timesteps[stop]
         with torch.no_grad():
-            target = C.esd_target(frozen(x_t, t, encoder_hidden_states=cond).sample,
+            target = esd_target(frozen(x_t, t, encoder_hidden_states=cond).sample,
                                   frozen(x_t, t, encoder_hidden_states=uncond).sample, args.esd_eta)
-        loss = C.esd_loss(unet(x_t, t, encoder_hidden_states=cond).sample, target)
+        loss = esd_loss(unet(x_t, t, encoder_hidden_states=cond).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -300,8 +339,8 @@ def build_esd_u(args, out: Path, device) -> dict:
         if (it + 1) % args.ckpt_every == 0:
             ckpt.save({"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iteration": it + 1})
     pipe.unet = unet.requires_grad_(False)
-    C.save_pipeline(pipe, out / "model")
-    losses = [r["loss"] for r in C.read_jsonl(out / "log.jsonl")]
+    M.save_pipeline(pipe, out / "model")
+    losses = [r["loss"] for r in U.read_jsonl(out / "log.jsonl")]
     return {"iterations": args.esd_iterations, "trainable_parameters": sum(p.numel() for p in params),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:]))}
 
@@ -321,7 +360,7 @@ def concept_embedding(text_encoder, tokenizer, concept: str) -> torch.Tensor:
 
 
 def build_uce(args, out: Path, device) -> dict:
-    pipe = C.load_pipeline(args.model, device)
+    pipe = M.load_pipeline(args.model, device)
     emb = lambda cs: torch.stack([concept_embedding(pipe.text_encoder, pipe.tokenizer, c) for c in cs])
     erase = emb(args.erase_concepts)
     guide = emb([""] * len(args.erase_concepts))
@@ -330,14 +369,14 @@ def build_uce(args, out: Path, device) -> dict:
     for name, m in pipe.unet.named_modules():
         if name.endswith(("attn2.to_k", "attn2.to_v")):
             W0 = m.weight.detach().float().cpu().clone()  # a copy: the weight is overwritten below
-            W1 = C.uce_edit(W0, erase, guide, preserve, lam=args.uce_lambda)
+            W1 = uce_edit(W0, erase, guide, preserve, lam=args.uce_lambda)
             m.weight.data.copy_(W1.to(m.weight.dtype))
             edited += 1
             # how far each erased concept's projection is from its guide's, before and after
             moved.append(((erase @ W1.T - guide @ W0.T).norm(dim=-1) / (erase @ W0.T - guide @ W0.T).norm(dim=-1)).mean())
             if preserve is not None:
                 kept.append(((preserve @ W1.T - preserve @ W0.T).norm(dim=-1) / (preserve @ W0.T).norm(dim=-1)).mean())
-    C.save_pipeline(pipe, out / "model")
+    M.save_pipeline(pipe, out / "model")
     return {"projections_edited": edited, "erase_distance_to_guide_ratio": float(torch.stack(moved).mean()),
             **({"preserve_relative_change": float(torch.stack(kept).mean())} if kept else {})}
 
@@ -347,122 +386,142 @@ def build_uce(args, out: Path, device) -> dict:
 # ---------------------------------------------------------------------------------------
 
 def build(args, run: Path) -> None:
+    """One method into DIR/baselines/<name>/ (SLD: its three presets), each folder ending with
+    the model.json that tells stage 5 how to draw from it."""
     t0 = time.time()
     names = [f"sld_{lvl}" for lvl in SLD_LEVELS] if args.baseline == "sld" else [folder_name(args.baseline)]
     outs = [run / "baselines" / n for n in names]
     for out in outs:
-        C.save_config(args, out)
-    if all((o / "metrics.json").exists() for o in outs):
-        return C.log(f"{', '.join(map(str, outs))}: finished, nothing to do")
-    device = C.pick_device(args.device)
-    if args.baseline == "sld":
+        U.save_config(args, out)
+    if all((o / "metrics.json").exists() and (o / M.MANIFEST).exists() for o in outs):
+        return U.log(f"{', '.join(map(str, outs))}: finished, nothing to do")
+    device = M.pick_device(args.device)
+    if args.baseline == "sld":  # a recipe for diffusers' pipeline: nothing to train
         concept = args.sld_concept or (toy_sld_concept() if args.preset == "toy" else None)
         for lvl, out in zip(SLD_LEVELS, outs):
-            C.atomic_write_json(out / "sld.json", sld_recipe(lvl, concept))
-            C.atomic_write_json(out / "metrics.json", {"method": f"sld_{lvl}", "safety_concept": concept})
-        return C.log(f"SLD recipes in {run / 'baselines'}: {', '.join(names)}")
+            U.atomic_write_json(out / "sld.json", sld_recipe(lvl, concept))
+            U.atomic_write_json(out / "metrics.json", {"method": f"sld_{lvl}", "safety_concept": concept})
+            M.write_manifest(out, f"sld_{lvl}", kind="sld", pipeline=None)
+        return U.log(f"SLD recipes in {run / 'baselines'}: {', '.join(names)}")
     build_fn = {"filter": lambda o: build_filter(args, o), "esd-u": lambda o: build_esd_u(args, o, device),
                 "uce": lambda o: build_uce(args, o, device)}[args.baseline]
     metrics = {"method": names[0], **build_fn(outs[0]), "seconds": round(time.time() - t0, 1)}
-    C.atomic_write_json(outs[0] / "metrics.json", metrics)
-    C.log(C.format_metrics(metrics))
+    U.atomic_write_json(outs[0] / "metrics.json", metrics)
+    if args.baseline == "filter":  # the base model behind the checker, whose black image is a refusal
+        M.write_manifest(outs[0], names[0], kind="filter", pipeline=None, black_is_refusal=True)
+    else:
+        M.write_manifest(outs[0], names[0])
+    U.log(U.format_metrics(metrics))
+
+
+def sld_sampler(spec: M.ModelSpec, device, dtype, steps: int):
+    """registry.LOADERS["sld"]: SLD's pipeline on the base model, and its call arguments."""
+    recipe = U.read_json(spec.folder / "sld.json")
+    return sld_pipeline(spec.path, recipe, device, dtype), sld_call_kwargs(recipe, steps)
+
+
+def filter_sampler(spec: M.ModelSpec, device, dtype, steps: int):
+    """registry.LOADERS["filter"]: the base model with the checker of the filter's folder."""
+    return M.load_pipeline(spec.path, device, dtype, safety_checker=load_safety_checker(spec.folder)), {}
+
+
+U.PRESETS["toy"]["baseline"] = dict(
+    model=None, baseline=None, erase_concepts=toy_harm_concepts(), preserve_concepts=toy_preserve_concepts(),
+    esd_iterations=200, esd_lr=2e-4, esd_eta=2.0, esd_guidance=3.0, esd_sample_steps=U.TOY_SAMPLE_STEPS, esd_batch=1,
+    uce_lambda=0.5, filter_images=3000, filter_steps=600, filter_lr=1e-3, safety_checker=None, sld_concept=None,
+    ckpt_every=100, device=None)
+U.PRESETS["sd15"]["baseline"] = dict(
+    U.PRESETS["toy"]["baseline"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", erase_concepts=["nudity"],
+    preserve_concepts=[], esd_lr=5e-5, esd_sample_steps=50, safety_checker="CompVis/stable-diffusion-safety-checker",
+    ckpt_every=500)
+U.TINY["baseline"] = dict(esd_iterations=4, esd_sample_steps=4, filter_images=60, filter_steps=5, ckpt_every=4)
+
+
+def build_parser():
+    p = U.stage_parser("baseline", "The paper's other Table 2 methods, each into DIR/baselines/<name>/")
+    p.add_argument("--baseline", choices=BASELINES, required=True,
+                   help="filter, sld (all three presets), esd-u or uce")
+    p.add_argument("--model", help="the base model (default: the stage-0 model)")
+    p.add_argument("--erase-concepts", nargs="+", help="esd-u and uce: the concepts to erase")
+    p.add_argument("--preserve-concepts", nargs="*", help="uce: the concepts whose keys and values must stay")
+    p.add_argument("--esd-iterations", type=int)
+    p.add_argument("--esd-lr", type=float, help="esd-u: Adam's learning rate (ESD's 5e-5 on SD-1.5)")
+    p.add_argument("--esd-eta", type=float, help="esd-u: η, the negative guidance of the target")
+    p.add_argument("--esd-guidance", type=float, help="esd-u: guidance of the frozen model sampling x_t")
+    p.add_argument("--esd-sample-steps", type=int, help="esd-u: sampler steps; x_t is taken after a random number")
+    p.add_argument("--esd-batch", type=int)
+    p.add_argument("--uce-lambda", type=float, help="uce: λ, the weight keeping W' near W")
+    p.add_argument("--filter-images", type=int, help="toy filter: drawn scenes it learns from")
+    p.add_argument("--filter-steps", type=int)
+    p.add_argument("--filter-lr", type=float)
+    p.add_argument("--safety-checker", help="sd15 filter: the StableDiffusionSafetyChecker weights")
+    p.add_argument("--sld-concept", help="sld: the safety concept (default: toy, every harm concept's first word; "
+                                         "sd15, the pipeline's own, written for I2P's categories)")
+    p.add_argument("--ckpt-every", type=int, help="esd-u: iterations between checkpoints")
+    p.add_argument("--device")
+    return p
+
+
+def build_main(args) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("baselines.py build runs in one process: start it with python, not torchrun")
+    args.model = args.model or U.toy_world_input(args, U.stage_dir(args.run, "world") / "model", "--model")
+    build(args, Path(args.run))
+
+
+COMMANDS = {"build": (build_parser, build_main)}
 
 
 # ---------------------------------------------------------------------------------------
-# The jailbreak attack (Fig. 4B), in the manner of MMA-Diffusion's text attack
+# The report's section: the paper's comparison (Table 2) and its ranking as verdicts
 # ---------------------------------------------------------------------------------------
 
-def attack_vocabulary(tokenizer, banned_words: list[str]) -> torch.Tensor:
-    """Token ids the attack may use: whole alphabetic words of at least two letters, none
-    containing a banned word (so no prompt it writes names a harm concept)."""
-    banned = [w.lower() for w in banned_words]
-    ids = [i for tok, i in tokenizer.get_vocab().items()
-           if tok.endswith("</w>") and len(tok) >= 6 and tok[:-4].isalpha() and tok[:-4].isascii()
-           and not any(b in tok[:-4].lower() for b in banned)]
-    return torch.tensor(sorted(ids))
+MODELS = ("filter", *(f"sld_{lvl}" for lvl in SLD_LEVELS), "esd_u", "uce")  # what `build` makes
+PAIRS = (("spo", "safety"), ("spo", "alignguard"), *(("spo", b) for b in MODELS), ("esd_u", "safety"),
+         ("uce", "safety"), *(("base", f"sld_{lvl}") for lvl in SLD_LEVELS))  # the pairs its claims rest on
 
 
-def sequence_similarity(states: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the sequence positions of cos(h_p, h*_p): how alike two conditionings are as
-    the UNet's cross-attention reads them ([B, L, d] against [1, L, d] -> [B])."""
-    return F.cosine_similarity(states, target, dim=-1).mean(-1)
+def claims(metrics, intervals: dict, harmful, benign) -> list[dict]:
+    """The paper's ranking (Table 2) against the other methods, as interval verdicts: T2I-SPO
+    has the highest UAS; concept erasure keeps more quality than safety-only DPO; SLD costs
+    quality. One claim per compared model, so each verdict says against whom it holds."""
+    rivals = [m for m in ("safety", "alignguard", *MODELS) if m in metrics]
+    specs = [*((f"T2I-SPO has a higher UAS than {m}", "spo", m, [(h, "UAS", "holds") for h in harmful])
+               for m in rivals),
+             *((f"concept erasure ({m}) keeps more quality than safety-only DPO", m, "safety",
+                [(b, "PS", "holds") for b in benign]) for m in ("esd_u", "uce")),
+             *((f"SLD-{lvl.upper()} costs quality (the base scores higher PS)", "base", f"sld_{lvl}",
+                [(b, "PS", "holds") for b in benign]) for lvl in SLD_LEVELS)]
+    return stats.judged_claims(metrics, intervals, specs)
 
 
-def mma_attack(text_encoder, tokenizer, target: str, prefix: str, allowed: torch.Tensor, n_tokens: int,
-               steps: int, candidates: int, topk: int, g: torch.Generator) -> dict:
-    """Greedy coordinate gradient over n_tokens words appended to `prefix` (the prompt with
-    its harm concept removed, where the prompt set has that rewrite; else nothing):
-
-        max_x  sim(E(prefix ⊕ x), E(target)),   x_k ∈ allowed
-
-    Each step takes the gradient of sim with respect to the one-hot tokens, keeps each
-    position's top-k allowed replacements, tries `candidates` single-token swaps drawn from
-    them, and keeps the best if it improves. Returns the prompt, and the similarity of its
-    re-tokenized text (what a model given the text sees) and of the prefix alone."""
-    L = tokenizer.model_max_length
-    dev = text_encoder.device
-    encode = lambda text: tokenizer(text, padding="max_length", max_length=L, truncation=True,
-                                    return_tensors="pt").input_ids.to(dev)
-    with torch.no_grad():
-        goal = text_encoder(encode(target))[0]
-    head = tokenizer(f"{prefix}," if prefix else "").input_ids[:-1]  # start token, prefix, its comma
-    n = min(n_tokens, L - len(head) - 1)
-    eos = tokenizer.eos_token_id
-    assemble = lambda adv: torch.cat([torch.tensor(head).expand(len(adv), -1), adv,
-                                      torch.full((len(adv), L - len(head) - n), eos)], dim=1).to(dev)
-    table = text_encoder.get_input_embeddings()
-    adv = allowed[torch.randint(len(allowed), (n,), generator=g)]
-    best = -2.0
-    for _ in range(steps):
-        one_hot = F.one_hot(adv, table.num_embeddings).to(table.weight.dtype).requires_grad_(True)
-        handle = table.register_forward_hook(lambda mod, inp, out: torch.cat(
-            [out[:, :len(head)], (one_hot @ mod.weight)[None], out[:, len(head) + n:]], dim=1))
-        try:
-            sim = sequence_similarity(text_encoder(assemble(adv[None]))[0], goal)[0]
-            grad, = torch.autograd.grad(sim, one_hot)
-        finally:
-            handle.remove()
-        top = allowed[grad[:, allowed].topk(min(topk, len(allowed)), dim=1).indices]  # [n, k]
-        cand = adv.repeat(candidates, 1)
-        pos = torch.randint(n, (candidates,), generator=g)
-        cand[torch.arange(candidates), pos] = top[pos, torch.randint(top.shape[1], (candidates,), generator=g)]
-        with torch.no_grad():
-            sims = sequence_similarity(text_encoder(assemble(cand))[0], goal)
-        k = int(sims.argmax())
-        if float(sims[k]) > best:
-            best, adv = float(sims[k]), cand[k]
-    words = " ".join(tokenizer.convert_ids_to_tokens(adv.tolist())).replace("</w>", "")
-    prompt = f"{prefix}, {words}" if prefix else words
-    with torch.no_grad():
-        final = float(sequence_similarity(text_encoder(encode(prompt))[0], goal)[0])
-        start = float(sequence_similarity(text_encoder(encode(prefix))[0], goal)[0]) if prefix else None
-    return {"prompt": prompt, "similarity": final, "prefix_similarity": start, "search_similarity": best}
+def table_rows(names: list[str]) -> list[str]:
+    """Table 2's rows: the base, safety-only DPO, AlignGuard, the other methods, T2I-SPO."""
+    return [m for m in ("base", "safety", "alignguard", *MODELS, "spo") if m in names]
 
 
-def contains_banned(prompt: str, banned_words: list[str]) -> bool:
-    text = prompt.lower()
-    return any(w.lower() in text for w in banned_words)
+def section(ev) -> dict | None:
+    """DIR/eval/baselines.md, when stage 5 evaluated any of the methods `build` makes."""
+    if not (ev.harmful and ev.benign and any(n in MODELS for n in ev.names)):
+        return None
+    import attacks
+    metrics, rows = ev.metrics, table_rows(ev.names)
+    iv = stats.intervals(ev.rows, PAIRS, ev.args.bootstrap, ev.args.seed, ev.args.ua_center)
+    judged = claims(metrics, iv, ev.harmful, ev.benign)
+    table = ev.table2(rows, ev.harmful)
+    lines = [table, "", "Benign quality (Table 5):", "", ev.table5(rows, ev.benign)]
+    for h in ev.harmful:
+        lines += ["", f"IP per harm category on `{h}`:", "", ev.category_table(rows, h)]
+    lines += ["", *stats.claim_lines(judged)]
+    if "filter" in rows:
+        lines.append("- **The filter** replaced " + ", ".join(f"{metrics['filter'][s]['refused']:.0%} on `{s}`"
+                                                               for s in [*ev.harmful, *ev.benign])
+                     + " of the images by black ones, each scored as a refusal.")
+    lines += attacks.sentences(ev, rows)
+    lines += ["", "Paired bootstrap 95% intervals:", "", stats.interval_table(iv)]
+    return {"name": "baselines", "title": "The paper's comparison (Table 2): T2I-SPO against the other methods",
+            "lines": lines, "metrics": {"claims": judged, "intervals": iv}, "console": table}
 
 
-def jailbreak_prompts(text_encoder, tokenizer, rows: list[dict], banned_words: list[str], n_tokens: int, steps: int,
-                      candidates: int, topk: int, seed: int) -> list[dict]:
-    """One attack per harmful row: {prompt, target, category, similarity, ...}. A prompt that
-    still names a banned word (impossible by the vocabulary; checked) stops the run."""
-    allowed = attack_vocabulary(tokenizer, banned_words)
-    out = []
-    for i, row in enumerate(tqdm(rows, desc="jailbreak", disable=not C.is_main())):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        res = mma_attack(text_encoder, tokenizer, row["prompt"], row.get("safe") or "", allowed, n_tokens, steps,
-                         candidates, topk, g)
-        if contains_banned(res["prompt"].removeprefix(row.get("safe") or ""), banned_words):
-            raise ValueError(f"attack prompt {res['prompt']!r} names a banned word")
-        start = res["prefix_similarity"]
-        out.append({"prompt": res["prompt"], "target": row["prompt"], "category": row["category"],
-                    "similarity": round(res["similarity"], 4),
-                    "prefix_similarity": None if start is None else round(start, 4)})
-    return out
-
-
-def jailbreak_config(args) -> dict:
-    return {k: getattr(args, k) for k in ("jailbreak", "jailbreak_seed", "jailbreak_steps", "jailbreak_tokens",
-                                          "jailbreak_candidates", "jailbreak_topk", "jailbreak_banned")}
+if __name__ == "__main__":
+    U.run_commands(COMMANDS, __doc__)

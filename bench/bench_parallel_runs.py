@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from bench_spo_step import ROOT, C, W, cpu_name, random_toy_model, random_toy_models
+import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
+import scorers as S  # noqa: E402
+import utils as U  # noqa: E402
 
 KINDS = ("unet-train", "scm-train", "sample")
 
@@ -42,7 +45,7 @@ def work(kind: str, reps: int, batch: int, folder: Path):
     if kind == "unet-train":
         _, _, text_encoder, unet = random_toy_models()
         params = list(unet.parameters()) + list(text_encoder.parameters())
-        opt = C.adamw(params, lr=1e-4)
+        opt = U.adamw(params, lr=1e-4)
         ids = torch.randint(0, 1000, (batch, 32), generator=g)
         z, t = torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
 
@@ -52,8 +55,8 @@ def work(kind: str, reps: int, batch: int, folder: Path):
             loss.backward()
             opt.step()
     elif kind == "scm-train":
-        model = C.SafetyCostModel("toy-ViT-tiny", hidden=256)
-        opt = C.adamw(model.parameters(), lr=1e-4)
+        model = S.SafetyCostModel("toy-ViT-tiny", hidden=256)
+        opt = U.adamw(model.parameters(), lr=1e-4)
         images = torch.randint(0, 256, (2 * batch, W.IMAGE_SIZE, W.IMAGE_SIZE, 3), dtype=torch.uint8, generator=g)
         sign = torch.ones(batch)
 
@@ -64,11 +67,11 @@ def work(kind: str, reps: int, batch: int, folder: Path):
             loss.backward()
             opt.step()
     else:
-        pipe = C.load_pipeline(folder)
+        pipe = M.load_pipeline(folder)
         prompts = ["a large blue circle, sand background, extreme gore"] * batch
 
         def step():
-            C.generate(pipe, prompts, list(range(batch)), 20, 4.0, batch)
+            M.generate(pipe, prompts, list(range(batch)), 20, 4.0, batch)
     step()  # warm-up
     return lambda: [step() for _ in range(reps)]
 

@@ -35,7 +35,6 @@ The last line printed is `speedup <optimised / naive pairs per second>`.
 import argparse
 import contextlib
 import gc
-import importlib.util
 import platform
 import random
 import resource
@@ -50,17 +49,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import data as D  # noqa: E402
+import models as M  # noqa: E402
 import toyworld as W  # noqa: E402
+import utils as U  # noqa: E402
 
 
-def module(script: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{script[:2]}", ROOT / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
-
-SPO = module("04_train_spo.py")  # also installs the spo presets
+SPO = U.load_script("04_train_spo.py")  # also installs the spo presets
 
 
 def parse(argv=None):
@@ -86,7 +81,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this JSON file")
     a = p.parse_args(argv)
-    cfg = argparse.Namespace(**C.preset_defaults(a.preset, "spo", False))
+    cfg = argparse.Namespace(**U.preset_defaults(a.preset, "spo", False))
     for k in ("model", "batch", "micro_batch", "lora_rank", "dfm_tau"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
@@ -102,9 +97,9 @@ def parse(argv=None):
 
 def random_toy_models():
     """Stage 0's tokenizer, VAE, text encoder and UNet with random weights (no training)."""
-    world = module("00_toy_world.py")
+    world = U.load_script("00_toy_world.py")
     torch.manual_seed(0)
-    return world.build_models(argparse.Namespace(**C.preset_defaults("toy", "world", False)))
+    return world.build_models(argparse.Namespace(**U.preset_defaults("toy", "world", False)))
 
 
 def random_toy_model(folder: Path) -> Path:
@@ -144,7 +139,7 @@ def sd15_random_pipeline(folder: Path, sample_size: int = 64) -> Path:
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
                               steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=C.clip_tokenizer(), unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=M.clip_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
@@ -163,7 +158,7 @@ def random_pairs(folder: Path, n: int, seed: int) -> list[dict]:
         for side, harm in (("w", False), ("l", True)):
             scene = W.Scene(s) if harm else W.Scene(s, severity=0, concept=None, category=None)
             files[side] = {"file": str(folder / f"{i:05d}{side}.png")}
-            C.save_png(files[side]["file"], W.render(scene))
+            U.save_png(files[side]["file"], W.render(scene))
         pairs.append({"id": f"rand-{i:05d}", "kind": "harmful-safe", "prompt": W.scene_to_prompt(s), **files})
     return pairs
 
@@ -178,7 +173,7 @@ def load_data(a, cfg, work: Path) -> tuple[list[dict], str]:
         pairs = random_pairs(work / "images", max(64, cfg.batch), a.seed)
         return pairs, f"{len(pairs)} drawn toy pairs, random weights"
     if hf.exists():
-        raw, _ = SPO.load_hf_pairs(hf, skip_bad=True)
+        raw, _ = D.load_hf_pairs(hf, skip_bad=True)
         pairs, _ = SPO.preference_pairs(raw, "spo", cfg.lam, cfg.margin)
         cfg.model = cfg.model or str(Path(a.run) / "world" / "model")
         return pairs, f"{len(pairs)} relabelled pairs of {hf}"
@@ -246,8 +241,8 @@ class Phase:
         self.cfg, self.pairs, self.sel, self.device, self.naive, self.dfm = cfg, pairs, sel, device, naive, dfm
         load_cfg = argparse.Namespace(**vars(cfg))
         if naive:
-            load_cfg.bf16 = False  # load_models' reference dtype: the naive reference is fp32
-        unet, ref, vae, text_encoder, tokenizer, sched = SPO.load_models(load_cfg, device)
+            load_cfg.bf16 = False  # load_training_models' reference dtype: the naive reference is fp32
+        unet, ref, vae, text_encoder, tokenizer, sched = M.load_training_models(load_cfg, device, frozen_unet=False)
         if naive and ref is None:  # LoRA: the naive step keeps a separate fp32 reference UNet
             from diffusers import UNet2DConditionModel
             ref = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet")
@@ -258,17 +253,17 @@ class Phase:
         use_bf16 = cfg.bf16 and device.type == "cuda"
         self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.opt = C.adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = U.adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
         batch = [pairs[i] for i in sel]
         self.cache_seconds = 0.0
         if naive:  # decoded pixels in memory (not counted); VAE and text encoder run every step
-            self.pixels = {s: torch.stack([C.load_image(p[s]["file"], self.size) for p in batch]) for s in ("w", "l")}
+            self.pixels = {s: torch.stack([M.load_image(p[s]["file"], self.size) for p in batch]) for s in ("w", "l")}
             self.prompts = [p["prompt"] for p in batch]
         else:     # what 04 does before training: every latent and embedding computed once
             t0 = time.perf_counter()
-            dist = C.Dist(0, 1, 0, device)
-            self.latents, self.text, self.index = SPO.build_caches(cfg, batch, vae, text_encoder, tokenizer,
+            dist = U.Dist(0, 1, 0, device)
+            self.latents, self.text, self.index = M.build_caches(cfg, batch, vae, text_encoder, tokenizer,
                                                                    work / ("cache-" + str(id(self))), dist, self.size)
             self.cache_seconds = time.perf_counter() - t0
             self.n_cached = (len(self.latents), len(self.text))
@@ -281,7 +276,7 @@ class Phase:
         self.meter = Meter(device)
 
     def noise(self, step: int):
-        g = C.step_generator(self.cfg.seed, step)
+        g = U.step_generator(self.cfg.seed, step)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (self.cfg.batch,), generator=g)
         lat_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         return t, torch.randn((self.cfg.batch, *lat_shape), generator=g)
@@ -319,8 +314,8 @@ class Phase:
     def naive_losses(self, sl, t, noise):
         """The same loss the naive way: VAE + text encoder now, winner and loser apart, fp32 reference."""
         t0 = self.meter.now()
-        z_w = C.encode_images(self.vae, self.pixels["w"][sl])
-        z_l = C.encode_images(self.vae, self.pixels["l"][sl])
+        z_w = M.encode_images(self.vae, self.pixels["w"][sl])
+        z_l = M.encode_images(self.vae, self.pixels["l"][sl])
         ids = self.tokenizer(self.prompts[sl], padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():
@@ -345,7 +340,7 @@ class Phase:
             picks = C.dfm_augmented_copies(self.unet, self.sched, self.dfm_modules, [
                 C.HardPair(batch[j], self.latents[self.index[j, :2]].to(dev), self.text[self.index[j, 2]][None].to(dev),
                            t_all[j:j + 1].to(dev), noise_all[j:j + 1].to(dev),
-                           C.step_generator(self.cfg.seed, step, stream=1 + j))
+                           U.step_generator(self.cfg.seed, step, stream=1 + j))
                 for j in hard], self.vae, self.size, self.autocast)
             t1 = meter.now()
             self.dfm_seconds += t1 - t0
@@ -374,7 +369,7 @@ def measure(name, a, cfg, pairs, sel, device, work, naive, dfm=False) -> dict:
     """Build one phase's models, warm up, time a.steps steps; free everything again."""
     meter = Meter(device)
     base = meter.current()
-    C.seed_everything(a.seed)  # the same initial weights (LoRA adapters included) in every phase
+    U.seed_everything(a.seed)  # the same initial weights (LoRA adapters included) in every phase
     ph = Phase(cfg, pairs, sel, device, naive, work, dfm)
     release_memory()
     meter.reset_peak()  # from here: resident models and optimizer, plus what the steps allocate
@@ -424,10 +419,10 @@ def cpu_name() -> str:
 def main(argv=None):
     a, cfg = parse(argv)
     cfg.seed = a.seed
-    device = C.pick_device(a.device)
+    device = M.pick_device(a.device)
     if cfg.bf16 and device.type != "cuda":
         cfg.bf16 = False  # as 04: bf16 autocast is GPU-only
-    C.seed_everything(a.seed)
+    U.seed_everything(a.seed)
     with tempfile.TemporaryDirectory(prefix="bench-spo-") as tmp:
         work = Path(tmp)
         pairs, source = load_data(a, cfg, work)
@@ -471,7 +466,7 @@ def main(argv=None):
           f"(max difference / max loss; float rounding{', bf16 reference' if cfg.bf16 else ''})")
     speedup = opt["pairs_per_s"] / naive["pairs_per_s"]
     if a.json:
-        C.atomic_write_json(a.json, {"args": vars(a), "config": vars(cfg), "device": where, "phases": runs,
+        U.atomic_write_json(a.json, {"args": vars(a), "config": vars(cfg), "device": where, "phases": runs,
                                      "loss_agreement": diff, "speedup": speedup})
     print(f"speedup {speedup:.2f}")
     return speedup

@@ -3,13 +3,13 @@ the number of sampling steps.
 
   adamw     one optimizer step over stage 0's UNet + text encoder (the largest set of tensors a
             toy stage trains): PyTorch's CPU default (a loop, one small update per tensor),
-            `common.adamw` (the multi-tensor "foreach" update) and the fused kernel; and whether
+            `utils.adamw` (the multi-tensor "foreach" update) and the fused kernel; and whether
             each gives the loop's weights bit for bit after --adam-steps steps.
   sampling  --n images of held-out harmful and benign prompts, 20 DDIM steps with guidance, in
             fp32 and in bf16 (what `--dtype auto` picks on a CPU with native bf16, or on CUDA):
             seconds, and how far the images agree (toy judge, toy quality, pixels).
   steps     the held-out harmful, benign and look-alike prompts (--n-per-set each, one seed)
-            with DDIM at 20 and 10 steps (the toy preset's C.TOY_SAMPLE_STEPS) and DPM-Solver++
+            with DDIM at 20 and 10 steps (the toy preset's U.TOY_SAMPLE_STEPS) and DPM-Solver++
             at 10 and 8, in fp32: seconds (after a warm-up), share judged harmful and mean toy
             quality per set.
 
@@ -28,14 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_spo_step import ROOT, C, W, random_toy_model
+from bench_spo_step import ROOT, W, random_toy_model
+import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
+import utils as U  # noqa: E402
 
 
 def time_adamw(unet, text_encoder, steps: int, reps: int, rounds: int) -> None:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     print(f"AdamW over {len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.1f}M parameters "
           f"(median ms per step; {rounds} rounds of {reps} steps, variants alternating round by round)")
-    variants = {"loop (CPU default)": dict(foreach=False), "foreach (common.adamw)": dict(foreach=True),
+    variants = {"loop (CPU default)": dict(foreach=False), "foreach (utils.adamw)": dict(foreach=True),
                 "fused": dict(fused=True)}
     weights, opts = {}, {}
     for name, kw in variants.items():
@@ -66,21 +68,21 @@ def time_adamw(unet, text_encoder, steps: int, reps: int, rounds: int) -> None:
 def time_sampling(folder: Path, n: int, batch: int, rounds: int, device: torch.device) -> None:
     lists = folder.parent / "prompts"
     if lists.is_dir():
-        rows = (C.read_jsonl(lists / "harmful_eval.jsonl") + C.read_jsonl(lists / "harmful_train.jsonl"))[: n // 2]
-        rows += (C.read_jsonl(lists / "benign_eval.jsonl") + C.read_jsonl(lists / "benign_train.jsonl"))[: n - len(rows)]
+        rows = (U.read_jsonl(lists / "harmful_eval.jsonl") + U.read_jsonl(lists / "harmful_train.jsonl"))[: n // 2]
+        rows += (U.read_jsonl(lists / "benign_eval.jsonl") + U.read_jsonl(lists / "benign_train.jsonl"))[: n - len(rows)]
         prompts = [r["prompt"] for r in rows]
     else:
         prompts = ["a large blue circle, sand background"] * n
     seeds = list(range(n))
     dtypes = (torch.float32, torch.bfloat16)
-    pipes = {d: C.load_pipeline(folder, device, d) for d in dtypes}
+    pipes = {d: M.load_pipeline(folder, device, d) for d in dtypes}
     seconds, images = {d: [] for d in dtypes}, {}
     for d in dtypes:
-        C.generate(pipes[d], prompts[:batch], seeds[:batch], 20, 4.0, batch)  # warm-up
+        M.generate(pipes[d], prompts[:batch], seeds[:batch], 20, 4.0, batch)  # warm-up
     for _ in range(rounds):  # alternate, as for AdamW
         for d in dtypes:
             t0 = time.perf_counter()
-            images[d] = C.generate(pipes[d], prompts, seeds, 20, 4.0, batch)
+            images[d] = M.generate(pipes[d], prompts, seeds, 20, 4.0, batch)
             seconds[d].append(time.perf_counter() - t0)
     judged = {}
     for d in dtypes:
@@ -100,21 +102,21 @@ def time_sampling(folder: Path, n: int, batch: int, rounds: int, device: torch.d
 def compare_steps(folder: Path, n_per_set: int, batch: int) -> None:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     lists = folder.parent / "prompts"
-    sets = {k: (C.read_jsonl(lists / f"{k}_eval.jsonl")[:n_per_set] if lists.is_dir()
+    sets = {k: (U.read_jsonl(lists / f"{k}_eval.jsonl")[:n_per_set] if lists.is_dir()
                 else [{"prompt": "a large blue circle, sand background"}] * n_per_set)
             for k in ("harmful", "benign", "lookalike")}
-    pipe = C.load_pipeline(folder)
+    pipe = M.load_pipeline(folder)
     config = pipe.scheduler.config
-    C.generate(pipe, [sets["benign"][0]["prompt"]] * batch, list(range(batch)), 10, 4.0, batch)  # warm-up
+    M.generate(pipe, [sets["benign"][0]["prompt"]] * batch, list(range(batch)), 10, 4.0, batch)  # warm-up
     print(f"sampling steps, {n_per_set} prompts per set, fp32 (set: judged harmful / mean toy quality)")
-    for name, scheduler, steps in (("DDIM", DDIMScheduler, 20), ("DDIM", DDIMScheduler, C.TOY_SAMPLE_STEPS),
+    for name, scheduler, steps in (("DDIM", DDIMScheduler, 20), ("DDIM", DDIMScheduler, U.TOY_SAMPLE_STEPS),
                                    ("DPM-Solver++", DPMSolverMultistepScheduler, 10),
                                    ("DPM-Solver++", DPMSolverMultistepScheduler, 8)):
         pipe.scheduler = scheduler.from_config(config)
         t0, cells = time.perf_counter(), []
         for kind, rows in sets.items():
             prompts = [r["prompt"] for r in rows]
-            images = C.generate(pipe, prompts, list(range(len(rows))), steps, 4.0, batch)
+            images = M.generate(pipe, prompts, list(range(len(rows))), steps, 4.0, batch)
             cells.append(f"{kind} {np.mean([W.toy_judge(im) >= 1 for im in images]):.1%} / "
                          f"{np.mean([W.toy_quality(im, p) for im, p in zip(images, prompts)]):.2f}")
         print(f"  {name:>12} {steps:2d} steps: {time.perf_counter() - t0:6.1f} s   " + "   ".join(cells))
@@ -139,7 +141,7 @@ def main():
             print(f"{folder}: no stage-0 model, using random weights (timings only)")
             folder = random_toy_model(Path(tmp) / "model")
         if "adamw" in args.parts:
-            pipe = C.load_pipeline(folder)
+            pipe = M.load_pipeline(folder)
             time_adamw(pipe.unet, pipe.text_encoder, args.adam_steps, args.reps, args.rounds)
             del pipe
         if "sampling" in args.parts:

@@ -22,18 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def module(script):
-    """A top-level script (its name starts with a digit) imported as a module."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(script[:-3].replace("0", "m"), ROOT / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    """A stage script (its name starts with a digit) imported as a module."""
+    import utils as U
+    return U.load_script(script)
 
 
-def stage(script, run, *extra, check=True):
-    """`python SCRIPT --tiny --run RUN ...` from the repository root, offline."""
-    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def stage(script, run, *extra, check=True, env=None):
+    """`python SCRIPT --tiny --run RUN ...` from the repository root, offline; SCRIPT may name a
+    system's command too ("psa.py train"); `env`: the whole environment, instead of this one's."""
+    r = subprocess.run([sys.executable, *script.split(), "--tiny", "--run", str(run), *extra], cwd=ROOT,
+                       capture_output=True, text=True, env={**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1"})
     if check:
         assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
     return r
@@ -43,10 +41,10 @@ def tiny_world_with_scm(run):
     """Stage 0 at --tiny (4 evaluation prompts per set) and a random SCM saved as stage 2 saves
     one: the paths that need no trained SCM start here."""
     import torch
-    import common as C
+    import scorers as S
     stage("00_toy_world.py", run, "--eval-per-set", "4")
     torch.manual_seed(0)
-    C.save_scm(C.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
+    S.save_scm(S.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
     return run
 
 
@@ -70,3 +68,24 @@ def _torchrun(script, run, *extra, nproc=2, env=None):
 @pytest.fixture
 def torchrun():
     return _torchrun
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random-weight CLIP (and its processor, CLIP's tokenizer) saved as transformers saves
+    one: PickScore, CLIPScore and Q16 load it as they load the real checkpoints."""
+    import torch
+    import models as M
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=M.clip_tokenizer()).save_pretrained(folder)
+    return folder

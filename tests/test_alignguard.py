@@ -12,11 +12,15 @@ import torch
 
 from conftest import module, stage, tiny_world_with_scm
 
-import common as C
+import alignguard as AG
+import data as D
+import models as M
+import stats
 import toyworld as W
+import utils as U
 
 
-HF, SPO, EV = module("03_build_hf.py"), module("04_train_spo.py"), module("05_evaluate.py")
+SPO = module("04_train_spo.py")
 
 
 # --------------------------------------------------------------------------------------
@@ -33,25 +37,25 @@ X = torch.tensor([[1.0, 1.0], [2.0, -1.0]])  # two inputs
 
 def test_expert_activity_is_the_mean_absolute_output_change():
     # ΔW_1 x: (1, 0, 2) and (2, 0, 4) -> mean |.| = (1.5, 0, 3); ΔW_2 x: (0, 3, 1) and (0, -3, -1) -> (0, 3, 1)
-    a = C.expert_activity(X, [B1, B2], [A1, A2])
+    a = AG.expert_activity(X, [B1, B2], [A1, A2])
     assert torch.equal(a, torch.tensor([[1.5, 0.0, 3.0], [0.0, 3.0, 1.0]]))
     # inputs may come as [batch, tokens, in]: the mean is over all rows
-    assert torch.equal(C.expert_activity(X.reshape(1, 2, 2), [B1, B2], [A1, A2]), a)
+    assert torch.equal(AG.expert_activity(X.reshape(1, 2, 2), [B1, B2], [A1, A2]), a)
 
 
 def test_co_merge_keeps_each_output_units_most_active_expert_exactly():
-    a = C.expert_activity(X, [B1, B2], [A1, A2])
-    up, down = C.co_merge([B1, B2], [A1, A2], a)
+    a = AG.expert_activity(X, [B1, B2], [A1, A2])
+    up, down = AG.co_merge([B1, B2], [A1, A2], a)
     # rows 0 and 2 from expert 1 (1.5 > 0, 3 > 1), row 1 from expert 2 (3 > 0)
     assert up.shape == (3, 2) and down.shape == (2, 2)
     assert torch.equal(up @ down, torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 0.0]]))
     # not a sum: where both experts act (row 2), only the more active one's weights stay
     assert not torch.equal(up @ down, B1 @ A1 + B2 @ A2)
     # a tie goes to the lower index; the activity must be [experts, out]
-    tie = C.co_merge([B1, B2], [A1, A2], torch.ones(2, 3))
+    tie = AG.co_merge([B1, B2], [A1, A2], torch.ones(2, 3))
     assert torch.equal(tie[0] @ tie[1], B1 @ A1)
     with pytest.raises(ValueError, match="experts, out"):
-        C.co_merge([B1, B2], [A1, A2], torch.ones(3, 2))
+        AG.co_merge([B1, B2], [A1, A2], torch.ones(3, 2))
 
 
 def test_lora_files_round_trip_with_their_scale(tmp_path):
@@ -59,16 +63,16 @@ def test_lora_files_round_trip_with_their_scale(tmp_path):
     comes back with α/r folded into B."""
     from diffusers import StableDiffusionPipeline
     factors = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (torch.randn(6, 2), torch.randn(2, 5))}
-    C.write_lora(tmp_path / "lora", factors)
-    back = C.read_lora(tmp_path / "lora")
+    M.write_lora(tmp_path / "lora", factors)
+    back = M.read_lora(tmp_path / "lora")
     assert set(back) == set(factors) and all(torch.equal(back[k][0], factors[k][0]) and
                                              torch.equal(back[k][1], factors[k][1]) for k in factors)
     (m, (b, a)), = factors.items()
     StableDiffusionPipeline.save_lora_weights(tmp_path / "scaled", unet_lora_layers={
         f"{m}.lora.down.weight": a, f"{m}.lora.up.weight": b}, unet_lora_adapter_metadata={"r": 2, "lora_alpha": 8})
-    assert torch.allclose(C.read_lora(tmp_path / "scaled")[m][0], 4 * b)
-    with pytest.raises(C.DataError, match="does not exist"):
-        C.read_lora(tmp_path / "nowhere")
+    assert torch.allclose(M.read_lora(tmp_path / "scaled")[m][0], 4 * b)
+    with pytest.raises(U.DataError, match="does not exist"):
+        M.read_lora(tmp_path / "nowhere")
 
 
 # --------------------------------------------------------------------------------------
@@ -84,7 +88,7 @@ def coprov2_csv(folder: Path, rows):
         for prompt, image, category in rows:
             w.writerow([prompt, image, category])
             if image:
-                C.save_png(folder / image, np.zeros((8, 8, 3), np.uint8))
+                U.save_png(folder / image, np.zeros((8, 8, 3), np.uint8))
     return folder / "CoProv2_train.csv"
 
 
@@ -94,7 +98,7 @@ GOOD = [("a nude man", "images/u_idx_0_0.jpg", "sexual"), ("a man in a suit", "i
 
 
 def test_coprov2_reader_pairs_alternating_rows(tmp_path):
-    pairs = HF.read_coprov2(coprov2_csv(tmp_path, GOOD))
+    pairs = D.read_coprov2(coprov2_csv(tmp_path, GOOD))
     assert [p["category"] for p in pairs] == ["sexual", "violence", "harassment"]  # I2P's names
     p = pairs[1]
     assert p["prompt"] == "a bloody fight" and p["kind"] == "harmful-safe" and p["judge"] is False
@@ -110,18 +114,18 @@ def test_coprov2_reader_pairs_alternating_rows(tmp_path):
     (lambda rows: [*rows[:4], ("", rows[4][1], rows[4][2]), *rows[5:]], ":6: needs a prompt"),
 ])
 def test_coprov2_bad_rows_are_named(tmp_path, edit, message):
-    with pytest.raises(C.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        HF.read_coprov2(coprov2_csv(tmp_path, edit(list(GOOD))))
+    with pytest.raises(U.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        D.read_coprov2(coprov2_csv(tmp_path, edit(list(GOOD))))
 
 
 def test_coprov2_missing_image_and_columns_are_named(tmp_path):
     path = coprov2_csv(tmp_path, GOOD)
     (tmp_path / "images/s_idx_1_0.jpg").unlink()
-    with pytest.raises(C.DataError, match=r":5: missing image .*s_idx_1_0.jpg"):
-        HF.read_coprov2(path)
+    with pytest.raises(U.DataError, match=r":5: missing image .*s_idx_1_0.jpg"):
+        D.read_coprov2(path)
     path.write_text("text,image\nx,y\n")
-    with pytest.raises(C.DataError, match=r"no column\(s\) \['category', 'prompt'\]"):
-        HF.read_coprov2(path)
+    with pytest.raises(U.DataError, match=r"no column\(s\) \['category', 'prompt'\]"):
+        D.read_coprov2(path)
 
 
 def side(role, quality, cost):
@@ -135,10 +139,10 @@ def test_category_filter_and_safe_wins():
               "a": side("safe", 20.0, 0.0), "b": side("harmful", 23.0, 2.0)},
              {"id": "2", "prompt": "z", "kind": "safe-safe", "category": None,
               "a": side("safe", 20.0, 0.0), "b": side("safe", 21.0, 0.0)}]
-    assert [p["id"] for p in SPO.category_filter(pairs, ["violence"], Path("d.jsonl"))] == ["1"]
-    assert SPO.category_filter(pairs, None, Path("d.jsonl")) is pairs
-    with pytest.raises(C.DataError, match=r"d.jsonl: no pairs of category \['hate'\].*\['sexual', 'violence'\]"):
-        SPO.category_filter(pairs, ["hate", "sexual"], Path("d.jsonl"))
+    assert [p["id"] for p in AG.category_filter(pairs, ["violence"], Path("d.jsonl"))] == ["1"]
+    assert AG.category_filter(pairs, None, Path("d.jsonl")) is pairs
+    with pytest.raises(U.DataError, match=r"d.jsonl: no pairs of category \['hate'\].*\['sexual', 'violence'\]"):
+        AG.category_filter(pairs, ["hate", "sexual"], Path("d.jsonl"))
     wins, dropped = SPO.preference_pairs(pairs, "safe-wins", lam=0.15, margin=0.0)
     assert [p["w"]["role"] for p in wins] == ["safe", "safe"] and dropped == 1  # safe-safe: a tie of roles
     by_cost, _ = SPO.preference_pairs(pairs, "safety", lam=0.15, margin=0.0)  # R = −C follows the SCM
@@ -159,7 +163,7 @@ def ag_run(tmp_path_factory):
     stage("03_build_hf.py", run)
     stage("03_build_hf.py", run, "--pairing", "prompt-edit", "--name", "coprov2", "--n-harmful-safe", "24",
           "--reuse-images", "hf")
-    pairs = C.read_jsonl(run / "coprov2" / "hf_pairs.jsonl")
+    pairs = U.read_jsonl(run / "coprov2" / "hf_pairs.jsonl")
     counts = {}
     for p in pairs:
         if p["category"]:
@@ -170,27 +174,27 @@ def ag_run(tmp_path_factory):
     experts = []
     for c in top:
         experts.append("expert_" + c.replace(" ", "_"))
-        stage("04_train_spo.py", run, *lora, "--categories", c, "--name", experts[-1])
+        stage("alignguard.py expert", run, *lora, "--categories", c, "--name", experts[-1])
     stage("04_train_spo.py", run, *lora, "--name", "all_single")
     stage("04_train_spo.py", run)
     stage("04_train_spo.py", run, "--data", "coprov2", "--name", "spo_promptedit")
     for method in ("comerge", "ties"):
-        stage("04_train_spo.py", run, "--merge-experts", *experts, "--merge-method", method, "--data", "coprov2")
+        stage("alignguard.py merge", run, "--merge-experts", *experts, "--merge-method", method)
     r = stage("05_evaluate.py", run)
     return run, pairs, top, experts, r
 
 
 def test_prompt_edited_pairs_sample_the_safe_prompt_with_their_own_seed(ag_run):
     run, pairs, *_ = ag_run
-    inpainted = {p["prompt"]: p for p in C.read_jsonl(run / "hf" / "hf_pairs.jsonl") if p["kind"] == "harmful-safe"}
+    inpainted = {p["prompt"]: p for p in U.read_jsonl(run / "hf" / "hf_pairs.jsonl") if p["kind"] == "harmful-safe"}
     edited = [p for p in pairs if p["kind"] == "harmful-safe"]
     assert edited and all(p["b"]["source"] == "t2i" and p["b"]["seed"] != p["a"]["seed"] for p in edited)
     assert all(p["category"] in W.HARM for p in edited)
     p = next(p for p in edited if p["prompt"] in inpainted)
     q = inpainted[p["prompt"]]
     assert q["b"]["source"] == "img2img" and p["a"]["seed"] == q["a"]["seed"]  # the same harmful image
-    assert np.array_equal(C.load_png(run / "coprov2" / p["a"]["path"]), C.load_png(run / "hf" / q["a"]["path"]))
-    assert not np.array_equal(C.load_png(run / "coprov2" / p["b"]["path"]), C.load_png(run / "hf" / q["b"]["path"]))
+    assert np.array_equal(U.load_png(run / "coprov2" / p["a"]["path"]), U.load_png(run / "hf" / q["a"]["path"]))
+    assert not np.array_equal(U.load_png(run / "coprov2" / p["b"]["path"]), U.load_png(run / "hf" / q["b"]["path"]))
 
 
 def test_prompt_edited_build_copies_the_samples_it_shares_with_the_inpainted_one(ag_run):
@@ -198,7 +202,7 @@ def test_prompt_edited_build_copies_the_samples_it_shares_with_the_inpainted_one
     copied from hf/ (the same prompt, seed and guidance), the rest are drawn."""
     run, pairs, *_ = ag_run
     key = lambda side: (side["prompt"], side["seed"], side["guidance"])
-    held = {key(s): s["path"] for p in C.read_jsonl(run / "hf" / "hf_pairs.jsonl") for s in (p["a"], p["b"])
+    held = {key(s): s["path"] for p in U.read_jsonl(run / "hf" / "hf_pairs.jsonl") for s in (p["a"], p["b"])
             if s["source"] == "t2i"}
     sides = [s for p in pairs for s in (p["a"], p["b"]) if s["source"] == "t2i"]
     copied = [s for s in sides if "copied_from" in s]
@@ -210,7 +214,7 @@ def test_prompt_edited_build_copies_the_samples_it_shares_with_the_inpainted_one
     assert not any("copied_from" in p["b"] for p in edited)  # the safe image has a seed of its own
     assert json.loads((run / "coprov2" / "metrics.json").read_text())["images_copied"] == len(copied)
     for s in copied[:4]:
-        assert np.array_equal(C.load_png(run / "coprov2" / s["path"]), C.load_png(run / s["copied_from"]))
+        assert np.array_equal(U.load_png(run / "coprov2" / s["path"]), U.load_png(run / s["copied_from"]))
 
 
 def test_reuse_images_refuses_a_build_with_other_settings(ag_run):
@@ -230,7 +234,7 @@ def test_experts_train_on_their_category_only(ag_run):
     for c, name in zip(top, experts):
         m = json.loads((run / name / "metrics.json").read_text())
         assert m["n_pairs"] == sum(p["category"] == c for p in pairs) and m["objective"] == "safe-wins"
-        assert (run / name / "lora" / C.LORA_FILE).exists()
+        assert (run / name / "lora" / M.LORA_FILE).exists()
     m = json.loads((run / "all_single" / "metrics.json").read_text())
     assert m["n_pairs"] == sum(p["kind"] == "harmful-safe" for p in pairs) and m["pairs_dropped"] > 0  # safe-safe
 
@@ -239,18 +243,18 @@ def test_merged_lora_loads_in_stock_diffusers_to_the_computed_weights(ag_run):
     """pipe.load_lora_weights + fuse_lora on the base gives W + ΔW of the merge for every
     module; Co-Merge's ΔW rows each equal one expert's rows."""
     run, _, _, experts, _ = ag_run
-    base = C.load_pipeline(run / "world" / "model")
+    base = M.load_pipeline(run / "world" / "model")
     W0 = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    ex = [C.read_lora(run / e / "lora") for e in experts]
+    ex = [M.read_lora(run / e / "lora") for e in experts]
     for method in ("comerge", "ties"):
         out = run / "alignguard" / method
-        merged = C.read_lora(out / "lora")
-        pipe = C.load_pipeline(run / "world" / "model")
+        merged = M.read_lora(out / "lora")
+        pipe = M.load_pipeline(run / "world" / "model")
         pipe.load_lora_weights(out / "lora")
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay, the LoRA layers go
         fused = pipe.unet.state_dict()
-        saved = C.load_pipeline(out / "model").unet.state_dict()
+        saved = M.load_pipeline(out / "model").unet.state_dict()
         for m, (b, a) in merged.items():
             key = m + ".weight"
             assert torch.allclose(fused[key], W0[key] + b @ a, atol=1e-6)
@@ -275,14 +279,16 @@ def test_stage5_reports_ip_per_category_and_the_alignguard_claims(ag_run):
         assert set(cats) == set(W.HARM) and all(v is None or 0 <= v <= 1 for v in cats.values())
         assert "IP_by_category" not in m[n]["benign"]
     assert m["alignguard"] == m["merge_comerge"]  # one model, the paper's row name
-    assert set(m["alignguard_experts"]) <= set(top)
-    claims = {c["claim"]: c for c in m["alignguard_claims"]}
+    section = json.loads((run / "eval" / "alignguard.json").read_text())
+    assert set(section["experts"]) <= set(top)
+    claims = {c["claim"]: c for c in section["claims"]}
     assert any("Co-Merge beats peft's ties" in c for c in claims) and any("Table 2" in c for c in claims)
     assert all(c["verdict"] in ("holds", "fails", "trade-off", "not separable") for c in claims.values())
     for pair in ("spo-alignguard", "spo-spo_promptedit", "alignguard-all_single", "merge_comerge-merge_ties"):
-        assert set(m["intervals"][pair]) == {"harmful", "benign", "lookalike"}
-    report = (run / "eval" / "report.md").read_text()
-    assert "IP per harm category" in report and "Co-Merge beats" in report and "sexual IP↓" in report
+        assert set(section["intervals"][pair]) == {"harmful", "benign", "lookalike"}
+    report, own = ((run / "eval" / f).read_text() for f in ("report.md", "alignguard.md"))
+    assert "IP per harm category" in report and "sexual IP↓" in report and "[AlignGuard" in report
+    assert "IP per harm category" in own and "Co-Merge beats" in own and "Co-Merge beats" not in report
     assert "illegal activity IP↓" in r.stdout  # the per-category table ends the console output
 
 
@@ -294,4 +300,4 @@ def test_stage5_reports_ip_per_category_and_the_alignguard_claims(ag_run):
     ([("fails", "holds")], "fails"),
 ])
 def test_claim_verdict_combines_interval_verdicts(parts, expected):
-    assert EV.claim_verdict(parts) == expected
+    assert stats.claim_verdict(parts) == expected

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import baselines as B
 from conftest import module, stage, tiny_world_with_scm
 
-import common as C
+import attacks as A
+import baselines as B
+import models as M
 import toyworld as W
+import utils as U
 
 
 EV = module("05_evaluate.py")
@@ -27,11 +29,20 @@ def test_uce_closed_form_by_hand():
     #   W' = (0.5·I + e2 e1ᵀ)(0.5·I + e1 e1ᵀ)⁻¹ = [[0.5, 0], [1, 0.5]] · diag(1/1.5, 1/0.5)
     #      = [[1/3, 0], [2/3, 1]]
     W = torch.eye(2)
-    W1 = C.uce_edit(W, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), lam=0.5)
+    W1 = B.uce_edit(W, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), lam=0.5)
     torch.testing.assert_close(W1, torch.tensor([[1 / 3, 0.0], [2 / 3, 1.0]]))
     # the erased concept's projection moved from W e1 = (1, 0) two thirds of the way to (0, 1);
     # e2, orthogonal to it, projects as before
     torch.testing.assert_close(W1 @ torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+
+
+def test_uce_on_a_non_symmetric_weight_by_hand():
+    # W = [[1, 2], [0, 1]], erase c = e1 to guide g = e2, λ = 1, nothing preserved:
+    #   v* = W g = (2, 1);  λW + v* cᵀ = [[3, 2], [1, 1]];  (λI + c cᵀ)⁻¹ = diag(1/2, 1)
+    #   W' = [[1.5, 2], [0.5, 1]]: W'c = (1.5, 0.5) lies half-way from W c = (1, 0) to v*
+    W1 = B.uce_edit(torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]),
+                    lam=1.0)
+    torch.testing.assert_close(W1, torch.tensor([[1.5, 2.0], [0.5, 1.0]]))
 
 
 def test_uce_with_preserved_concept_by_hand():
@@ -39,7 +50,7 @@ def test_uce_with_preserved_concept_by_hand():
     #   lhs = W + W p pᵀ = [1, 2] + 3·[1, 1] = [4, 5]
     #   rhs = I + c cᵀ + p pᵀ = [[3, 1], [1, 2]],  rhs⁻¹ = [[2, −1], [−1, 3]] / 5
     #   W' = [4, 5] · rhs⁻¹ = [(8 − 5)/5, (−4 + 15)/5] = [0.6, 2.2]
-    W1 = C.uce_edit(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2),
+    W1 = B.uce_edit(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2),
                     torch.tensor([[1.0, 1.0]]), lam=1.0)
     torch.testing.assert_close(W1, torch.tensor([[0.6, 2.2]]))
 
@@ -48,24 +59,24 @@ def test_uce_erases_to_the_guide_and_keeps_preserved_concepts_when_lambda_is_sma
     g = torch.Generator().manual_seed(0)
     W = torch.randn(5, 8, generator=g)
     erase, guide, keep = (torch.randn(n, 8, generator=g) for n in (2, 2, 3))
-    W1 = C.uce_edit(W, erase, guide, keep, lam=1e-6)  # 5 constraints in 8 dims: met exactly
+    W1 = B.uce_edit(W, erase, guide, keep, lam=1e-6)  # 5 constraints in 8 dims: met exactly
     torch.testing.assert_close(erase @ W1.T, guide @ W.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(keep @ W1.T, keep @ W.T, atol=1e-4, rtol=1e-4)
     assert (W1 - W).abs().max() > 0.1
     with pytest.raises(ValueError, match="must match"):
-        C.uce_edit(W, erase, guide[:1])
+        B.uce_edit(W, erase, guide[:1])
 
 
 def test_esd_target_by_hand_and_its_loss_gradient():
     eps_c, eps_u = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
     # ε* (c) − η (ε*(c) − ε*(∅)) with η = 2: [1 − 2·1, 2 − 2·1]
-    torch.testing.assert_close(C.esd_target(eps_c, eps_u, 2.0), torch.tensor([-1.0, 0.0]))
+    torch.testing.assert_close(B.esd_target(eps_c, eps_u, 2.0), torch.tensor([-1.0, 0.0]))
     # erasing c "from" another concept: the first term is that concept's prediction
-    torch.testing.assert_close(C.esd_target(eps_c, eps_u, 2.0, eps_from=torch.tensor([5.0, 5.0])),
+    torch.testing.assert_close(B.esd_target(eps_c, eps_u, 2.0, eps_from=torch.tensor([5.0, 5.0])),
                                torch.tensor([3.0, 3.0]))
     model = torch.tensor([0.0, 1.0], requires_grad=True)
     target = torch.tensor([-1.0, 0.0], requires_grad=True)
-    loss = C.esd_loss(model, target)
+    loss = B.esd_loss(model, target)
     loss.backward()
     assert loss.item() == pytest.approx(1.0)              # ((0 + 1)² + (1 − 0)²) / 2
     torch.testing.assert_close(model.grad, torch.tensor([1.0, 1.0]))  # 2 (ε − target) / 2
@@ -103,7 +114,7 @@ def test_sld_recipe_is_diffusers_preset_with_warmup_scaled_to_the_sampler():
     assert B.sld_call_kwargs(B.sld_recipe("max", None), 10) == {
         "sld_guidance_scale": 5000, "sld_warmup_steps": 0, "sld_threshold": 1.0, "sld_momentum_scale": 0.5,
         "sld_mom_beta": 0.7}
-    assert len(C.clip_tokenizer(32)(B.toy_sld_concept()).input_ids) <= 32
+    assert len(M.clip_tokenizer(32)(B.toy_sld_concept()).input_ids) <= 32
 
 
 def test_filter_blacks_out_exactly_the_images_it_flags(tmp_path):
@@ -132,8 +143,8 @@ def test_filter_blacks_out_exactly_the_images_it_flags(tmp_path):
 # --------------------------------------------------------------------------------------
 
 def test_attack_vocabulary_has_whole_words_and_none_banned():
-    tok = C.clip_tokenizer(16)
-    ids = B.attack_vocabulary(tok, ["blood", "gore"])
+    tok = M.clip_tokenizer(16)
+    ids = A.attack_vocabulary(tok, ["blood", "gore"])
     words = [t[:-4] for t in tok.convert_ids_to_tokens(ids.tolist())]
     assert len(words) > 10_000 and all(w.isalpha() and len(w) >= 2 for w in words)
     assert not any("blood" in w or "gore" in w for w in words)
@@ -143,15 +154,15 @@ def test_attack_vocabulary_has_whole_words_and_none_banned():
 def test_mma_attack_raises_similarity_without_banned_words():
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
-    tok = C.clip_tokenizer(16)
+    tok = M.clip_tokenizer(16)
     enc = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, max_position_embeddings=16)).eval().requires_grad_(False)
-    allowed = B.attack_vocabulary(tok, B.toy_banned_words())
-    run = lambda steps: B.mma_attack(enc, tok, "a small red circle, white background, blood", "a small red circle",
+    allowed = A.attack_vocabulary(tok, A.toy_banned_words())
+    run = lambda steps: A.mma_attack(enc, tok, "a small red circle, white background, blood", "a small red circle",
                                      allowed, 4, steps, 16, 8, torch.Generator().manual_seed(3))
     start, found = run(0), run(15)
-    assert found["prompt"].startswith("a small red circle, ") and not B.contains_banned(
-        found["prompt"].removeprefix("a small red circle"), B.toy_banned_words())
+    assert found["prompt"].startswith("a small red circle, ") and not A.contains_banned(
+        found["prompt"].removeprefix("a small red circle"), A.toy_banned_words())
     assert found["search_similarity"] > start["search_similarity"]
     assert found == run(15)  # its own seed makes it exact
 
@@ -165,28 +176,32 @@ def bl_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     tiny_world_with_scm(run)
     # a stand-in for T2I-SPO (the comparison's claims need its row; its training is tested elsewhere)
-    C.save_pipeline(C.load_pipeline(run / "world" / "model"), run / "spo" / "model")
-    C.atomic_write_json(run / "spo" / "config.json", {"objective": "spo"})
+    M.save_pipeline(M.load_pipeline(run / "world" / "model"), run / "spo" / "model")
+    M.write_manifest(run / "spo", "spo")
     for b in B.BASELINES:
-        stage("04_train_spo.py", run, "--baseline", b)
-    r = stage("05_evaluate.py", run, "--jailbreak", "2")
+        stage("baselines.py build", run, "--baseline", b)
+    stage("attacks.py jailbreak", run, "--prompts", "2")
+    r = stage("05_evaluate.py", run)
     return run, r
 
 
 def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
     run, r = bl_run
-    m = C.read_json(run / "eval" / "metrics.json")
-    for name in EV.BASELINE_MODELS:
+    m = U.read_json(run / "eval" / "metrics.json")
+    for name in B.MODELS:
         assert {"harmful", "benign", "lookalike", "jailbreak"} <= set(m[name]), name
         assert set(m[name]["harmful"]["IP_by_category"]) == set(EV.CATEGORIES)
+        assert U.read_json(run / "baselines" / name / "model.json")["name"] == name
     assert 0.0 <= m["filter"]["harmful"]["refused"] <= 1.0
-    jb = C.read_jsonl(run / "eval" / "jailbreak.jsonl")
-    assert len(jb) == 2 and all(not B.contains_banned(j["prompt"].split(", ")[-1], B.toy_banned_words()) for j in jb)
-    assert {c["claim"] for c in m["baseline_claims"]} >= {"T2I-SPO has a higher UAS than uce",
-                                                          "SLD-STRONG costs quality (the base scores higher PS)"}
-    report = (run / "eval" / "report.md").read_text()
-    assert "## The paper's comparison (Table 2)" in report and "IP under attack" in report
-    assert C.read_json(run / "baselines" / "uce" / "metrics.json")["projections_edited"] > 0
+    jb = U.read_jsonl(run / "attacks" / "jailbreak.jsonl")
+    assert len(jb) == 2 and all(not A.contains_banned(j["prompt"].split(", ")[-1], A.toy_banned_words()) for j in jb)
+    claims = U.read_json(run / "eval" / "baselines.json")["claims"]
+    assert {c["claim"] for c in claims} >= {"T2I-SPO has a higher UAS than uce",
+                                            "SLD-STRONG costs quality (the base scores higher PS)"}
+    report, own = ((run / "eval" / f).read_text() for f in ("report.md", "baselines.md"))
+    assert "[The paper's comparison (Table 2)" in report and "`jailbreak` (2 prompts, harmful)" in report
+    assert "# The paper's comparison (Table 2)" in own and "IP under attack" in own
+    assert U.read_json(run / "baselines" / "uce" / "metrics.json")["projections_edited"] > 0
     # what stock diffusers loads from the ESD-u folder differs from the base outside attn2 only
     from diffusers import UNet2DConditionModel
     base = UNet2DConditionModel.from_pretrained(run / "world" / "model", subfolder="unet").state_dict()
@@ -195,19 +210,18 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
     assert changed and not any("attn2" in k for k in changed)
 
 
-def test_jailbreak_set_is_reused_and_other_settings_are_refused(bl_run):
+def test_jailbreak_set_is_built_once_and_other_settings_are_refused(bl_run):
     run, _ = bl_run
-    before = (run / "eval" / "jailbreak.jsonl").read_bytes()
-    r = stage("05_evaluate.py", run)  # no --jailbreak: the cached set is scored again
-    assert "jailbreak" in C.read_json(run / "eval" / "metrics.json")["spo"]
-    assert (run / "eval" / "jailbreak.jsonl").read_bytes() == before
-    r = stage("05_evaluate.py", run, "--jailbreak", "2", "--jailbreak-seed", "7", check=False)
-    assert r.returncode != 0 and "jailbreak_seed" in r.stderr and "Traceback" not in r.stderr
+    before = (run / "attacks" / "jailbreak.jsonl").read_bytes()
+    r = stage("attacks.py jailbreak", run, "--prompts", "2")
+    assert "is built: nothing to do" in r.stdout and (run / "attacks" / "jailbreak.jsonl").read_bytes() == before
+    r = stage("attacks.py jailbreak", run, "--prompts", "2", "--seed", "7", check=False)
+    assert r.returncode != 0 and "seed: 0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_finished_baseline_is_left_untouched(bl_run):
     run, _ = bl_run
     weights = run / "baselines" / "uce" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    r = stage("04_train_spo.py", run, "--baseline", "uce")
+    r = stage("baselines.py build", run, "--baseline", "uce")
     assert "nothing to do" in r.stderr + r.stdout and weights.stat().st_mtime_ns == mtime

@@ -49,8 +49,8 @@ def test_bench_toy_pipeline_adamw_sampling_and_steps_lines():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     adam = dict(re.findall(r"^\s*(.+?): +[\d.]+ ms/step \(rounds [\d., ]+\)   after 2 steps: (.+)$", r.stdout, re.M))
-    assert list(adam) == ["loop (CPU default)", "foreach (common.adamw)", "fused"]
-    assert adam["foreach (common.adamw)"] == "bit-identical to the loop"  # what C.adamw promises
+    assert list(adam) == ["loop (CPU default)", "foreach (utils.adamw)", "fused"]
+    assert adam["foreach (utils.adamw)"] == "bit-identical to the loop"  # what U.adamw promises
     sampled = re.findall(r"^\s*torch\.(\w+): +[\d.]+ s for 4 images", r.stdout, re.M)
     assert sampled == ["float32", "bfloat16"]
     assert re.search(r"^  bf16 / fp32 time: [\d.]+; image by image, the toy judge agrees on [\d.]+%, mean \|Δpixel\| [\d.]+ of 255$",

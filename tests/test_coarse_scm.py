@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port, stage
+
 import common as C
-from conftest import free_port
+import models as M
+import scorers as S
 import toyworld as W
+import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage(script, run, *extra, check=True, env=None):
-    return subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT, check=check,
-                          capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +32,12 @@ def coarse_run(tmp_path_factory):
 
 def test_coarse_pairs_are_judged_and_complete(coarse_run):
     c = coarse_run / "coarse"
-    pairs = C.read_jsonl(c / "pairs.jsonl")
+    pairs = U.read_jsonl(c / "pairs.jsonl")
     m = json.loads((c / "metrics.json").read_text())
     assert len(pairs) == m["n_pairs"] == 30 and m["skipped_no_answer"] == 0
     assert {p["kind"] for p in pairs} <= {"harmful-harmful", "harmful-safe"}
     for p in pairs:
-        w, l = C.load_png(c / p["w"]["path"]), C.load_png(c / p["l"]["path"])
+        w, l = U.load_png(c / p["w"]["path"]), U.load_png(c / p["l"]["path"])
         assert W.which_is_more_harmful(w, l) == 0  # the recorded winner is the judge's choice
         assert (p["w"]["severity"], p["l"]["severity"]) == (W.toy_judge(w), W.toy_judge(l))
         assert p["w"]["severity"] >= p["l"]["severity"]
@@ -46,7 +45,7 @@ def test_coarse_pairs_are_judged_and_complete(coarse_run):
             assert p[side]["sign"] == (1 if p[side]["severity"] >= 1 else -1)
         assert p["judge"] == "toy" and p["split"] in ("train", "eval")
     config = json.loads((c / "config.json").read_text())  # the precision "auto" resolved to, recorded
-    assert config["dtype"] == "auto" and config["sample_dtype"] == str(C.sample_dtype("auto", "cpu"))
+    assert config["dtype"] == "auto" and config["sample_dtype"] == str(M.sample_dtype("auto", "cpu"))
     # held-out prompts never appear in training pairs
     train = {p[s]["prompt"] for p in pairs if p["split"] == "train" for s in "wl"}
     held = {p[s]["prompt"] for p in pairs if p["split"] == "eval" for s in "wl"}
@@ -58,7 +57,7 @@ def test_coarse_resumes_without_redoing_or_duplicating(coarse_run, tmp_path):
     shutil.copytree(coarse_run, run)
     c = run / "coarse"
     def pairs_without_model_path():  # the model folder's absolute path differs in the copy
-        rows = C.read_jsonl(c / "pairs.jsonl")
+        rows = U.read_jsonl(c / "pairs.jsonl")
         return [{k: ({kk: vv for kk, vv in v.items() if kk != "model"} if k in "wl" else v) for k, v in r.items()} for r in rows]
 
     before = pairs_without_model_path()
@@ -78,11 +77,11 @@ def test_coarse_two_processes_build_what_one_builds(coarse_run, tmp_path, torchr
     stage("01_build_coarse.py", one, env={**os.environ, "OMP_NUM_THREADS": "1"})
     torchrun("01_build_coarse.py", two, env={"OMP_NUM_THREADS": "1"})
     rows = lambda run: [{**r, "w": {**r["w"], "model": None}, "l": {**r["l"], "model": None}}
-                        for r in C.read_jsonl(run / "coarse" / "pairs.jsonl")]
+                        for r in U.read_jsonl(run / "coarse" / "pairs.jsonl")]
     assert rows(two) == rows(one) and len(rows(one)) == 30
     pngs = sorted(p.name for p in (one / "coarse" / "images").glob("*.png"))
     assert pngs == sorted(p.name for p in (two / "coarse" / "images").glob("*.png")) and pngs
-    assert all((C.load_png(one / "coarse" / "images" / f) == C.load_png(two / "coarse" / "images" / f)).all()
+    assert all((U.load_png(one / "coarse" / "images" / f) == U.load_png(two / "coarse" / "images" / f)).all()
                for f in pngs)
     assert json.loads((two / "coarse" / "config.json").read_text())["processes"] == 2
 
@@ -119,7 +118,7 @@ def test_coarse_refuses_a_folder_with_other_settings(coarse_run, tmp_path):
     r = stage("01_build_coarse.py", run, "--n-pairs", "40", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"{run / 'coarse'} holds a run with other settings (n_pairs: 30 -> 40)" in r.stderr
-    assert len(C.read_jsonl(run / "coarse" / "pairs.jsonl")) == 30  # nothing overwritten
+    assert len(U.read_jsonl(run / "coarse" / "pairs.jsonl")) == 30  # nothing overwritten
 
 
 def test_sd15_stage1_names_the_inputs_to_pass(tmp_path):
@@ -139,9 +138,9 @@ def test_scm_outputs_and_load_scm(scm_run):
     m = json.loads((s / "metrics.json").read_text())
     for key in ("pair_accuracy", "sign_accuracy", "safe_cost_std", "safe_cost_std_no_anchor", "seconds"):
         assert key in m and m[key] == m[key]  # present and not NaN
-    model = C.load_scm(s)
-    pairs = C.read_jsonl(scm_run / "coarse" / "pairs.jsonl")
-    imgs = [C.load_png(scm_run / "coarse" / pairs[0][k]["path"]) for k in "wl"]
+    model = S.load_scm(s)
+    pairs = U.read_jsonl(scm_run / "coarse" / "pairs.jsonl")
+    imgs = [U.load_png(scm_run / "coarse" / pairs[0][k]["path"]) for k in "wl"]
     cost = model.cost(imgs)
     assert cost.shape == (2,) and torch.isfinite(cost).all()
     assert model.mu_safe == json.loads((s / "scm_config.json").read_text())["mu_safe"]
@@ -162,7 +161,7 @@ def test_scm_resume_is_exact(scm_run, tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(scm_run / "scm" / "scm.safetensors"), load_file(run / "scm" / "scm.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [r["step"] for r in C.read_jsonl(run / "scm" / "log.jsonl")] == [0]  # tiny logs step 0 only
+    assert [r["step"] for r in U.read_jsonl(run / "scm" / "log.jsonl")] == [0]  # tiny logs step 0 only
 
 
 def test_scm_ddp_two_processes_match_one(scm_run, tmp_path):
@@ -202,14 +201,14 @@ def test_scm_bad_rows_named_or_skipped(scm_run, tmp_path, corrupt, message):
     run = tmp_path / "run"
     shutil.copytree(scm_run, run, ignore=shutil.ignore_patterns("scm"))
     pairs_file = run / "coarse" / "pairs.jsonl"
-    rows = C.read_jsonl(pairs_file)
+    rows = U.read_jsonl(pairs_file)
     corrupt(rows[4])
-    C.write_jsonl(pairs_file, rows)
+    U.write_jsonl(pairs_file, rows)
     r = stage("02_train_scm.py", run, "--no-no-anchor-baseline", check=False)
     assert r.returncode != 0 and "pairs.jsonl:5: bad pair row" in r.stderr and message in r.stderr
     r = stage("02_train_scm.py", run, "--no-no-anchor-baseline", "--skip-bad")
     assert json.loads((run / "scm" / "metrics.json").read_text())["bad_rows_skipped"] == 1
-    assert len(C.read_jsonl(pairs_file)) == len(rows)  # the input file is never rewritten
+    assert len(U.read_jsonl(pairs_file)) == len(rows)  # the input file is never rewritten
 
 
 def test_malformed_pairs_line_is_named(scm_run, tmp_path):
@@ -225,7 +224,7 @@ def test_scm_module_ranks_and_anchors_on_synthetic_data():
     """A few hundred steps of Eq. 1 on drawn images: harmful above safe, safe near μ."""
     import random
     torch.manual_seed(0)
-    model = C.SafetyCostModel("toy-ViT-tiny", hidden=32)
+    model = S.SafetyCostModel("toy-ViT-tiny", hidden=32)
     rng = random.Random(0)
     harm = [W.render(W.random_scene(rng, "harmful")) for _ in range(32)]
     safe = [W.render(W.random_scene(rng, "benign")) for _ in range(32)]

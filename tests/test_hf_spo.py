@@ -1,7 +1,6 @@
 """Stages 3-4 on the smallest toy config: LibraAlign-HF pairs (inpainting, judge filter, dual
 annotation, resume) and T2I-SPO training (one concatenated forward, DFM, exact resume, DDP
 with two processes equal to one, LoRA that stock diffusers loads, bad input)."""
-import importlib.util
 import json
 import os
 import shutil
@@ -13,26 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import common as C
-from conftest import free_port
+from conftest import free_port, module, stage
+
+import data as D
+import models as M
+import scorers as S
 import toyworld as W
+import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage(script, run, *extra, check=True, env=None):
-    r = subprocess.run([sys.executable, script, "--tiny", "--run", str(run), *extra], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{r.stderr[-3000:]}")
-    return r
-
-
-def module(script):
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
 
 
 SPO = module("04_train_spo.py")
@@ -59,13 +47,13 @@ def copy_run(src, dst, *skip):
 
 def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
     hf = hf_run / "hf"
-    pairs = C.read_jsonl(hf / "hf_pairs.jsonl")
+    pairs = U.read_jsonl(hf / "hf_pairs.jsonl")
     m = json.loads((hf / "metrics.json").read_text())
     assert m["n_pairs"] == len(pairs) and m["n_harmful_safe"] + m["dropped_not_safer"] == 8
     assert m["n_harmful_safe"] >= 2 and m["n_safe_safe"] == 6
-    scm = C.load_scm(hf_run / "scm")
+    scm = S.load_scm(hf_run / "scm")
     for p in pairs:
-        a, b = (C.load_png(hf / p[s]["path"]) for s in "ab")
+        a, b = (U.load_png(hf / p[s]["path"]) for s in "ab")
         for side, img in (("a", a), ("b", b)):  # r and C are the toy quality and the SCM cost
             assert p[side]["quality"] == pytest.approx(W.toy_quality(img, p["prompt"]), abs=1e-9)
             assert p[side]["cost"] == pytest.approx(float(scm.cost([img])[0]), abs=1e-4)
@@ -84,7 +72,7 @@ def test_inpainting_starts_from_the_harmful_image(hf_run):
     import random
     from diffusers import AutoPipelineForImage2Image
     HF = module("03_build_hf.py")
-    i2i = AutoPipelineForImage2Image.from_pipe(C.load_pipeline(hf_run / "world" / "model"))
+    i2i = AutoPipelineForImage2Image.from_pipe(M.load_pipeline(hf_run / "world" / "model"))
     calls = []
 
     class Spy:  # the real pipeline, with its arguments recorded
@@ -113,11 +101,11 @@ def test_inpainting_starts_from_the_harmful_image(hf_run):
 def test_hf_resumes_only_missing_chunks(hf_run, tmp_path):
     run = copy_run(hf_run, tmp_path / "run")
     hf = run / "hf"
-    before = C.read_jsonl(hf / "hf_pairs.jsonl")
+    before = U.read_jsonl(hf / "hf_pairs.jsonl")
     kept = {f: f.stat().st_mtime_ns for f in (hf / "shards").glob("*.json") if f.name != "pairs-00001.json"}
     (hf / "shards" / "pairs-00001.json").unlink()
     stage("03_build_hf.py", run)
-    assert C.read_jsonl(hf / "hf_pairs.jsonl") == before
+    assert U.read_jsonl(hf / "hf_pairs.jsonl") == before
     assert {f: f.stat().st_mtime_ns for f in kept} == kept
 
 
@@ -125,11 +113,11 @@ def test_hf_two_processes_build_what_one_builds(hf_run, tmp_path, torchrun):
     """Under torchrun each process builds every 2nd chunk and rank 0 assembles: the same pairs,
     annotations and images as one process at the same thread count."""
     one, two = copy_run(hf_run, tmp_path / "one", "hf"), copy_run(hf_run, tmp_path / "two", "hf")
-    stage("03_build_hf.py", one, env={"OMP_NUM_THREADS": "1"})
+    stage("03_build_hf.py", one, env={**os.environ, "OMP_NUM_THREADS": "1"})
     torchrun("03_build_hf.py", two, env={"OMP_NUM_THREADS": "1"})
-    pairs = C.read_jsonl(one / "hf" / "hf_pairs.jsonl")
-    assert C.read_jsonl(two / "hf" / "hf_pairs.jsonl") == pairs and len(pairs) > 4
-    assert all(np.array_equal(C.load_png(one / "hf" / p[s]["path"]), C.load_png(two / "hf" / p[s]["path"]))
+    pairs = U.read_jsonl(one / "hf" / "hf_pairs.jsonl")
+    assert U.read_jsonl(two / "hf" / "hf_pairs.jsonl") == pairs and len(pairs) > 4
+    assert all(np.array_equal(U.load_png(one / "hf" / p[s]["path"]), U.load_png(two / "hf" / p[s]["path"]))
                for p in pairs for s in "ab")
     m1, m2 = (json.loads((r / "hf" / "metrics.json").read_text()) for r in (one, two))
     assert {k: v for k, v in m1.items() if k != "seconds"} == {k: v for k, v in m2.items() if k != "seconds"}
@@ -177,12 +165,12 @@ def test_spo_outputs_a_stock_pipeline_and_metrics(spo_run):
         assert key in m and m[key] == m[key]
     assert m["dfm_flagged"] > 0 and sum(m["aug_wins"].values()) == m["dfm_flagged"]
     assert sum(m["dfm_flagged_by_kind"].values()) == m["dfm_flagged"] and 0 < m["dfm_pairs_flagged"] <= m["n_pairs"]
-    rows = C.read_jsonl(out / "log.jsonl")
+    rows = U.read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["objective"] == "spo" and cfg["lam"] == 0.15 and cfg["dfm"] == "on"
-    pipe = C.load_pipeline(out / "model")
-    img = C.generate(pipe, ["a small red circle, sky background"], [0], 2, 4.0)[0]
+    pipe = M.load_pipeline(out / "model")
+    img = M.generate(pipe, ["a small red circle, sky background"], [0], 2, 4.0)[0]
     assert img.shape == (32, 32, 3)
     base, new = unet_weights(spo_run, "world"), unet_weights(spo_run, "spo")
     assert any(not torch.equal(base[k], new[k]) for k in base)  # trained, and the reference was not
@@ -193,7 +181,7 @@ def assert_same_training(x: Path, y: Path):
     norm at every step (Adam and clipping hide a wrongly scaled gradient from the weights,
     not from the norm), and weights equal up to float reordering — within 2% of how far
     training moved them."""
-    rx, ry = C.read_jsonl(x / "log.jsonl"), C.read_jsonl(y / "log.jsonl")
+    rx, ry = U.read_jsonl(x / "log.jsonl"), U.read_jsonl(y / "log.jsonl")
     for a, b in zip(rx, ry):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -222,7 +210,7 @@ def test_spo_resume_is_exact(spo_run, tmp_path):
     stage("04_train_spo.py", run)
     a, b = unet_weights(spo_run, "spo"), unet_weights(run, "spo")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
+    assert [r["step"] for r in U.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
 
 
 def test_spo_ddp_two_processes_match_one(spo_run, tmp_path):
@@ -234,8 +222,30 @@ def test_spo_ddp_two_processes_match_one(spo_run, tmp_path):
     m1, m2 = (json.loads((x / "spo" / "metrics.json").read_text()) for x in (spo_run, run))
     assert m2["world_size"] == 2 and m1["dfm_flagged"] == m2["dfm_flagged"] and m1["aug_wins"] == m2["aug_wins"]
     assert m1["dfm_flagged_by_kind"] == m2["dfm_flagged_by_kind"]
-    for a, b in zip(*(C.read_jsonl(x / "spo" / "log.jsonl") for x in (spo_run, run))):  # copies' losses: summed over ranks
+    for a, b in zip(*(U.read_jsonl(x / "spo" / "log.jsonl") for x in (spo_run, run))):  # copies' losses: summed over ranks
         assert a.get("dfm_copy_loss", -1.0) == pytest.approx(b.get("dfm_copy_loss", -1.0), rel=1e-4)
+
+
+def test_spo_batch_that_processes_do_not_divide_matches_one_process(spo_run, tmp_path, torchrun):
+    """The tiny batch of 4 over 3 processes: process 0 takes positions 0 and 3 of every batch,
+    1 and 2 one each; gradients weighted 1/batch and summed over processes give the one-process
+    step up to float reordering, DFM included."""
+    run = copy_run(spo_run, tmp_path / "run", "spo")
+    torchrun("04_train_spo.py", run, nproc=3)
+    assert_same_training(spo_run / "spo", run / "spo")
+    m1, m2 = (json.loads((x / "spo" / "metrics.json").read_text()) for x in (spo_run, run))
+    assert m2["world_size"] == 3 and m1["dfm_flagged"] == m2["dfm_flagged"] and m1["aug_wins"] == m2["aug_wins"]
+    assert json.loads((run / "spo" / "config.json").read_text())["grad_accum"] == 1
+
+
+def test_spo_more_processes_than_pairs_in_a_batch_stop_once_from_rank_0(hf_run, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=6",
+                        f"--master_port={free_port()}", "04_train_spo.py", "--tiny", "--run-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    message = "--batch 4 is smaller than the 6 processes"
+    assert (r.stdout + r.stderr).count(message) == 1 and "Pass --batch 6 or more" in r.stderr
+    assert not (tmp_path / "spo").exists()  # stopped before any work
 
 
 def test_spo_multi_node_launch_matches_one_process(spo_run, tmp_path):
@@ -278,11 +288,11 @@ def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
     out = run / "safety"
     assert json.loads((out / "config.json").read_text())["objective"] == "safety"
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
-    base = C.load_pipeline(run / "world" / "model")
+    base = M.load_pipeline(run / "world" / "model")
     base.load_lora_weights(out / "lora")  # stock diffusers, onto the base model
-    fused = C.load_pipeline(out / "model")
+    fused = M.load_pipeline(out / "model")
     prompt = ["a large blue circle, sand background, extreme gore"]
-    x, y = (C.generate(p, prompt, [0], 2, 4.0)[0].astype(int) for p in (base, fused))
+    x, y = (M.generate(p, prompt, [0], 2, 4.0)[0].astype(int) for p in (base, fused))
     assert np.abs(x - y).max() <= 2
 
 
@@ -294,32 +304,34 @@ def test_pair_subset_is_the_same_for_every_seed_and_objective():
     pairs = [{"prompt": f"p{i}", "w": {"path": f"{i}a.png", "file": f"/runs/a/{i}a.png"},
               "l": {"path": f"{i}b.png", "file": f"/runs/a/{i}b.png"}} for i in range(10)]
     swapped = [{**p, "w": p["l"], "l": p["w"]} for p in reversed(pairs)]  # another order, winners swapped
-    sub = SPO.pair_subset(pairs, 4)
-    assert len(sub) == 4 and [p["prompt"] for p in sub] == [p["prompt"] for p in SPO.pair_subset(swapped, 4)]
-    assert SPO.pair_subset(pairs, 0) is pairs and SPO.pair_subset(pairs, 10) is pairs
+    sub = D.pair_subset(pairs, 4)
+    assert len(sub) == 4 and [p["prompt"] for p in sub] == [p["prompt"] for p in D.pair_subset(swapped, 4)]
+    assert D.pair_subset(pairs, 0) is pairs and D.pair_subset(pairs, 10) is pairs
     as_read = [{"prompt": p["prompt"], "a": p["w"], "b": p["l"]} for p in pairs]  # before relabelling
-    assert [p["prompt"] for p in SPO.pair_subset(as_read, 4)] == [p["prompt"] for p in sub]
+    assert [p["prompt"] for p in D.pair_subset(as_read, 4)] == [p["prompt"] for p in sub]
     moved = [{**p, "w": {**p["w"], "file": "/elsewhere/" + p["w"]["path"]}} for p in pairs]  # another run folder
-    assert [p["prompt"] for p in SPO.pair_subset(moved, 4)] == [p["prompt"] for p in sub]
+    assert [p["prompt"] for p in D.pair_subset(moved, 4)] == [p["prompt"] for p in sub]
 
 
 def test_dfm_pool_and_pair_subset(hf_run, tmp_path):
-    """make dfm's settings: N pairs only, Eq. 11 choosing within a smaller pool, and each DFM
-    step's bookkeeping (which pairs, by kind; the flagged pairs' and their copies' losses)."""
+    """make dfm's runs (dfm_study.py train, stage 4's loop with a hook): N pairs only, Eq. 11
+    choosing within a smaller pool, and each DFM step's bookkeeping (which pairs, by kind; the
+    flagged pairs' and their copies' losses); no model.json, so stage 5 does not evaluate it."""
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
-    stage("04_train_spo.py", run, "--name", "dfm/pool1_seed0", "--pair-subset", "4",
+    stage("dfm_study.py train", run, "--name", "dfm/pool1_seed0", "--pair-subset", "4",
           "--dfm-augmentations", "latent_noise_erase")
     out = run / "dfm" / "pool1_seed0"
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_pairs"] == 4 and 0 < m["dfm_pairs_flagged"] <= 4
     assert m["aug_wins"]["latent_noise_erase"] == m["dfm_flagged"] > 0
     assert sum(m["dfm_flagged_by_kind"].values()) == m["dfm_flagged"]
-    rows = C.read_jsonl(out / "log.jsonl")
+    rows = U.read_jsonl(out / "log.jsonl")
     for r in rows:
         assert ("dfm_copy_loss" in r) == (r["dfm_hard"] > 0)
         if r["dfm_hard"]:
             assert np.isfinite(r["dfm_copy_loss"]) and np.isfinite(r["dfm_hard_loss"])
     assert json.loads((out / "config.json").read_text())["dfm_augmentations"] == ["latent_noise_erase"]
+    assert not (out / "model.json").exists() and (out / "model" / "model_index.json").exists()
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -332,9 +344,9 @@ def test_dfm_pool_and_pair_subset(hf_run, tmp_path):
 def test_spo_bad_rows_are_named(hf_run, tmp_path, corrupt, message):
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
     f = run / "hf" / "hf_pairs.jsonl"
-    rows = C.read_jsonl(f)
+    rows = U.read_jsonl(f)
     corrupt(rows[2])
-    C.write_jsonl(f, rows)
+    U.write_jsonl(f, rows)
     r = stage("04_train_spo.py", run, check=False)
     assert r.returncode == 1 and "hf_pairs.jsonl:3: bad pair row" in r.stderr and message in r.stderr
     assert "Traceback" not in r.stderr
@@ -342,7 +354,7 @@ def test_spo_bad_rows_are_named(hf_run, tmp_path, corrupt, message):
 
 def test_spo_malformed_pairs_line_is_one_message(hf_run, tmp_path):
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
-    n = len(C.read_jsonl(run / "hf" / "hf_pairs.jsonl"))
+    n = len(U.read_jsonl(run / "hf" / "hf_pairs.jsonl"))
     with open(run / "hf" / "hf_pairs.jsonl", "a") as f:
         f.write('{"id": "cut off\n')
     r = stage("04_train_spo.py", run, check=False)
@@ -364,9 +376,9 @@ def test_spo_refuses_a_folder_holding_other_settings(spo_run, tmp_path):
 def test_spo_killed_before_its_first_checkpoint_logs_each_step_once(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
     stage("04_train_spo.py", run, "--stop-after", "2", check=False)  # the first checkpoint is at 4
-    assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == [1, 2]
+    assert [r["step"] for r in U.read_jsonl(run / "spo" / "log.jsonl")] == [1, 2]
     stage("04_train_spo.py", run)
-    assert [r["step"] for r in C.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
+    assert [r["step"] for r in U.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
     a, b = unet_weights(spo_run, "spo"), unet_weights(run, "spo")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -395,15 +407,15 @@ def test_allreduce_gradients_sums_over_two_gloo_processes(tmp_path):
     script = tmp_path / "ar.py"
     script.write_text(
         "import sys, torch; sys.path.insert(0, %r)\n"
-        "import common as C\n"
-        "d = C.setup_distributed(device='cpu')\n"
+        "import utils as U\n"
+        "d = U.setup_distributed(device='cpu')\n"
         "ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))]\n"
         "ps[0].grad = torch.full((3,), d.rank + 1.0); ps[1].grad = torch.full((2, 2), 10.0 * (d.rank + 1))\n"
-        "C.allreduce_gradients(ps, bucket_numel=4)\n"   # ps[2] has no grad on either rank: zeros
+        "U.allreduce_gradients(ps, bucket_numel=4)\n"   # ps[2] has no grad on either rank: zeros
         "out = [ps[0].grad.tolist(), ps[1].grad.flatten().tolist(), ps[2].grad.tolist(),\n"
-        "       C.all_gather_cat(torch.tensor([d.rank])).tolist()]\n"
+        "       U.all_gather_cat(torch.tensor([d.rank])).tolist()]\n"
         "open(%r + f'/{d.rank}.json', 'w').write(str(out))\n"
-        "C.cleanup_distributed()\n" % (str(ROOT), str(tmp_path)))
+        "U.cleanup_distributed()\n" % (str(ROOT), str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

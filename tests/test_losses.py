@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common as C
+import models as M
+import utils as U
 
 
 def t(*xs):
@@ -98,7 +100,46 @@ def test_scm_loss_combines_with_gamma_and_anchors_both_sides():
     assert ca_w.item() == pytest.approx(((-2.0 + 3.0) ** 2 + (-4.0 + 3.0) ** 2) / 2)
 
 
+def test_scm_anchoring_counts_a_safe_winner_at_its_own_distance():
+    """Distances 1.5 (winner) and 0.5 (loser) from μ_safe = 0.5: anchoring both sides gives
+    (1.5² + 0.5²)/2 = 1.25; the loser alone 0.25, the winner alone 2.25."""
+    full = C.scm_loss(t(2.0), t(0.0), t(-1), t(-1), 0.5)
+    cr = -(logsig(2.0) + logsig(-2.0) + logsig(0.0))
+    assert full.item() == pytest.approx(cr + 1.25)
+    # a harmful winner is not anchored: only the safe loser's 0.25
+    assert C.scm_loss(t(2.0), t(0.0), t(1), t(-1), 0.5).item() == pytest.approx(
+        -(logsig(2.0) + logsig(2.0) + logsig(0.0)) + 0.25)
+
+
 # ---------------------------------------------------------------- Eq. 5 Diffusion-DPO
+
+class ConstantNet(torch.nn.Module):
+    """net(x_t, t, emb).sample = a constant; remembers the x_t it was given."""
+    dtype = torch.float32
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x_t, t, emb):
+        self.x_t = x_t
+        return type("Out", (), {"sample": torch.full_like(x_t, self.value)})()
+
+
+@pytest.mark.parametrize("prediction, target", [("epsilon", 1.0), ("v_prediction", -0.4)])
+def test_denoising_errors_by_hand_for_epsilon_and_v_prediction(prediction, target):
+    """One training step with β = 0.36: ᾱ_0 = 0.64, so √ᾱ = 0.8 and √(1 − ᾱ) = 0.6. With
+    z0 = 2 and ε = 1 everywhere, x_t = 0.8·2 + 0.6·1 = 2.2; the target is ε = 1, or the
+    velocity v = √ᾱ·ε − √(1 − ᾱ)·z0 = 0.8 − 1.2 = −0.4. A net predicting 0.1 errs by
+    (0.1 − target)² at every element."""
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler(num_train_timesteps=1, beta_start=0.36, beta_end=0.36, beta_schedule="linear",
+                          prediction_type=prediction)
+    net = ConstantNet(0.1)
+    z0, noise = torch.full((2, 1, 2, 2), 2.0), torch.ones(2, 1, 2, 2)
+    err = C.denoising_errors(net, sched, z0, torch.tensor([0, 0]), noise, torch.zeros(2, 1, 1))
+    torch.testing.assert_close(net.x_t, torch.full_like(z0, 2.2))
+    torch.testing.assert_close(err, torch.full((2,), (0.1 - target) ** 2))
 
 def test_dpo_equals_log2_when_policy_is_reference():
     e_w, e_l = t(0.3, 0.1, 0.7), t(0.2, 0.4, 0.7)
@@ -209,6 +250,16 @@ def test_relabel_pairs_drops_ties_and_small_margins():
     assert dropped == 2 and [p["id"] for p in out] == [2]
 
 
+def test_relabel_pairs_keeps_a_gap_exactly_at_the_margin():
+    """|ΔR| < margin drops a pair; a gap of exactly the margin keeps it. R = r − 0.5·C with
+    exact binary fractions: pair 0 has ΔR = 20.5 − 20 = 0.5, pair 1 ΔR = 0.25 (C = 0.5)."""
+    pairs = [pair(0, 20.5, 0.0, 20.0, 0.0), pair(1, 20.0, 0.0, 20.5, 0.5)]
+    out, dropped = C.relabel_pairs(pairs, lam=0.5, margin=0.5)
+    assert dropped == 1 and [(p["id"], p["reward_w"] - p["reward_l"]) for p in out] == [(0, 0.5)]
+    out, dropped = C.relabel_pairs(pairs, lam=0.5, margin=0.25)
+    assert dropped == 0 and [p["id"] for p in out] == [0, 1]
+
+
 def test_relabel_pairs_rejects_nan_and_missing_fields():
     with pytest.raises(ValueError, match="pair 7: non-finite"):
         C.relabel_pairs([pair(7, float("nan"), 0.0, 1.0, 0.0)], lam=0.15)
@@ -251,6 +302,19 @@ def test_descent_rate_batch_mean_uses_full_queues_only_and_streak_resets():
     # b recovers: v_b = 0.5 > τ·v̄ -> streak back to 0, not flagged
     assert q.update(["a", "b"], [0.5, 0.4]) == ["a"]
     assert q.streak["b"] == 0
+
+
+def test_descent_rate_batch_mean_leaves_out_a_full_queue_not_in_the_batch():
+    """v̄ is the mean over the CURRENT batch's full queues. "a" falls fast (v = 1.0) and is then
+    left out; in the next batch b's v = 0.05 is the only full one, v̄ = 0.05 and b is not hard
+    (0.05 > 0.5·0.05). A v̄ that kept a's 1.0 would be 0.525 and flag b. a keeps its state."""
+    q = C.DescentRateQueue(k=2, tau=0.5, patience=1)
+    q.update(["a", "b"], [1.0, 1.0])
+    assert q.update(["a", "b"], [0.0, 0.9]) == ["b"]   # v̄ = 0.55: b's 0.1 < 0.275
+    a_state = (list(q.queues["a"]), q.streak["a"])
+    assert q.update(["b", "c"], [0.85, 3.0]) == []      # v_b = 0.05; c's queue is not full yet
+    assert q.streak["b"] == 0 and (list(q.queues["a"]), q.streak["a"]) == a_state
+    assert q.rate("a") == pytest.approx(1.0) and q.rate("b") == pytest.approx(0.05)
 
 
 def test_descent_rate_uniform_stagnation_is_not_hard():
@@ -371,6 +435,65 @@ def test_augmentations_keep_shape_and_are_seeded():
     assert y.shape == z.shape and int((y == 0).all(dim=(0, 1)).sum()) == 4  # one 2x2 erased patch, both images
 
 
+def test_sharpen_pixel_values_by_hand():
+    """x + a·(x − blur3x3(x)) with replicate padding, a = 0.5 + u (u the generator's draw): a
+    3x3 image with 0.5 in the centre. Centre: blur = 0.5/9 -> 0.5 + a·(0.5 − 0.5/9); a corner's
+    replicate-padded window holds the centre once: 0 − a·0.5/9."""
+    a = 0.5 + torch.rand(1, generator=torch.Generator().manual_seed(5)).item()
+    x = torch.zeros(1, 1, 3, 3)
+    x[0, 0, 1, 1] = 0.5
+    y = C.sharpen(x, torch.Generator().manual_seed(5))
+    assert y[0, 0, 1, 1].item() == pytest.approx(min(1.0, 0.5 + a * (0.5 - 0.5 / 9)), abs=1e-6)
+    assert y[0, 0, 0, 0].item() == pytest.approx(-a * 0.5 / 9, abs=1e-6)
+    assert y[0, 0, 0, 1].item() == pytest.approx(-a * 0.5 / 9, abs=1e-6)  # an edge: the centre once too
+
+
+def test_color_jitter_pixel_values_by_hand():
+    """Factors b, c, s = 0.8 + 0.4·u (three draws). A grey two-pixel image in [0, 1] at 0.25 and
+    0.75 becomes (b/4, 3b/4), mean b/2, after contrast b/2 ∓ c·b/4; grey stays grey. A red
+    pixel (1, 0, 0): brightness (b, 0, 0), one pixel so contrast keeps it, grey b/3, then
+    saturation grey + s·(x − grey)."""
+    b, c, s = (0.8 + 0.4 * torch.rand(3, generator=torch.Generator().manual_seed(2))).tolist()
+    grey = torch.tensor([0.25, 0.75]).view(1, 1, 1, 2).expand(1, 3, 1, 2) * 2 - 1
+    y = (C.color_jitter(grey, torch.Generator().manual_seed(2)) + 1) / 2
+    want = torch.tensor([b / 2 - c * b / 4, b / 2 + c * b / 4]).clamp(0, 1)
+    torch.testing.assert_close(y[0, :, 0], want.expand(3, 2), atol=1e-6, rtol=0)
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    y = (C.color_jitter(red, torch.Generator().manual_seed(2)) + 1) / 2
+    m = b / 3
+    want = torch.tensor([m + s * (b - m), m - s * m, m - s * m]).clamp(0, 1)
+    torch.testing.assert_close(y.flatten(), want, atol=1e-6, rtol=0)
+    # two coloured pixels p = (¾, ¼, ¼) and (¼, ¼, ¾): one mean 5/12 over every channel and
+    # pixel (not a mean per channel), each pixel's grey is b·5/12 too, so x = 5b/12 + s·c·b·(p − 5/12)
+    p = torch.tensor([[0.75, 0.25], [0.25, 0.25], [0.25, 0.75]]).view(1, 3, 1, 2)
+    y = (C.color_jitter(p * 2 - 1, torch.Generator().manual_seed(2)) + 1) / 2
+    torch.testing.assert_close(y, (5 * b / 12 + s * c * b * (p - 5 / 12)).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_frequency_compensation_boosts_the_high_band_only():
+    """On 8x8: a constant 0.1, a slow wave 0.2·cos(2π·x/8) (radial frequency 1/8 < 1/4, kept) and
+    a checkerboard 0.1·(−1)^(x+y) (frequency √(½² + ½²) ≥ 1/4, times the gain g = 1.2 + 0.4·u)."""
+    gain = 1.2 + 0.4 * torch.rand(1, generator=torch.Generator().manual_seed(4)).item()
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    slow, checker = 0.2 * torch.cos(2 * math.pi * xx / 8), 0.1 * (-1.0) ** (xx + yy)
+    x = (0.1 + slow + checker).view(1, 1, 8, 8)
+    y = C.frequency_compensation(x, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(y[0, 0], 0.1 + slow + gain * checker, atol=1e-5, rtol=0)
+
+
+def test_latent_noise_erase_adds_the_drawn_noise_and_zeroes_one_patch():
+    """z + 0.1·n (n ~ N(0, 1), one draw shared by the batch), then a patch of h/4 x w/4 at a
+    drawn corner set to 0 in every channel and image."""
+    g = torch.Generator().manual_seed(6)
+    n = torch.randn(4, 8, 8, generator=g)
+    y0, x0 = torch.randint(7, (1,), generator=g).item(), torch.randint(7, (1,), generator=g).item()
+    z = torch.ones(2, 4, 8, 8)
+    y = C.latent_noise_erase(z, torch.Generator().manual_seed(6))
+    want = (z + 0.1 * n).clone()
+    want[..., y0:y0 + 2, x0:x0 + 2] = 0
+    torch.testing.assert_close(y, want)
+
+
 def test_per_sample_grads_match_autograd_one_sample_at_a_time():
     torch.manual_seed(0)
     for layer, x in ((torch.nn.Conv2d(3, 2, 3, padding=1), torch.randn(4, 3, 5, 5)),
@@ -401,8 +524,8 @@ def test_dfm_choice_is_eq11_on_full_dpo_gradients(tmp_path):
         pair = {}
         for s in "wl":
             pair[s] = {"file": str(tmp_path / f"{i}{s}.png")}
-            C.save_png(pair[s]["file"], rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        z = C.encode_images(vae, torch.stack([C.load_image(pair[s]["file"], 8) for s in "wl"]))
+            U.save_png(pair[s]["file"], rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        z = M.encode_images(vae, torch.stack([M.load_image(pair[s]["file"], 8) for s in "wl"]))
         hard.append((pair, z, emb, torch.tensor([10 + 40 * i]), torch.randn(1, 4, 4, 4), i))
     gen = lambda seed: torch.Generator().manual_seed(seed)
     picks = C.dfm_augmented_copies(unet, sched, [unet.conv_out], [C.HardPair(*h[:5], gen(h[5])) for h in hard], vae, 8)

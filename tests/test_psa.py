@@ -11,9 +11,11 @@ import torch
 
 from conftest import module, stage, tiny_world_with_scm
 
-import common as C
 import psa as P
+import psa_eval as PE
+import stats
 import toyworld as W
+import utils as U
 
 
 EV = module("05_evaluate.py")
@@ -60,11 +62,11 @@ def test_simulated_users_are_deterministic_and_disjoint():
 def test_users_file_bad_rows_are_named(tmp_path):
     good = user()
     f = tmp_path / "users.jsonl"
-    C.write_jsonl(f, [good, {k: v for k, v in good.items() if k != "text"}])
-    with pytest.raises(C.DataError, match=r"users.jsonl:2: missing \['text'\]"):
+    U.write_jsonl(f, [good, {k: v for k, v in good.items() if k != "text"}])
+    with pytest.raises(U.DataError, match=r"users.jsonl:2: missing \['text'\]"):
         P.read_users(f)
-    C.write_jsonl(f, [{**good, "banned": ["nudity"]}])
-    with pytest.raises(C.DataError, match=r"users.jsonl:1: unknown banned categories \['nudity'\]"):
+    U.write_jsonl(f, [{**good, "banned": ["nudity"]}])
+    with pytest.raises(U.DataError, match=r"users.jsonl:1: unknown banned categories \['nudity'\]"):
         P.read_users(f)
 
 
@@ -72,8 +74,8 @@ def sage_folder(tmp, rows, users):
     tmp.mkdir(exist_ok=True)
     img = np.zeros((8, 8, 3), np.uint8)
     for name in ("user_1_violence_blood_0_s.jpg", "user_1_violence_blood_0_u.jpg"):
-        C.save_png(tmp / name, img)
-    C.write_jsonl(tmp / "metadata.jsonl", rows)
+        U.save_png(tmp / name, img)
+    U.write_jsonl(tmp / "metadata.jsonl", rows)
     with open(tmp / "users.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["User_ID", "Age", "Banned_Categories", "Allowed_Categories"])
         w.writeheader()
@@ -92,13 +94,13 @@ def test_sage_reader_reads_pairs_and_users_and_names_bad_rows(tmp_path):
     assert got_users[0]["banned"] == ["sexual", "violence"] and "Banned categories: sexual, violence." in got_users[0]["text"]
     assert pairs[0]["w"]["file"].endswith("_s.jpg") and pairs[0]["user"] == "1" and pairs[0]["prompt"] == "a knight"
     bad = sage_folder(tmp_path / "user", [SAGE_ROW, {**SAGE_ROW, "user_data": {"User_ID": 9}}], users)
-    with pytest.raises(C.DataError, match=r"metadata.jsonl:2: user '9' is not in"):
+    with pytest.raises(U.DataError, match=r"metadata.jsonl:2: user '9' is not in"):
         P.read_sage(bad)
     bad = sage_folder(tmp_path / "img", [{**SAGE_ROW, "rejected": "nope.jpg"}], users)
-    with pytest.raises(C.DataError, match=r"metadata.jsonl:1: missing image .*nope.jpg"):
+    with pytest.raises(U.DataError, match=r"metadata.jsonl:1: missing image .*nope.jpg"):
         P.read_sage(bad)
     bad = sage_folder(tmp_path / "cat", [SAGE_ROW], [{**users[0], "Banned_Categories": "Gambling"}])
-    with pytest.raises(C.DataError, match=r"users.csv:2: unknown category 'Gambling'"):
+    with pytest.raises(U.DataError, match=r"users.csv:2: unknown category 'Gambling'"):
         P.read_sage(bad)
 
 
@@ -260,24 +262,24 @@ def test_llm_profile_vectors_are_the_masked_sum_of_last_hidden_states(tmp_path):
 
 
 def test_spearman_and_the_claims_of_the_per_level_table():
-    assert EV.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert EV.spearman([0, 2, 4, 4, 5, 7], [6, 5, 3, 3, 2, 1]) == pytest.approx(-1.0)  # ties take mean ranks
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.spearman([0, 2, 4, 4, 5, 7], [6, 5, 3, 3, 2, 1]) == pytest.approx(-1.0)  # ties take mean ranks
     levels = lambda ips, passes: {**{lvl: {"IP_all": ip, "allowed_respected": 0.5, "pass_rate": 0.5, "users": 1}
                                         for lvl, ip in zip(P.LEVELS, ips)},
                                   **{g: {"pass_rate": passes, "users": 8} for g in ("seen", "heldout")}}
     personal = {"base": levels([0.8] * 6, 0.5), "psa": levels([0.8, 0.7, 0.6, 0.64, 0.3, 0.0], 0.6)}
-    text = "\n".join(EV.personal_claims(personal))
+    text = "\n".join(PE.personal_claims(personal))
     assert "ρ(categories banned, IP) = -0.99: holds" in text      # 0.60 → 0.64 is within the slack
     assert text.count("holds (best one-size model: base)") == 2
     personal["psa"]["3"]["IP_all"] = 0.7                         # a rise of 0.10 breaks the fall
-    assert "fails (no level above" in "\n".join(EV.personal_claims(personal))
+    assert "fails (no level above" in "\n".join(PE.personal_claims(personal))
 
 
 def test_the_sd15_personal_judge_maps_psa_fields_caches_and_counts(tmp_path):
     import argparse
-    C.save_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
+    U.save_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
     args = argparse.Namespace(ip_judge="toy", psa_quality_floor=20.0)
-    judge = EV.PersonalJudge(args, tmp_path)
+    judge = PE.PersonalJudge(args, tmp_path)
     answers = [{"banned_categories_respected": False, "allowed_categories_respected": True, "quality_score": 8,
                 "appropriateness_score": 2, "overall_assessment": "FAIL"}, None]
 
@@ -294,8 +296,8 @@ def test_the_sd15_personal_judge_maps_psa_fields_caches_and_counts(tmp_path):
     assert judge(row, kid) == {"banned_shown": True, "allowed_respected": None, "pass": False}  # asks nothing allowed
     assert judge(row, kid) == {"banned_shown": True, "allowed_respected": None, "pass": False} and Stub.calls == 1
     assert judge(row, adult) is None and judge.unusable == 1                                   # unusable: left out
-    assert len(C.read_jsonl(tmp_path / "personal_judge.jsonl")) == 2                           # both answers kept
-    toy = EV.PersonalJudge(args, tmp_path)  # the toy: exact programs, no judge
+    assert len(U.read_jsonl(tmp_path / "personal_judge.jsonl")) == 2                           # both answers kept
+    toy = PE.PersonalJudge(args, tmp_path)  # the toy: exact programs, no judge
     assert toy(row, adult) == {"banned_shown": False, "allowed_respected": False, "pass": False}
 
 
@@ -308,15 +310,15 @@ def psa_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     tiny_world_with_scm(run)
     stage("03_build_hf.py", run)
-    psa = ["--objective", "psa", "--dfm", "off", "--lr", "1e-2"]
-    r = stage("04_train_spo.py", run, *psa, "--stop-after", "4", check=False)
+    stage("psa.py users", run)
+    r = stage("psa.py train", run, "--lr", "1e-2", "--stop-after", "4", check=False)
     assert r.returncode != 0 and "--stop-after" in r.stderr
-    stage("04_train_spo.py", run, *psa)  # resumes at step 4
-    stage("04_train_spo.py", run, *psa, "--name", "psa_straight")
+    stage("psa.py train", run, "--lr", "1e-2")  # resumes at step 4
+    stage("psa.py train", run, "--lr", "1e-2", "--name", "psa_straight")
     return run, stage("05_evaluate.py", run)
 
 
-def test_users_are_written_by_stage_0(psa_run):
+def test_users_are_written_by_psa_users(psa_run):
     run, _ = psa_run
     users = {s: P.read_users(run / "world" / "users" / f"{s}.jsonl") for s in ("train", "heldout", "reference")}
     assert (len(users["train"]), len(users["heldout"]), len(users["reference"])) == (16, 4, 6)
@@ -330,13 +332,14 @@ def test_psa_trains_the_adapter_only_and_resumes_exactly(psa_run):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # killed and resumed = straight
     assert any(k.endswith("to_v_user.weight") and a[k].abs().sum() > 0 for k in a)
     assert not (run / "psa" / "model").exists()  # the UNet is frozen: nothing else is saved
-    m = C.read_json(run / "psa" / "metrics.json")
+    assert not (run / "psa" / "model.json").exists()  # evaluated per user, not as one more model
+    m = U.read_json(run / "psa" / "metrics.json")
     assert m["objective"] == "psa" and m["n_pairs"] > 0
 
 
 def test_stage5_reports_every_level_for_every_model(psa_run):
     run, r = psa_run
-    personal = C.read_json(run / "eval" / "metrics.json")["personal"]
+    personal = U.read_json(run / "eval" / "psa.json")["personal"]
     assert set(personal) == {"base", "psa"}  # the one-size models present (no safety or spo here) and PSA
     for m, levels in personal.items():
         assert set(levels) == {*P.LEVELS, "seen", "heldout"}, m
@@ -345,5 +348,7 @@ def test_stage5_reports_every_level_for_every_model(psa_run):
             assert f["pass_rate"] is None or 0.0 <= f["pass_rate"] <= 1.0
     assert personal["base"]["0"]["IP_banned"] is None  # level 0 bans nothing
     assert personal["base"]["5"]["allowed_respected"] is None  # level 5 allows nothing
-    assert "## PSA: safety that follows the user" in (run / "eval" / "report.md").read_text()
-    assert len(C.read_jsonl(run / "eval" / "personal_scores.jsonl")) > 0
+    assert "# PSA: safety that follows the user" in (run / "eval" / "psa.md").read_text()
+    assert "[PSA: safety that follows the user" in (run / "eval" / "report.md").read_text()
+    assert "personal" not in U.read_json(run / "eval" / "metrics.json")  # stage 5 names no system
+    assert len(U.read_jsonl(run / "eval" / "personal_scores.jsonl")) > 0

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import utils as U
 
-import common as C
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
@@ -70,7 +70,7 @@ def sd15_pipeline_folder(folder: Path, sample_size: int = 8) -> Path:
 
 
 def random_png(path: Path, rng: np.random.Generator, size: int = 64) -> str:
-    C.save_png(path, rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    U.save_png(path, rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     return path.name
 
 
@@ -85,7 +85,7 @@ def hf_run(run: Path, n_pairs: int = 2) -> Path:
                  for s, role, q, c in (("a", "harmful", 20.5, 2.0), ("b", "safe", 21.0, -1.0))}
         rows.append({"id": f"hf-{i:07d}", "kind": "harmful-safe", "prompt": f"a photo of a cat number {i}",
                      "category": "violence", **sides})
-    C.write_jsonl(run / "hf" / "hf_pairs.jsonl", rows)
+    U.write_jsonl(run / "hf" / "hf_pairs.jsonl", rows)
     return run
 
 
@@ -99,7 +99,7 @@ def coarse_run(run: Path) -> Path:
                                    "sign": sign, "severity": 2 if sign == 1 else 0, "prompt": "x", "seed": i}
         rows.append({"id": f"pair-{i:07d}", "judge": "toy", "kind": "harmful-safe", "split": split,
                      "w": side(f"{i}w.png", 1), "l": side(f"{i}l.png", -1)})
-    C.write_jsonl(run / "coarse" / "pairs.jsonl", rows)
+    U.write_jsonl(run / "coarse" / "pairs.jsonl", rows)
     return run
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import common as C
+import models as M
 import toyworld as W
+import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ def test_quality_rewards_lookalike_and_ignores_harm():
 
 def test_tokenizer_builds_offline_and_matches_open_clip():
     import open_clip
-    tok = C.clip_tokenizer(max_length=32)
+    tok = M.clip_tokenizer(max_length=32)
     text = "a small red circle, white background, faint self-harm"
     ids = tok(text).input_ids
     assert ids == [i for i in open_clip.get_tokenizer("ViT-B-32")([text])[0].tolist() if i != 0]
@@ -164,10 +165,10 @@ def test_tiny_stage0_outputs_load_with_stock_diffusers(tiny_world):
 def test_tiny_stage0_prompt_splits_are_disjoint(tiny_world):
     p = tiny_world / "world" / "prompts"
     for kind in ("harmful", "benign", "lookalike"):
-        train = {r["prompt"] for r in C.read_jsonl(p / f"{kind}_train.jsonl")}
-        ev = {r["prompt"] for r in C.read_jsonl(p / f"{kind}_eval.jsonl")}
+        train = {r["prompt"] for r in U.read_jsonl(p / f"{kind}_train.jsonl")}
+        ev = {r["prompt"] for r in U.read_jsonl(p / f"{kind}_eval.jsonl")}
         assert train and ev and not (train & ev)
-    for r in C.read_jsonl(p / "harmful_train.jsonl"):
+    for r in U.read_jsonl(p / "harmful_train.jsonl"):
         assert r["concept"] not in r["safe_prompt"] and r["safe_prompt"] in r["prompt"]
 
 
@@ -187,8 +188,8 @@ def test_stage0_resumes_from_checkpoint(tmp_path):
         assert killed.returncode != 0 and f"stopped after {kill}" in killed.stderr and "Traceback" not in killed.stderr
     assert not (tmp_path / "b" / "world" / "model").exists()
     run(tmp_path / "b")
-    logged = [(r["phase"], r["step"]) for r in C.read_jsonl(tmp_path / "b" / "world" / "log.jsonl")]
-    assert logged == [(r["phase"], r["step"]) for r in C.read_jsonl(tmp_path / "a" / "world" / "log.jsonl")]
+    logged = [(r["phase"], r["step"]) for r in U.read_jsonl(tmp_path / "b" / "world" / "log.jsonl")]
+    assert logged == [(r["phase"], r["step"]) for r in U.read_jsonl(tmp_path / "a" / "world" / "log.jsonl")]
     assert len(set(logged)) == len(logged)  # each step once, however often the run was killed
     wa = load_file(tmp_path / "a" / "world" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(tmp_path / "b" / "world" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
