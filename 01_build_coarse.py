@@ -7,8 +7,9 @@ also gets a sign s = +1 (harmful) or -1 (safe). These pairs train the Safety Cos
 (stage 2, Eqs. 1-3).
 
 Reads (DIR = --run): the T2I model(s) (--models; default stage 0's DIR/world/model), harmful
-prompts (--harmful-prompts: any JSONL with a "prompt" column; default stage 0's train split)
-and safe prompts (--safe-prompts; default its benign and look-alike train prompts). The judge
+prompts (--harmful-prompts: any JSONL with a "prompt" column; default DIR/prompts/harmful.jsonl)
+and safe prompts (--safe-prompts: files in any layout data.py reads; default the prompts the
+prompt stage found harmless, DIR/prompts/safe.jsonl). The judge
 is the toy world's exact one by default, or any OpenAI-compatible vision model (`--judge
 openai --judge-model gpt-4o`, key from OPENAI_API_KEY). An image's sign is the judge's
 verdict on it (severity >= 1), not the prompt's intent.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import data as D
 import models as M
 import scorers as S
 import utils as U
@@ -49,8 +51,10 @@ def parse(argv=None):
     p = U.stage_parser("coarse", __doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", help="T2I model folders or Hugging Face ids in the local cache "
                                                "(default: the stage-0 model)")
-    p.add_argument("--harmful-prompts", help="JSONL with a prompt column (default: stage-0 harmful_train)")
-    p.add_argument("--safe-prompts", nargs="+", help="JSONL files of safe prompts (default: stage-0 benign + look-alike train)")
+    p.add_argument("--harmful-prompts", help="JSONL with a prompt column (default: the prompt stage's "
+                                              "DIR/prompts/harmful.jsonl)")
+    p.add_argument("--safe-prompts", nargs="+", help="safe prompt sets, files or hf:IDs (default: the prompt stage's "
+                                                     "DIR/prompts/safe.jsonl)")
     p.add_argument("--n-harmful-prompts", type=int)
     p.add_argument("--seeds-per-prompt", type=int, help="images per harmful prompt and model")
     p.add_argument("--n-safe-images", type=int)
@@ -79,16 +83,15 @@ def plan_images(args, world: Path) -> list[dict]:
     in many renderings, and safe images to pair them with. Every seed is a function of the
     plan position alone, so a resumed or distributed run draws the same images."""
     models = args.models or [U.toy_world_input(args, world / "model", "--models")]
-    harmful_file = args.harmful_prompts or U.toy_world_input(args, world / "prompts" / "harmful_train.jsonl",
-                                                             "--harmful-prompts")
-    safe_files = args.safe_prompts or [U.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts")
-                                       for k in ("benign", "lookalike")]
-    U.require_inputs([harmful_file, *safe_files, *([] if args.models else models)], "world")
+    # the prompt stage's two files: harmful prompts, and those its filter found harmless
+    harmful_file = args.harmful_prompts or str(Path(args.run) / "prompts" / "harmful.jsonl")
+    safe_files = args.safe_prompts or [str(Path(args.run) / "prompts" / "safe.jsonl")]
+    U.require_inputs([] if args.models else models, "world")
+    U.require_inputs([harmful_file, *([] if args.safe_prompts else safe_files)], "prompts")
     harmful = U.read_jsonl(harmful_file)[: args.n_harmful_prompts]
-    safe = [r for f in safe_files for r in U.read_jsonl(f)]
-    for name, rows, f in (("harmful", harmful, harmful_file), ("safe", safe, safe_files)):
-        if not rows or any("prompt" not in r for r in rows):
-            raise U.DataError(f"{f}: the {name} prompt list is empty or has rows without a 'prompt'")
+    if not harmful or any("prompt" not in r for r in harmful):
+        raise U.DataError(f"{harmful_file}: the harmful prompt list is empty or has rows without a 'prompt'")
+    safe = [r for f in safe_files for r in D.load_prompt_set(f)[0]]
     plan = []
     for m, model in enumerate(models):
         # seeds: 100,000 per model, 10 per harmful prompt, safe images from 50,000 on

@@ -11,8 +11,9 @@ teaching it that "safe" means "worse", the paper builds a second, smaller datase
     rest are counted. Both images are paired under the ORIGINAL harmful prompt c: this is
     what the aligned model should draw when asked for harm.
   * Safe-safe pairs of varying quality (the paper takes 2,495 from Pick-a-Pic): here two
-    samples of one benign or look-alike prompt with different seeds and guidance scales,
-    or, with --safe-pairs, a user-supplied Pick-a-Pic-style JSONL of image pairs.
+    samples of one safe prompt (--safe-prompts; default the prompts the prompt stage found
+    harmless) with different seeds and guidance scales, or, with --safe-pairs, a
+    Pick-a-Pic-style JSONL of image pairs (`python data.py pickapic` writes one).
 
 AlignGuard's data, CoProV2, pairs by PROMPT EDITING instead (`--pairing prompt-edit`): the
 safe image is sampled from the safe prompt with a seed of its own, so it shares nothing with
@@ -30,8 +31,9 @@ turns the two into one preference with R = r − λ·C (Eqs. 6-8); this stage do
 which image wins, it records both annotations as pair sides "a" and "b".
 
 Reads (DIR = --run): the T2I model (--model; default stage 0's), harmful prompts with their
-safe rewrites (--harmful-prompts: JSONL rows {prompt, safe_prompt, category}; default stage 0's
-train split), safe prompts or Pick-a-Pic-style safe pairs, and the SCM in DIR/scm (stage 2).
+safe rewrites (--harmful-prompts: JSONL rows {prompt, safe_prompt, category}; default the prompt
+stage's DIR/prompts/harmful.jsonl), safe prompts or Pick-a-Pic-style safe pairs (`python data.py
+pickapic` writes them from Pick-a-Pic v2), and the SCM in DIR/scm (stage 2).
 Writes (NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs):
   DIR/NAME/images/*.png                both images of every kept pair
   DIR/NAME/shards/pairs-*.json         annotated pairs, one file per chunk (written whole)
@@ -81,8 +83,10 @@ def parse(argv=None):
     p.add_argument("--model", help="T2I model folder for the harmful images (default: the stage-0 model)")
     p.add_argument("--img2img-model", help="img2img pipeline for the safe counterparts, e.g. an SDXL folder "
                                            "(default: the --model components in StableDiffusionImg2ImgPipeline)")
-    p.add_argument("--harmful-prompts", help="JSONL with prompt and safe_prompt columns (default: stage-0 harmful_train)")
-    p.add_argument("--safe-prompts", nargs="+", help="JSONL files of safe prompts (default: stage-0 benign + look-alike train)")
+    p.add_argument("--harmful-prompts", help="JSONL with prompt and safe_prompt columns (default: the prompt stage's "
+                                              "DIR/prompts/harmful.jsonl)")
+    p.add_argument("--safe-prompts", nargs="+", help="safe prompt sets, files or hf:IDs (default: the prompt stage's "
+                                                     "DIR/prompts/safe.jsonl)")
     p.add_argument("--safe-pairs", help="Pick-a-Pic-style JSONL of safe image pairs {prompt, image_a, image_b} "
                                         "(paths relative to the file) used instead of generating safe-safe pairs")
     p.add_argument("--n-harmful-safe", type=int, help="harmful prompts to inpaint (pairs before the judge's filter)")
@@ -110,16 +114,18 @@ def parse(argv=None):
 # The plan: every pair to build, in a fixed order, so a resumed run builds the same pairs
 # ---------------------------------------------------------------------------------------
 
-def plan_pairs(args, world: Path) -> list[dict]:
+def plan_pairs(args) -> list[dict]:
     """Every pair, sides "a" and "b" as specs of how to get each image (a t2i sample, an img2img
     from side a, or a file), numbered hf-0000000, ... Seeds are functions of the position
     only, so a resumed or distributed run plans the same images."""
-    harmful_file = None if args.coprov2 else args.harmful_prompts or U.toy_world_input(
-        args, world / "prompts" / "harmful_train.jsonl", "--harmful-prompts (or --coprov2)")
-    safe_files = args.safe_prompts or ([] if args.safe_pairs or not args.n_safe_safe else [
-        U.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--safe-prompts (or --safe-pairs)")
-        for k in ("benign", "lookalike")])
-    U.require_inputs([f for f in [harmful_file, args.coprov2, *([] if args.safe_pairs else safe_files)] if f], "world")
+    harmful_file = None if args.coprov2 else args.harmful_prompts or str(Path(args.run) / "prompts" / "harmful.jsonl")
+    default_safe = [] if args.safe_prompts or args.safe_pairs or not args.n_safe_safe else \
+        [str(Path(args.run) / "prompts" / "safe.jsonl")]  # the prompts the prompt stage found harmless
+    safe_files = args.safe_prompts or default_safe
+    U.require_inputs([f for f in [harmful_file, *default_safe] if f and f != args.harmful_prompts], "prompts")
+    for flag, f in (("--harmful-prompts", args.harmful_prompts), ("--coprov2", args.coprov2)):
+        if f and not Path(f).exists():
+            raise U.DataError(f"{flag} {f}: file not found")
     rng = random.Random(args.seed + 3)
     plan = D.read_coprov2(Path(args.coprov2)) if args.coprov2 else []
     if len(plan) > args.n_harmful_safe:
@@ -133,19 +139,18 @@ def plan_pairs(args, world: Path) -> list[dict]:
         safe = ({"source": "img2img", "seed": seed, "strength": args.strength} if args.pairing == "inpaint"
                 else {"source": "t2i", "seed": seed + 250_000})  # prompt editing: a sample of its own
         # the pair is trained under the HARMFUL prompt: what the model should draw when asked for harm
-        plan.append({"kind": "harmful-safe", "prompt": row["prompt"], "category": row.get("category"),
+        category = ", ".join(D.harm_categories(row.get("category"), f"{harmful_file}:{lineno}")) or None
+        plan.append({"kind": "harmful-safe", "prompt": row["prompt"], "category": category,
                      "a": {"role": "harmful", "source": "t2i", "prompt": row["prompt"], "seed": seed,
                            "guidance": args.guidance},
                      "b": {"role": "safe", "prompt": row["safe_prompt"], "guidance": args.guidance, **safe}})
     # safe-safe pairs: two samples of one safe prompt that differ in quality, not in safety, so
     # that the composite reward keeps teaching quality where safety has nothing to say
     if not args.safe_pairs:
-        safe = [(f, n, r) for f in safe_files for n, r in U.iter_jsonl(f)]
-        rng.shuffle(safe)  # benign and look-alike prompts mixed, whatever the count
+        safe = [r for f in safe_files for r in D.load_prompt_set(f)[0]]
+        rng.shuffle(safe)  # the sets' prompts mixed, whatever the count
         for i in range(args.n_safe_safe):
-            f, lineno, row = safe[i % len(safe)]
-            if not isinstance(row.get("prompt"), str):
-                raise U.DataError(f"{f}:{lineno}: a safe prompt row needs 'prompt'")
+            row = safe[i % len(safe)]
             seed = args.seed * 1_000_000 + 500_000 + 2 * i
             g_a, g_b = rng.sample(args.safe_guidances, 2)  # two different guidance scales
             plan.append({"kind": "safe-safe", "prompt": row["prompt"], "category": None,
@@ -276,7 +281,7 @@ def main():
     model = args.model or U.toy_world_input(args, world / "model", "--model")
     U.require_inputs([scm_dir / "scm.safetensors"], "scm")
     dtype = M.sample_dtype(args.dtype, device)
-    plan = plan_pairs(args, world)
+    plan = plan_pairs(args)
     if args.reuse_images:
         mark_shared_samples(args, plan, dtype)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ U.PRESETS["toy"]["eval"] = dict(
     base=None, models=None, prompt_sets=None, harmful_sets=None, scm=None, n_prompts=100, seeds_per_prompt=1,
     sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, size=None, batch_size=64, dtype="float32", quality="toy",
     pickscore_model=None, pickscore_processor=None, ip_judge="toy", q16=None, q16_clip="openai/clip-vit-large-patch14",
-    clip_model=None, nudenet_threshold=0.6, ua_center=None, bootstrap=2000, sheet_images=12, device=None)
+    clip_model=None, nudenet_threshold=0.6, ua_center=None, bootstrap=2000, sheet_images=12, skip_bad_rows=False,
+    device=None)
 U.PRESETS["sd15"]["eval"] = dict(
     U.PRESETS["toy"]["eval"], base="stable-diffusion-v1-5/stable-diffusion-v1-5", n_prompts=None, sample_steps=50,
     guidance=7.5, dtype="auto", batch_size=8, quality="pickscore", ip_judge="i2p", sheet_images=8)
@@ -161,37 +162,24 @@ def summarise(rows: list[dict], nudenet_threshold: float, ua_center=None) -> dic
 # 2. What to evaluate: the models, the prompt sets, and the images every model draws
 # ---------------------------------------------------------------------------------------
 
-def resolve_models(args, run: Path) -> list[M.ModelSpec]:
-    """The base first (UAS takes its centres from it), then every model folder under the run
-    (or --models): whatever built a model left a model.json saying how to draw from it."""
-    if args.base:
-        base = M.ModelSpec("base", "pipeline", M.local_model_folder(args.base, "--base PATH"))
-    else:
-        base = M.ModelSpec("base", "pipeline", U.stage_dir(run, "world") / "model")
-        U.require_inputs([base.path / "model_index.json"], "world")
-    given = U.name_value_pairs(args.models, "--models")
-    if "base" in given:
-        raise SystemExit("--models: the name 'base' is taken by --base")
-    others = [M.model_from_path(n, v, base.path) for n, v in given.items()] if given else M.discover(run, base.path)
-    if not others:
-        U.log("no model folder found (run 04_train_spo.py, or pass --models NAME=PATH): evaluating the base alone")
-    return [base, *others]
-
-
-def load_prompt_sets(args, run: Path) -> dict[str, list[dict]]:
-    """--prompt-sets NAME=FILE (or the toy world's three eval sets), each cut to --n-prompts,
-    then every attack set under DIR/attacks/ whole (attacks.py writes them)."""
+def load_prompt_sets(args, run: Path) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+    """--prompt-sets NAME=SOURCE (a file, or hf:ID for a Hugging Face dataset; default the toy
+    world's three eval sets), each cut to --n-prompts, then every attack set in DIR/attacks/
+    whole (attacks.py writes them); with the rows each set left out (--skip-bad-rows)."""
     given = U.name_value_pairs(args.prompt_sets, "--prompt-sets")
     if not given:
         prompts = Path(U.toy_world_input(args, U.stage_dir(run, "world") / "prompts", "--prompt-sets NAME=FILE"))
         given = {k: str(prompts / f"{k}_eval.jsonl") for k in ("harmful", "benign", "lookalike")}
         U.require_inputs(given.values(), "world")
-    sets = {name: D.load_prompt_set(Path(f))[: args.n_prompts] for name, f in given.items()}
-    for f in sorted((run / "attacks").glob("*.jsonl")) if (run / "attacks").is_dir() else []:
-        if f.stem in sets:
-            raise SystemExit(f"--prompt-sets: the name {f.stem!r} is taken by the attack set {f}")
-        sets[f.stem] = D.load_prompt_set(f)
-    return sets
+    attacks = {f.stem: str(f) for f in sorted((run / "attacks").glob("*.jsonl"))} if (run / "attacks").is_dir() else {}
+    if set(attacks) & set(given):
+        raise SystemExit(f"--prompt-sets: the name(s) {sorted(set(attacks) & set(given))} are taken by attack sets "
+                         f"in {run / 'attacks'}")
+    sets, skipped = {}, {}
+    for name, source in {**given, **attacks}.items():
+        rows, skipped[name] = D.load_prompt_set(source, args.skip_bad_rows)
+        sets[name] = rows if name in attacks else rows[: args.n_prompts]
+    return sets, skipped
 
 
 def harmful_set_names(args, sets: dict[str, list[dict]], run: Path) -> list[str]:
@@ -206,28 +194,36 @@ def harmful_set_names(args, sets: dict[str, list[dict]], run: Path) -> list[str]
     return [s for s, rows in sets.items() if any(r["category"] for r in rows) or s in attacks]
 
 
-def plan_images(args, sets: dict[str, list[dict]]) -> list[dict]:
+def plan_images(args, sets: dict[str, list[dict]], base: M.ModelSpec) -> tuple[list[dict], list[str]]:
     """One item per (set, prompt, seed), the same for every model: a row's own seed (I2P's
     sd_seed) or one derived from --seed, then +1, +2, ... for further images of the prompt.
-    A row's own guidance and size are honoured the same way."""
-    items = []
+    A row's own guidance and size are honoured the same way; a size the base model cannot draw
+    stops the run, or with --skip-bad-rows leaves the row out (the second value names them)."""
+    multiple, items, skipped = M.drawable_multiple(base.path), [], []
     for name, rows in sets.items():
         for i, row in enumerate(rows):
+            w, h = row["size"] or (args.size, args.size)
+            if w is not None and (w % multiple or h % multiple or w <= 0 or h <= 0):
+                bad = f"{row['where']}: a {w}x{h} image, which {base.path} cannot draw (sides multiples of {multiple})"
+                if not args.skip_bad_rows:
+                    raise U.DataError(f"{bad}; pass --skip-bad-rows to leave such rows out")
+                skipped.append(bad)
+                continue
             for k in range(args.seeds_per_prompt):
                 first = row["seed"] if row["seed"] is not None else args.seed * 1_000_000 + i * args.seeds_per_prompt
                 items.append({"set": name, "row": i, "prompt": row["prompt"], "category": row["category"],
                               "seed": first + k,
                               "guidance": row["guidance"] if row["guidance"] is not None else args.guidance,
-                              "size": row["size"] or args.size, "source": row["where"],
+                              "size": w if w == h else [w, h], "source": row["where"],  # an int when square
                               "score_prompt": row["score_prompt"]})
-    return items
+    return items, skipped
 
 
-def draw_all(args, models: list[M.ModelSpec], sets, out: Path, device, dtype) -> tuple[dict[str, list[dict]], int]:
+def draw_all(args, models: list[M.ModelSpec], plan: list[dict], out: Path, device, dtype
+             ) -> tuple[dict[str, list[dict]], int]:
     """Every model draws the same (prompt, seed) items, one model in memory at a time; an
     image on disk is never drawn again. Returns {model: items with their image paths} and how
     many images were drawn now."""
-    plan = plan_images(args, sets)
     items, drawn = {}, 0
     for m in models:
         fp = M.fingerprint(m)
@@ -385,6 +381,9 @@ def parse(argv=None):
     p.add_argument("--bootstrap", type=int, help="resamples of the paired bootstrap behind each claim's 95%% interval "
                                                   "(seeded by --seed)")
     p.add_argument("--sheet-images", type=int, help="images per prompt set on each contact sheet")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave out (and count in metrics.json) the prompt rows it cannot use — no prompt, an unknown "
+                        "harm category, a size the base model cannot draw — instead of stopping at the first")
     p.add_argument("--device")
     R.add_section_flags(p)  # the flags of the other systems' sections (PSA's users, ...)
     return U.parse_args(p, argv)
@@ -397,7 +396,8 @@ def main():
     # torchrun splits the drawing over processes (24 h: ranks wait for the slowest share)
     dist = U.setup_distributed(args.device, timeout_hours=24)
     run, out = Path(args.run), U.stage_dir(args.run, "eval")
-    models, sets = resolve_models(args, run), load_prompt_sets(args, run)
+    models, (sets, skipped) = M.resolve_models(args.base, args.models, run), load_prompt_sets(args, run)
+    plan, skipped["sizes"] = plan_images(args, sets, models[0])  # what every model draws
     harmful = harmful_set_names(args, sets, run)
     benign = [s for s in sets if s not in harmful]
     scm_path = Path(args.scm) if args.scm else U.stage_dir(run, "scm")
@@ -411,7 +411,7 @@ def main():
                                                                for m in models},
                       resolved_prompt_sets={s: len(rows) for s, rows in sets.items()}, resolved_harmful_sets=harmful,
                       sample_dtype=str(dtype), processes=dist.world_size)
-    items, drawn = draw_all(args, models, sets, out, dist.device, dtype)
+    items, drawn = draw_all(args, models, plan, out, dist.device, dtype)
     U.barrier()
     if not dist.is_main:  # rank 0 scores every image and writes the report
         return U.cleanup_distributed()
@@ -433,7 +433,8 @@ def main():
     sections = R.write_sections(ev)  # each other system's section of the report (registry.SECTIONS)
     figures = plots.draw_figures(metrics, models, items, sets, harmful, benign, out, args.sheet_images)
     table = write_report(ev, scm_path, figures, sections)
-    metrics.update(images_generated=drawn, seconds_generation=round(t_gen, 1), seconds=round(time.time() - t0, 1))
+    metrics.update(rows_skipped={k: v for k, v in skipped.items() if v}, images_generated=drawn,
+                   seconds_generation=round(t_gen, 1), seconds=round(time.time() - t0, 1))
     U.atomic_write_json(out / "metrics.json", metrics)
     U.log("\n" + table + "\n")
     U.log(f"report:  {out / 'report.md'}\nmetrics: {out / 'metrics.json'}")

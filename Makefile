@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (README):
-#   make toy     - install, then run stages 0-5 on the toy preset into runs/toy
+#   make toy     - install, then run stages 0-5 on the toy preset into runs/toy (stage 0: the toy
+#                  world, then the prompt stage)
 #   make test    - install, then run the test suite (pytest, one worker per core; make test-slow
 #                  runs the real-size sd15 tests)
 # and, after make toy, on the same run folder:
@@ -80,6 +81,7 @@ test-slow: install
 
 toy: install
 	$(PY) 00_toy_world.py --run $(RUN)
+	$(PY) 00_curate_prompts.py --run $(RUN)
 	$(PY) 01_build_coarse.py --run $(RUN)
 	$(PY) 02_train_scm.py --run $(RUN)
 	$(PY) 03_build_hf.py --run $(RUN)

@@ -226,14 +226,15 @@ def merge_parser():
 # ---------------------------------------------------------------------------------------
 
 def category_filter(pairs: list[dict], categories: list[str] | None, path: Path) -> list[dict]:
-    """The pairs of the given harm categories (an AlignGuard expert's data); None keeps all."""
+    """The pairs of any of the given harm categories (an AlignGuard expert's data; a CoProV2
+    pair may carry several); None keeps all."""
     if categories is None:
         return pairs
-    have = sorted({p["category"] for p in pairs if p.get("category")})
+    have = sorted({c for p in pairs for c in D.row_categories(p)})
     unknown = sorted(set(categories) - set(have))
     if unknown:
         raise U.DataError(f"{path}: no pairs of category {unknown} (--categories); its categories are {have}")
-    return [p for p in pairs if p.get("category") in categories]
+    return [p for p in pairs if set(D.row_categories(p)) & set(categories)]
 
 
 class ExpertHook(S4.Hook):

@@ -1,4 +1,4 @@
-"""The attacks of the paper's Fig. 4B (~250 lines): prompts that draw harm without naming it,
+"""The attacks of the paper's Fig. 4B (~220 lines): prompts that draw harm without naming it,
 written once into DIR/attacks/<name>.jsonl, which stage 5 then scores for every model as a
 harmful prompt set of its own.
 
@@ -185,7 +185,7 @@ def jailbreak_main(args) -> None:
             raise SystemExit(f"{path} was built with other settings ({', '.join(f'{k}: {have.get(k)!r}' for k in diff)})"
                              f": pass the same flags, or delete {path} and {cfg_path} to attack anew")
         return U.log(f"{path} is built: nothing to do")
-    rows = [r for r in D.load_prompt_set(Path(file))[: args.n_prompts] if r["category"]]
+    rows = [r for r in D.load_prompt_set(file)[0][: args.n_prompts] if r["category"]]
     random.Random(args.seed).shuffle(rows)
     pipe = M.load_pipeline(args.model, M.pick_device(args.device))
     attack = jailbreak_prompts(pipe.text_encoder.requires_grad_(False), pipe.tokenizer, rows[:args.prompts],

@@ -1,4 +1,4 @@
-"""The other methods of the paper's Table 2 (~560 lines): the safety filter, SLD, ESD-u and
+"""The other methods of the paper's Table 2 (~530 lines): the safety filter, SLD, ESD-u and
 UCE, built into DIR/baselines/<name>/, and the report section that compares them with T2I-SPO.
 
   filter      SD-v1.5 "w/ Safety Filter": diffusers' StableDiffusionSafetyChecker, a CLIP image

@@ -1,4 +1,4 @@
-"""The paper's equations, in the paper's order (~560 lines): each function's docstring writes
+"""The paper's equations, in the paper's order (~450 lines): each function's docstring writes
 out its equation and the lines below it compute exactly that. The paper's text lost its
 equations; docs/equations.md has all of them with the notation.
 

@@ -1,4 +1,4 @@
-"""The DFM study (~250 lines): the paper's Fig. 5 where Eq. 10 can measure descent rates.
+"""The DFM study (~220 lines): the paper's Fig. 5 where Eq. 10 can measure descent rates.
 
 In the toy's full training each pair is visited a handful of times, too few for a queue of
 K losses to fill. `make dfm` trains stage 4 on a small subset of the pairs (--pair-subset),

@@ -9,6 +9,8 @@ unreachable service raises `JudgeError` after its retries.
 `personal(image, prompt, banned, allowed)` is PSA's per-user judge (stage 5 on sd15): its
 JSON fields banned_categories_respected, allowed_categories_respected, quality_score,
 appropriateness_score and overall_assessment (PASS/FAIL), or None when unusable.
+`complete_json(instructions, text, parse)` is one text request answered in JSON: the prompt
+stage's filter and rewrite (00_curate_prompts.py).
 """
 from __future__ import annotations
 
@@ -246,6 +248,15 @@ class OpenAIJudge:
                                        {"role": "user", "content": [
                                            {"type": "image_url", "image_url": {"url": png_data_url(image)}}]}]},
                          parse_personal_answer)
+
+    def complete_json(self, instructions: str, text: str, parse) -> dict | None:
+        """One text request (the prompt stage's filter and rewrite: instructions as the system
+        message, the prompt as the user's), its JSON answer through `parse`; None (counted)
+        when refused or unusable."""
+        self.stats["calls"] += 1
+        return self._ask({"model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
+                          "messages": [{"role": "system", "content": instructions},
+                                       {"role": "user", "content": text}]}, parse)
 
     def _ask(self, body: dict, parse) -> dict | None:
         """POST one request; the reply's content through `parse`. A refusal or an unusable

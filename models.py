@@ -1,4 +1,4 @@
-"""Text-to-image models as stock diffusers objects (~420 lines): loading, sampling, latents,
+"""Text-to-image models as stock diffusers objects (~520 lines): loading, sampling, latents,
 LoRA files, the model folders stage 5 finds, and the image cache every evaluation shares.
 
 What it is not: training (04_train_spo.py), what is measured on an image (scorers.py).
@@ -140,23 +140,32 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-             batch_size: int = 64, size: int | None = None, **call) -> list[np.ndarray]:
-    """Sample one image per (prompt, seed) as uint8 [H, W, 3]. Each image has its own
-    generator, so an image does not depend on which batch it fell in. `call`: further
-    arguments of the pipeline's call (SLD's; or prompt_embeds for one batch, prompts None)."""
+             batch_size: int = 64, size: int | Sequence[int] | None = None, **call) -> list[np.ndarray]:
+    """Sample one image per (prompt, seed) as uint8 [H, W, 3], `size` pixels square, or
+    (width, height), or the model's own size. Each image has its own generator, so an image
+    does not depend on which batch it fell in. `call`: further arguments of the pipeline's call
+    (SLD's; or prompt_embeds for one batch, prompts None)."""
     if prompts is not None and len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = (size, size) if isinstance(size, int) else size
+    f = pipe.vae_scale_factor
     out = []
     for i in range(0, len(seeds), batch_size):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        latents = torch.stack([torch.randn((pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
-                                            size // pipe.vae_scale_factor), generator=g) for g in gens])
+        latents = torch.stack([torch.randn((pipe.unet.config.in_channels, height // f, width // f), generator=g)
+                               for g in gens])
         imgs = pipe(None if prompts is None else list(prompts[i:i + batch_size]), num_inference_steps=steps,
-                    guidance_scale=guidance, height=size, width=size,
+                    guidance_scale=guidance, height=height, width=width,
                     latents=latents.to(pipe.device, pipe.unet.dtype), output_type="np", **call).images
         out.extend(to_uint8(imgs))
     return out
+
+
+def drawable_multiple(path: Path) -> int:
+    """A model folder's pipeline draws any width and height that are multiples of its VAE's
+    downsampling factor (SD-1.5: 8), as the pipeline's own input check demands."""
+    return 2 ** (len(U.read_json(Path(path) / "vae" / "config.json")["block_out_channels"]) - 1)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -307,6 +316,23 @@ def model_from_path(name: str, value: str, base: Path) -> ModelSpec:
                      f"(model_index.json) or a LoRA folder ({LORA_FILE})")
 
 
+def resolve_models(base: str | None, given: list[str] | None, run: Path) -> list[ModelSpec]:
+    """Stage 5's models: the base first (UAS takes its centres from it; --base, or stage 0's
+    DIR/world/model), then --models NAME=PATH, or else every model folder under the run."""
+    if base:
+        spec = ModelSpec("base", "pipeline", local_model_folder(base, "--base PATH"))
+    else:
+        spec = ModelSpec("base", "pipeline", U.stage_dir(run, "world") / "model")
+        U.require_inputs([spec.path / "model_index.json"], "world")
+    named = U.name_value_pairs(given, "--models")
+    if "base" in named:
+        raise SystemExit("--models: the name 'base' is taken by --base")
+    others = [model_from_path(n, v, spec.path) for n, v in named.items()] if named else discover(run, spec.path)
+    if not others:
+        U.log("no model folder found (run 04_train_spo.py, or pass --models NAME=PATH): evaluating the base alone")
+    return [spec, *others]
+
+
 def with_aliases(rows: list[dict], models: list[ModelSpec]) -> list[dict]:
     """Each model's rows again under each of its aliases (AlignGuard's row is its Co-Merge model)."""
     return rows + [dict(r, model=a) for m in models for a in m.aliases for r in rows if r["model"] == m.name]
@@ -361,8 +387,8 @@ def draw_missing(spec: ModelSpec, items: list[dict], out: Path, device, dtype, s
     if not todo:
         return 0
     groups = defaultdict(list)
-    for it in todo:
-        groups[it["guidance"], it["size"]].append(it)
+    for it in todo:  # a size is one int (square) or [width, height]
+        groups[it["guidance"], json.dumps(it["size"])].append(it)
     batches = U.my_share([g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)])
     pipe, call = sampler(spec, device, dtype, steps)
     for batch in tqdm(batches, desc=f"generate {spec.name}", disable=not U.is_main()):

@@ -1,4 +1,4 @@
-"""Figures (~250 lines): contact sheets a person can look at, the safety-quality scatter, and
+"""Figures (~220 lines): contact sheets a person can look at, the safety-quality scatter, and
 the paper's ablation figures from the stage-4 runs stage 5 evaluates — Fig. 4A (the λ sweep)
 and Fig. 5 (convergence with and without DFM).
 

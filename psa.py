@@ -2,7 +2,7 @@
 
 A child's profile bans all seven harm categories; an adult artist's bans none. PSA conditions
 the frozen text-to-image model on the user through a cross-attention adapter, and trains the
-adapter with Diffusion-DPO on preferences that depend on the user (~600 lines: its users, its
+adapter with Diffusion-DPO on preferences that depend on the user (~590 lines: its users, its
 per-user rewards, its adapter and how it trains; its evaluation is psa_eval.py).
 
 Commands (DIR = --run):
@@ -32,6 +32,7 @@ sum of its last hidden states), frozen. The toy world has no LLM, so a small tra
 the profile TEXT (tokens of CLIP's tokenizer) and is trained with the adapter: it must learn
 the boundary from the words, never from a vector of the banned set.
 """
+import ast
 import csv
 import dataclasses
 import json
@@ -159,31 +160,45 @@ def sage_category(name: str, where: str) -> str:
     return SAGE_CATEGORIES[key]
 
 
-def read_sage(folder: Path) -> tuple[list[dict], list[dict]]:
-    """Sage's data for sd15: metadata.jsonl (the imagefolder convention: file_name, chosen,
-    rejected, caption, user_data with User_ID ...) and users.csv (User_ID, Banned_Categories,
-    Allowed_Categories; lists split on ; or ,). Returns (users, pairs); pairs are already
-    ordered for their user (chosen = x_w). A bad row stops the run naming file and line."""
-    meta, users_csv = folder / "metadata.jsonl", folder / "users.csv"
-    absent = [str(f) for f in (meta, users_csv) if not f.exists()]
-    if absent:
-        raise U.DataError(f"--sage {folder}: missing {', '.join(absent)} (Sage's metadata.jsonl and users.csv)")
+def read_user_table(path: Path) -> dict[str, dict]:
+    """PSA's published user tables, whole: the evaluation's user_info.csv (User_ID, ...,
+    Banned_Categories as a Python list, "['Propaganda', 'Sexuality']") and the 1,000 users'
+    users.csv, which has no id column: its k-th row is user k, written as Sage writes ids
+    ("0000001"; the two tables agree row by row). A list may also be split on ; or ,."""
     users = {}
-    with open(users_csv, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        need = {"User_ID", "Banned_Categories"}
-        if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise U.DataError(f"{users_csv}: needs the columns {sorted(need)} (has {reader.fieldnames})")
-        for row in reader:
-            where = f"{users_csv}:{reader.line_num}"
-            split = [s for s in row["Banned_Categories"].replace(";", ",").split(",") if s.strip()]
-            banned = sorted({sage_category(s, where) for s in split}, key=CATEGORIES.index)
-            attrs = {k: v for k, v in row.items() if k not in ("User_ID", "Banned_Categories", "Allowed_Categories")}
-            user = {"id": str(row["User_ID"]), "banned": banned, **attrs}
+        if not reader.fieldnames or "Banned_Categories" not in reader.fieldnames:
+            raise U.DataError(f"{path}: needs a Banned_Categories column (has {reader.fieldnames})")
+        for k, row in enumerate(reader, 1):
+            where = f"{path}:{reader.line_num}"
+            text = row["Banned_Categories"].strip()
+            try:  # a Python list of strings, read as data (literal_eval evaluates nothing else)
+                names = ast.literal_eval(text) if text.startswith("[") else text.replace(";", ",").split(",")
+            except (ValueError, SyntaxError):
+                raise U.DataError(f"{where}: Banned_Categories {text!r} is not a list of categories") from None
+            banned = sorted({sage_category(s, where) for s in names if str(s).strip()}, key=CATEGORIES.index)
+            uid = str(row["User_ID"]) if "User_ID" in row else f"{k:07d}"
+            attrs = {k2: v for k2, v in row.items() if k2 not in ("User_ID", "Banned_Categories", "Allowed_Categories")}
+            user = {"id": uid, "banned": banned, **attrs}
             user["text"] = (f"User profile: {json.dumps(attrs, sort_keys=True)}. Banned categories: "
                             f"{', '.join(banned) or 'none'}. Allowed categories: "
                             f"{', '.join(c for c in CATEGORIES if c not in banned) or 'none'}.")
-            users[user["id"]] = user
+            users[uid] = user
+    return users
+
+
+def read_sage(folder: Path, users_file: Path | None = None, need_images: bool = True) -> tuple[list[dict], list[dict]]:
+    """Sage's data for sd15: metadata.jsonl (the imagefolder convention: file_name, chosen,
+    rejected, caption, user_data with User_ID ...) and the user table (`users_file`, default
+    users.csv in the folder; read_user_table). Returns (users, pairs); pairs are already
+    ordered for their user (chosen = x_w). A bad row stops the run naming file and line."""
+    meta, users_csv = folder / "metadata.jsonl", users_file or folder / "users.csv"
+    absent = [str(f) for f in (meta, users_csv) if not f.exists()]
+    if absent:
+        raise U.DataError(f"--sage {folder}: missing {', '.join(absent)} (Sage's metadata.jsonl and PSA's user "
+                          f"table, e.g. evaluation/eval_gpt/user_info.csv)")
+    users = read_user_table(users_csv)
     pairs = []
     for n, row in U.iter_jsonl(meta):
         where = f"{meta}:{n}"
@@ -195,7 +210,7 @@ def read_sage(folder: Path) -> tuple[list[dict], list[dict]]:
             raise U.DataError(f"{where}: user {uid!r} is not in {users_csv}")
         files = [str(folder / row[k]) for k in ("chosen", "rejected")]
         absent = [f for f in files if not Path(f).exists()]
-        if absent:
+        if absent and need_images:
             raise U.DataError(f"{where}: missing image {absent[0]}")
         pairs.append({"prompt": row["caption"], "kind": "sage", "user": uid,
                       "w": {"file": files[0], "role": "chosen"}, "l": {"file": files[1], "role": "rejected"}})
@@ -475,8 +490,7 @@ class PSAHook(S4.Hook):
         if args.sage:
             self.users, pairs = read_sage(Path(args.sage))
             index = {u["id"]: i for i, u in enumerate(self.users)}
-            return [{**p, "user": index[p["user"]]} for p in pairs], dict(pairs_dropped=0, bad_rows_skipped=0,
-                                                                          safe_side_wins_harmful_safe=0.0)
+            return [{**p, "user": index[p["user"]]} for p in pairs], dict(pairs_dropped=0, bad_rows_skipped=0)
         users_file = U.stage_dir(args.run, "users") / "train.jsonl"
         U.require_inputs([users_file, hf / "hf_pairs.jsonl"], "users")
         self.users = read_users(users_file)
@@ -490,10 +504,7 @@ class PSAHook(S4.Hook):
                                      args.psa_fidelity, args.seed)
         if not examples:
             raise U.DataError(f"{hf / 'hf_pairs.jsonl'}: no pair is ordered by any user's reward")
-        hs = [e for e in examples if e["kind"] == "harmful-safe"]
-        return examples, {"pairs_dropped": len(raw) * args.psa_users_per_pair - len(examples),
-                          "bad_rows_skipped": n_bad,
-                          "safe_side_wins_harmful_safe": sum(e["w"]["role"] == "safe" for e in hs) / max(1, len(hs))}
+        return examples, {"pairs_dropped": len(raw) * args.psa_users_per_pair - len(examples), "bad_rows_skipped": n_bad}
 
     def attach(self, tr):
         """The adapter installed on the frozen UNet; the policy is the UNet with it, the

@@ -1,4 +1,4 @@
-"""PSA's evaluation (~300 lines): safety per user, the section stage 5 writes into
+"""PSA's evaluation (~290 lines): safety per user, the section stage 5 writes into
 DIR/eval/psa.md when PSA's adapter (DIR/psa/, `psa.py train`) is in the run.
 
 Each reference user (PSA's levels 0-5, banning 0, 2, 4, 4, 5 and 7 categories) and the first

@@ -1,4 +1,4 @@
-"""The registries (~45 lines): what stage 5 can draw from, measure and report, each entry a
+"""The registries (~60 lines): what stage 5 can draw from, measure and report, each entry a
 "module:function" found when needed. A new model family, per-image metric or system report
 is one line here; stage 5 itself names none of them.
 

@@ -1,4 +1,4 @@
-"""What is measured on an image (~480 lines): the judges, the Safety Cost Model, the quality
+"""What is measured on an image (~420 lines): the judges, the Safety Cost Model, the quality
 reward, the CLIP-family scores, Q16 and NudeNet, and `Scorers`, which gives every image stage 5
 draws its row of scores.jsonl.
 
@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -104,9 +105,13 @@ class SafetyCostModel(torch.nn.Module):
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> the tower's normalised input [B, 3, S, S] (bicubic resize)."""
+        """uint8 [B, H, W, 3] -> the tower's normalised input [B, 3, S, S]: the centre square
+        (CLIP's centre crop, for a non-square image), bicubic-resized to S."""
         x = images.permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+        h, w = x.shape[-2:]
+        side = min(h, w)
+        x = x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        if side != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
         return (x - self.mean) / self.std
 
@@ -115,10 +120,17 @@ class SafetyCostModel(torch.nn.Module):
 
     @torch.no_grad()
     def cost(self, images: Sequence[np.ndarray], batch_size: int = 256) -> torch.Tensor:
-        """C(x) for a list of uint8 [H, W, 3] images, on the model's device, as a CPU tensor."""
+        """C(x) for a list of uint8 [H, W, 3] images, on the model's device, as a CPU tensor.
+        Images of several sizes (rows that ask for their own) are preprocessed one by one."""
         dev = next(self.parameters()).device
-        out = [self(torch.from_numpy(np.stack(images[i:i + batch_size])).to(dev)).float().cpu()
-               for i in range(0, len(images), batch_size)]
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            if len({im.shape for im in chunk}) == 1:
+                x = self.preprocess(torch.from_numpy(np.stack(chunk)).to(dev))
+            else:
+                x = torch.cat([self.preprocess(torch.from_numpy(im[None]).to(dev)) for im in chunk])
+            out.append(self.head(self.tower(x)).squeeze(-1).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -232,11 +244,22 @@ class ClipScore(ClipScorer):
         return (100 * (img * txt).sum(-1).clamp(min=0)).tolist()
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles a numpy array and nothing else: pickle runs whatever code a file names, so
+    only the three globals an ndarray's pickle names are found; any other stops the load."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a numpy array")
+        return super().find_class(module, name)
+
+
 def load_q16_prompts(path: str | Path) -> torch.Tensor:
-    """Q16's two learned prompt embeddings [2, D]: a pickled array as github.com/ml-research/Q16
-    ships them (data/ViT-L-14/prompts.p; pickle runs code, so load only a file you trust), or
-    a safetensors file holding one tensor."""
-    import pickle
+    """Q16's two learned prompt embeddings [2, D]: a pickled numpy array as
+    github.com/ml-research/Q16 ships them (data/ViT-L-14/prompts.p), read by an unpickler
+    that admits numpy arrays only, or a safetensors file holding one tensor."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"--q16 {path}: file not found (Q16's prompts are data/ViT-L-14/prompts.p "
@@ -248,8 +271,11 @@ def load_q16_prompts(path: str | Path) -> torch.Tensor:
             raise U.DataError(f"{path}: expected one tensor, found {len(tensors)}")
         prompts = tensors[0]
     else:
-        with open(path, "rb") as f:
-            prompts = torch.as_tensor(np.asarray(pickle.load(f), dtype=np.float32))
+        try:
+            with open(path, "rb") as f:
+                prompts = torch.as_tensor(np.asarray(_ArrayUnpickler(f).load(), dtype=np.float32))
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise U.DataError(f"{path}: not a pickled numpy array of Q16's prompts, refused ({e})") from None
     if prompts.ndim != 2 or prompts.shape[0] != 2:
         raise U.DataError(f"{path}: Q16 prompts must have shape [2, D], got {tuple(prompts.shape)}")
     return prompts.float()

@@ -1,4 +1,4 @@
-"""How sure each claim is (~270 lines): the paired bootstrap over prompts and images, the
+"""How sure each claim is (~240 lines): the paired bootstrap over prompts and images, the
 verdict an interval gives, the spread over training seeds and the t interval over per-seed
 differences, claims judged from several intervals, and rank correlation.
 

@@ -330,3 +330,27 @@ class ToyQuality:
 
     def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
         return [toy_quality(img, p) for img, p in zip(images, prompts)]
+
+
+class ToyCurator:
+    """The toy world's exact programs behind the prompt stage's curator interface (the role
+    GPT-4 plays in the paper's Secs. 3.1-3.2): a prompt asks for harm iff the grammar finds in
+    it a harm concept of the given list (`filter`), and its safe rewrite is the same scene
+    without that phrase (`rewrite`). It always answers."""
+    name = "toy"
+
+    def __init__(self):
+        self.stats = {"calls": 0, "retries": 0, "unparseable": 0, "refused": 0}
+
+    def filter(self, prompt: str, concepts: dict[str, list[str]]) -> dict:
+        self.stats["calls"] += 1
+        try:
+            s = prompt_to_scene(prompt)
+        except ValueError:  # outside the toy grammar: it names no toy harm
+            return {"harmful": False, "category": None, "concept": None}
+        hit = s["concept"] is not None and s["concept"] in concepts.get(s["category"], ())
+        return {"harmful": hit, "category": s["category"] if hit else None, "concept": s["concept"] if hit else None}
+
+    def rewrite(self, prompt: str, category: str, concept: str) -> dict:
+        self.stats["calls"] += 1
+        return {"safe_prompt": scene_to_prompt(prompt_to_scene(prompt), with_harm=False)}

@@ -1,4 +1,4 @@
-"""Plumbing every script shares (~460 lines): the command line and its presets, seeding and
+"""Plumbing every script shares (~560 lines): the command line and its presets, seeding and
 logging, torch.distributed, files written atomically, checkpoints, and the small report helpers.
 
 What it is not: the paper's equations (common.py), models and sampling (models.py), what is
@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -55,6 +56,7 @@ TOY_SAMPLE_STEPS = 10
 
 STAGES = {  # stage key -> (script, folder under --run)
     "world": ("00_toy_world.py", "world"),
+    "prompts": ("00_curate_prompts.py", "prompts"),
     "coarse": ("01_build_coarse.py", "coarse"),
     "scm": ("02_train_scm.py", "scm"),
     "hf": ("03_build_hf.py", "hf"),
@@ -532,7 +534,15 @@ class Checkpoint:
         atomic_write_bytes(self.path, buf.getvalue())
 
     def load(self) -> dict | None:
-        return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.exists() else None
+        """The saved state, or None when absent. weights_only: tensors and plain Python values
+        alone are read, so a tampered file cannot run code; anything else stops the run."""
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise DataError(f"{self.path}: refused, it holds more than tensors and plain values "
+                            f"({str(e).splitlines()[-1]}); delete it to start that run over") from None
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

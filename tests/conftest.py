@@ -38,11 +38,12 @@ def stage(script, run, *extra, check=True, env=None):
 
 
 def tiny_world_with_scm(run):
-    """Stage 0 at --tiny (4 evaluation prompts per set) and a random SCM saved as stage 2 saves
-    one: the paths that need no trained SCM start here."""
+    """Stage 0 at --tiny (4 evaluation prompts per set), the prompt stage, and a random SCM
+    saved as stage 2 saves one: the paths that need no trained SCM start here."""
     import torch
     import scorers as S
     stage("00_toy_world.py", run, "--eval-per-set", "4")
+    stage("00_curate_prompts.py", run)
     torch.manual_seed(0)
     S.save_scm(S.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
     return run
@@ -89,3 +90,55 @@ def tiny_clip(tmp_path_factory):
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=M.clip_tokenizer()).save_pretrained(folder)
     return folder
+
+
+class Scripted:
+    """A chat-completions server on 127.0.0.1 for the judge's tests: each POST is answered by
+    `respond(request json) -> (status, body)` when given, else from a queue of (status, body,
+    delay); every request is recorded."""
+
+    def __init__(self, respond=None):
+        import json
+        import time
+        from collections import deque
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.replies, self.requests, self.respond = deque(), [], respond
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
+                status, text, delay = (*owner.respond(body), 0.0) if owner.respond else owner.replies.popleft()
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(text.encode())
+                except OSError:  # the client timed out and hung up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def queue(self, status, body, delay=0.0):
+        self.replies.append((status, body, delay))
+
+
+@pytest.fixture
+def scripted_server(monkeypatch):
+    """Start a Scripted server (its respond set later by the test, or replies queued)."""
+    import threading
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    s = Scripted()
+    thread = threading.Thread(target=s.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield s
+    s.server.shutdown()
+    s.server.server_close()

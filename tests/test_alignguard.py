@@ -97,8 +97,11 @@ GOOD = [("a nude man", "images/u_idx_0_0.jpg", "sexual"), ("a man in a suit", "i
         ("harassing her", "images/u_idx_2_0.jpg", "Harrasment"), ("greeting her", "images/s_idx_2_0.jpg", "Harrasment")]
 
 
-def test_coprov2_reader_pairs_alternating_rows(tmp_path):
+def test_coprov2_reader_pairs_rows_by_image_key_in_any_order(tmp_path):
     pairs = D.read_coprov2(coprov2_csv(tmp_path, GOOD))
+    swapped = D.read_coprov2(coprov2_csv(tmp_path / "swapped", [GOOD[1], GOOD[0], *GOOD[2:]]))
+    assert [(p["a"]["prompt"], p["b"]["prompt"]) for p in swapped] == [(p["a"]["prompt"], p["b"]["prompt"])
+                                                                       for p in pairs]
     assert [p["category"] for p in pairs] == ["sexual", "violence", "harassment"]  # I2P's names
     p = pairs[1]
     assert p["prompt"] == "a bloody fight" and p["kind"] == "harmful-safe" and p["judge"] is False
@@ -107,11 +110,13 @@ def test_coprov2_reader_pairs_alternating_rows(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda rows: rows[:-1], ":6: an unsafe row without its safe row"),
-    (lambda rows: [rows[1], rows[0], *rows[2:]], ":2: image 'images/s_idx_0_0.jpg' should be unsafe"),
-    (lambda rows: [*rows[:3], (rows[3][0], rows[3][1], "Hate"), *rows[4:]], ":5: category 'Hate' differs"),
-    (lambda rows: [*rows[:2], (rows[2][0], rows[2][1], "gore"), *rows[3:]], ":4: needs a prompt, an image and a category"),
-    (lambda rows: [*rows[:4], ("", rows[4][1], rows[4][2]), *rows[5:]], ":6: needs a prompt"),
+    (lambda rows: rows[:-1], ":6: idx_2_0.jpg has no safe row (s_idx_2_0.jpg)"),
+    (lambda rows: [*rows[:2], (rows[2][0], rows[2][1], "gore"), *rows[3:]], ":4: unknown harm category 'gore'"),
+    (lambda rows: [*rows[:4], ("", rows[4][1], rows[4][2]), *rows[5:]], ":6: needs a prompt and an image named u_"),
+    (lambda rows: [*rows[:2], (rows[2][0], "images/x_idx_1_0.jpg", rows[2][2]), *rows[3:]],
+     ":4: needs a prompt and an image named u_… (unsafe) or s_… (safe), got 'images/x_idx_1_0.jpg'"),
+    (lambda rows: [*rows, ("a bloody brawl", "images/u_idx_1_0.jpg", "Violence")],
+     ":8: u_idx_1_0.jpg is listed before with another prompt"),
 ])
 def test_coprov2_bad_rows_are_named(tmp_path, edit, message):
     with pytest.raises(U.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def coarse_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     stage("00_toy_world.py", run, "--eval-per-set", "2")
+    stage("00_curate_prompts.py", run)
     stage("01_build_coarse.py", run)
     return run
 
@@ -89,6 +90,17 @@ def test_coarse_two_processes_build_what_one_builds(coarse_run, tmp_path, torchr
 def test_coarse_says_which_stage_to_run(tmp_path):
     r = stage("01_build_coarse.py", tmp_path, check=False)
     assert r.returncode != 0 and "00_toy_world.py" in r.stderr
+
+
+def test_coarse_names_the_prompt_stage_and_a_missing_safe_set(coarse_run, tmp_path):
+    model = str(coarse_run / "world" / "model")
+    r = stage("01_build_coarse.py", tmp_path / "a", "--models", model, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "00_curate_prompts.py" in r.stderr
+    assert f"{tmp_path / 'a' / 'prompts' / 'harmful.jsonl'}, {tmp_path / 'a' / 'prompts' / 'safe.jsonl'}" in r.stderr
+    r = stage("01_build_coarse.py", tmp_path / "b", "--models", model, "--harmful-prompts",
+              str(coarse_run / "prompts" / "harmful.jsonl"), "--safe-prompts", str(tmp_path / "coco.csv"), check=False)
+    assert r.returncode == 1 and f"error: {tmp_path / 'coco.csv'}: file not found" in r.stderr
+    assert not (tmp_path / "b").exists()  # nothing written
 
 
 def unjudged_copy(coarse_run, tmp_path):

@@ -30,6 +30,7 @@ SPO = module("04_train_spo.py")
 def hf_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     stage("00_toy_world.py", run, "--eval-per-set", "2")
+    stage("00_curate_prompts.py", run)
     stage("01_build_coarse.py", run)
     stage("02_train_scm.py", run, "--no-no-anchor-baseline")
     stage("03_build_hf.py", run)

@@ -1,8 +1,10 @@
 """The promises of the layout: each stage script within its line budget (450) and, for stages
 1-5, at least a quarter of its lines comments or docstrings; stages 1-5 import no other
-system's file (AlignGuard, the baselines, the attacks, PSA, the DFM study)."""
+system's file (AlignGuard, the baselines, the attacks, PSA, the DFM study); every file's
+size as its docstring and the README's file map promise it."""
 import ast
 import io
+import re
 import tokenize
 from pathlib import Path
 
@@ -46,3 +48,17 @@ def test_stages_import_no_other_system(script):
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & SYSTEMS, f"{script.name} imports {sorted(imported & SYSTEMS)}"
 
+
+def test_files_keep_the_size_they_promise():
+    """A module's "~N lines" and the README's file map are within 10% of its length."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in sorted(ROOT.glob("*.py")):
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        head = "\n".join(path.read_text(encoding="utf-8").splitlines()[:6])
+        row = re.search(r"^\| ([^|]*`%s`[^|]*)\| ([^|]*)\|" % re.escape(path.name), readme, re.M)
+        assert row, f"README's file map has no row for {path.name}"
+        promised = [int(m) for m in re.findall(r"~(\d+) lines", head)]
+        names, sizes = re.findall(r"`([^`]+)`", row.group(1)), re.findall(r"~(\d+)", row.group(2))
+        row_n = int(sizes[names.index(path.name)])  # psa.py and psa_eval.py share a row
+        for claim in [*promised, row_n]:
+            assert abs(claim - n) <= 0.1 * n, f"{path.name}: promises ~{claim} lines, has {n}"

@@ -4,10 +4,7 @@ import io
 import json
 import logging
 import sys
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,48 +26,9 @@ def answer(a, b, more) -> str:
     return chat(json.dumps({"severity_a": a, "severity_b": b, "more_harmful": more}))
 
 
-class Scripted:
-    """A chat-completions stand-in: replies from a queue of (status, body, delay), records requests."""
-
-    def __init__(self):
-        self.replies, self.requests = deque(), []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                owner.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(body)})
-                status, text, delay = owner.replies.popleft()
-                time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(text.encode())
-                except OSError:  # the client timed out and hung up
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def queue(self, status, body, delay=0.0):
-        self.replies.append((status, body, delay))
-
-
 @pytest.fixture
-def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    s = Scripted()
-    thread = threading.Thread(target=s.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield s
-    s.server.shutdown()
-    s.server.server_close()
+def server(scripted_server):
+    return scripted_server
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 downloads), NudeNet's labels and its detector offline, and a missing real model named."""
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,44 @@ def test_missing_real_models_say_what_to_download(tmp_path):
         M.local_model_folder("nobody/no-such-sd", "--base PATH")
     with pytest.raises(SystemExit, match="prompts.p"):
         S.load_q16_prompts(tmp_path / "nope.p")
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_q16_reads_the_published_prompts_file():
+    """Q16's own data/ViT-L-14/prompts.p (a pickled float16 numpy array): two prompts of 768."""
+    prompts = S.load_q16_prompts(FIXTURES / "q16" / "ViT-L-14_prompts.p")
+    assert prompts.shape == (2, 768) and prompts.dtype == torch.float32 and torch.isfinite(prompts).all()
+
+
+class RunsCode:
+    """A pickle that would run a shell command when loaded by a plain pickle.load."""
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_q16_refuses_a_pickle_that_would_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "prompts.p"
+    path.write_bytes(pickle.dumps(RunsCode()))
+    refused = r"prompts.p: not a pickled numpy array .*(posix|os)\.system is not part of a numpy array"
+    with pytest.raises(U.DataError, match=refused):
+        S.load_q16_prompts(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_scm_cost_of_a_non_square_image_is_the_cost_of_its_centre_square():
+    """Rows may ask for their own size: the SCM takes CLIP's centre square of a non-square
+    image, in a batch of mixed sizes as alone."""
+    torch.manual_seed(0)
+    scm = S.SafetyCostModel("toy-ViT-tiny", hidden=16).eval()
+    images, _ = drawn(2)
+    side = images[0].shape[0]
+    wide = np.random.default_rng(0).integers(0, 256, (side, side + 12, 3), dtype=np.uint8)
+    wide[:, 6:6 + side] = images[1]
+    mixed = scm.cost([images[0], wide, images[1]])
+    alone = scm.cost(images)
+    assert torch.allclose(mixed[[0, 2]], alone, atol=1e-5) and torch.allclose(mixed[1], alone[1], atol=1e-5)
+    assert not torch.allclose(scm.cost([wide[:, :side]]), alone[1:], atol=1e-3)  # a crop elsewhere differs

@@ -304,3 +304,22 @@ def test_metrics_log_truncate_keeps_each_step_once(tmp_path):
     assert [r["step"] for r in U.read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
     U.MetricsLog(tmp_path / "none.jsonl").truncate(lambda r: False)  # no file: nothing to do
     assert not (tmp_path / "none.jsonl").exists()
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_checkpoint_holding_anything_but_tensors_and_values_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = U.Checkpoint(tmp_path / "ckpt" / "train_state.pt")
+    assert ckpt.load() is None
+    ckpt.save({"model": {"w": torch.ones(2)}, "step": 3, "totals": {"aug_wins": {"sharpen": 1}}, "mu": -1.5})
+    state = ckpt.load()
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2)) and state["mu"] == -1.5
+    torch.save({"step": RunsCode()}, ckpt.path)
+    with pytest.raises(U.DataError, match=r"train_state.pt: refused, it holds more than tensors and plain values"):
+        ckpt.load()
+    assert not (tmp_path / "PWNED").exists()
