@@ -160,17 +160,15 @@ class Training:
     sched: torch.optim.lr_scheduler.LambdaLR | None = None
     queue: C.DescentRateQueue | None = None  # Eq. 10's loss queues
     step: int = 0
-    totals: dict = dataclasses.field(
-        default_factory=lambda: {"dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0),
-                                 "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
+    totals: dict = dataclasses.field(default_factory=lambda: {
+        "dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0), "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
 
 
 class Hook:
-    """The named points where another system changes this loop. Every default here IS
-    T2I-SPO: stage 4 on its own runs `Hook()`. AlignGuard's experts and the DFM study train on
-    a subset of the relabelled pairs (`select`); PSA orders each pair per user and trains a
-    user-conditioned adapter on the frozen UNet (`pairs`, `attach`, `condition`, `state`,
-    `load`, `save`, `final`)."""
+    """The named points where another system changes this loop; every default here IS T2I-SPO
+    (stage 4 alone runs `Hook()`). AlignGuard's experts and the DFM study train on a subset
+    (`select`); PSA orders each pair per user and trains a user-conditioned adapter on the frozen
+    UNet (`pairs`, `attach`, `condition`, `record`, `state`, `load`, `save`, `final`)."""
 
     frozen_unet = False  # True: the UNet stays frozen and no reference copy is made
     publish = True       # write model.json, so that stage 5 evaluates the result
@@ -190,6 +188,9 @@ class Hook:
     def condition(self, tr: Training, ids: list[int], emb: torch.Tensor) -> torch.Tensor:
         """The conditioning of pairs `ids`: their prompts' text embeddings."""
         return emb
+
+    def record(self, tr: Training, ids: list[int], d_theta: torch.Tensor, d_ref: torch.Tensor) -> dict:
+        return {}  # more figures for the step's log record, from the batch's pairs and their Δ_θ, Δ_ref
 
     def state(self, tr: Training) -> dict:
         return M.trainable_state(tr.unet, tr.args.lora_rank > 0)
@@ -321,8 +322,7 @@ def dfm_bookkeeping(tr: Training, ids: list, losses: torch.Tensor, hard_ids: set
     augmentation and per pair kind, and this step's loss of the hard pairs beside the batch's
     and their copies' (a copy easier than its original gives the pair little new signal)."""
     tr.totals["dfm_flagged"] += len(hard_ids)
-    for a, n in zip(C.AUGMENTATIONS, counts[:-1].tolist()):
-        tr.totals["aug_wins"][a] += int(n)
+    tr.totals["aug_wins"] = {a: tr.totals["aug_wins"][a] + int(n) for a, n in zip(C.AUGMENTATIONS, counts[:-1].tolist())}
     flagged = set(tr.totals["dfm_pairs_flagged"])
     for i in hard_ids:
         kind = tr.pairs[i]["kind"]
@@ -390,7 +390,8 @@ def train_step(tr: Training) -> dict:
     # Δ_θ < Δ_ref; reward margin: the DPO logit −β/2·(Δ_θ − Δ_ref)
     return dict(step=tr.step, loss=losses.mean().item(), implicit_accuracy=(d_theta < d_ref).float().mean().item(),
                 reward_margin=(-0.5 * args.beta * (d_theta - d_ref)).mean().item(), lr=tr.sched.get_last_lr()[0],
-                grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=tr.totals["dfm_flagged"], **dfm_record)
+                grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=tr.totals["dfm_flagged"], **dfm_record,
+                **tr.hook.record(tr, batch_ids, d_theta, d_ref))
 
 
 def save_checkpoint(tr: Training) -> None:
@@ -408,9 +409,8 @@ def finish(tr: Training, seconds: float) -> None:
     metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
                "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
                **tr.data_counts, "dfm_flagged": tr.totals["dfm_flagged"], "aug_wins": tr.totals["aug_wins"],
-               "dfm_flagged_by_kind": tr.totals["dfm_flagged_by_kind"],
-               "dfm_pairs_flagged": len(tr.totals["dfm_pairs_flagged"]),
-               "n_pairs": len(tr.pairs), "objective": args.objective, "lam": args.lam,
+               "dfm_flagged_by_kind": tr.totals["dfm_flagged_by_kind"], "n_pairs": len(tr.pairs),
+               "dfm_pairs_flagged": len(tr.totals["dfm_pairs_flagged"]), "objective": args.objective, "lam": args.lam,
                "world_size": tr.dist.world_size, "seconds": round(seconds, 1)}
     U.atomic_write_json(tr.out / "metrics.json", metrics)
     if tr.hook.publish:  # last: a folder with model.json is a finished model to stage 5

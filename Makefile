@@ -17,6 +17,7 @@
 #                  then stage 5 with the jailbreak prompts (Fig. 4B), ending with Table 2
 #   make psa     - PSA: simulated users, the profile-conditioned adapter trained on per-user
 #                  preferences, and the per-user evaluation, ending with the per-level table
+#   make psa-seeds - after make psa: the adapter with seeds 1 and 2, for seed verdicts of PSA's claims
 PYTHON ?= python3
 VENV ?= .venv
 RUN ?= runs/toy
@@ -50,14 +51,14 @@ AG_EXPERT_STEPS := 60
 AG_ALL_STEPS := 420
 PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2
 
-# PSA's training steps (the adapter alone trains: the UNet is frozen)
-PSA_STEPS := 800
+# PSA's adapter again with training seeds 1 and 2 (make psa-seeds)
+PSA_SEEDS := psa-seed-1 psa-seed-2
 
 # The paper's other Table 2 methods, longest first, and the number of jailbreak prompts
 BASELINES := esd-u filter uce sld
 JAILBREAK_PROMPTS := 32
 
-.PHONY: toy test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+.PHONY: toy test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%) $(PROMPTEDIT_SEEDS)
 
 install: $(VENV)/.installed
@@ -161,5 +162,13 @@ $(BASELINES:%=baseline-%): install
 # PSA: the simulated users, the adapter (psa.py), the per-user report (psa_eval.py, in stage 5)
 psa: install
 	$(PY) psa.py users --run $(RUN)
-	$(PY) psa.py train --run $(RUN) --lr 2e-3 --psa-tokens 4 --steps $(PSA_STEPS)
+	$(PY) psa.py train --run $(RUN)
 	$(PY) 05_evaluate.py --run $(RUN)
+
+# after make psa: the adapter with two more training seeds, for the seed verdicts of PSA's claims
+psa-seeds: install
+	$(PAIR) $(PSA_SEEDS)
+	$(PY) 05_evaluate.py --run $(RUN)
+
+$(PSA_SEEDS): install
+	$(HALF) psa.py train --run $(RUN) --seed $(@:psa-seed-%=%) --name psa_seed$(@:psa-seed-%=%)

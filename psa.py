@@ -2,7 +2,7 @@
 
 A child's profile bans all seven harm categories; an adult artist's bans none. PSA conditions
 the frozen text-to-image model on the user through a cross-attention adapter, and trains the
-adapter with Diffusion-DPO on preferences that depend on the user (~590 lines: its users, its
+adapter with Diffusion-DPO on preferences that depend on the user (~630 lines: its users, its
 per-user rewards, its adapter and how it trains; its evaluation is psa_eval.py).
 
 Commands (DIR = --run):
@@ -26,12 +26,17 @@ guidance uses the tokens of a zero profile vector. to_out is linear, so the text
 diffusers' own AttnProcessor2_0 and the user branch adds to_out's weight times its SDPA: a
 fresh adapter (zero value projections) leaves the base model's output unchanged bit for bit.
 With one user token, attention over one key is 1 and to_k_user has no effect (PSA's default).
+The toy preset departs from PSA in two measured ways (docs/psa.md, Diagnosis): its query
+reads the text branch's output, q_u = to_q(h + to_out(SDPA(q, K_text, V_text))) (--psa-query
+text), and it has eight user tokens; and, as Sage's pairs, it trains on the pairs of the seven
+categories only.
 
 Profile vectors: sd15 embeds the profile text with an LLM (PSA: Qwen2.5-7B-Instruct, the masked
 sum of its last hidden states), frozen. The toy world has no LLM, so a small transformer reads
 the profile TEXT (tokens of CLIP's tokenizer) and is trained with the adapter: it must learn
 the boundary from the words, never from a vector of the banned set.
 """
+import argparse
 import ast
 import csv
 import dataclasses
@@ -323,11 +328,12 @@ class UserAttnProcessor(torch.nn.Module):
     tokens of encoder_hidden_states. With `enabled` False the user tokens are ignored: the
     base model (the frozen reference of PSA's DPO)."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale: float = 1.0):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, scale: float = 1.0,
+                 query: str = "hidden"):
         super().__init__()
         from diffusers.models.attention_processor import AttnProcessor2_0
         self.text_processor = AttnProcessor2_0()
-        self.num_tokens, self.scale, self.enabled = num_tokens, scale, True
+        self.num_tokens, self.scale, self.enabled, self.query = num_tokens, scale, True, query
         self.to_k_user = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_user = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
         torch.nn.init.zeros_(self.to_k_user.weight)
@@ -341,7 +347,7 @@ class UserAttnProcessor(torch.nn.Module):
         if not self.enabled:
             return out
         b, heads = hidden_states.shape[0], attn.heads
-        q = attn.to_q(hidden_states)
+        q = attn.to_q(hidden_states if self.query == "hidden" else hidden_states + out)
         split = lambda x: x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
         u = F.scaled_dot_product_attention(split(q), split(self.to_k_user(user)), split(self.to_v_user(user)))
         u = u.transpose(1, 2).reshape(b, -1, q.shape[-1]).to(q.dtype)
@@ -352,11 +358,12 @@ class PSAAdapter(torch.nn.Module):
     """The trainable part of PSA: (toy) the profile encoder, the projection of a profile vector
     to user tokens, and the user projections of every cross-attention, by processor name."""
 
-    def __init__(self, unet, profile_dim: int, num_tokens: int = 1, scale: float = 1.0, toy_encoder: bool = True):
+    def __init__(self, unet, profile_dim: int, num_tokens: int = 1, scale: float = 1.0, toy_encoder: bool = True,
+                 query: str = "hidden"):
         super().__init__()
         cross = unet.config.cross_attention_dim
         self.config = {"profile_dim": profile_dim, "num_tokens": num_tokens, "scale": scale,
-                       "toy_encoder": toy_encoder, "cross_attention_dim": cross}
+                       "toy_encoder": toy_encoder, "cross_attention_dim": cross, "query": query}
         self.encoder = ToyProfileEncoder(profile_dim) if toy_encoder else None
         # the population's mean and spread of profile vectors (standardize): profiles differ in a
         # few words of a long shared template, so raw vectors differ by little next to their mean
@@ -369,7 +376,7 @@ class PSAAdapter(torch.nn.Module):
             if ".attn2." in name:
                 attn = unet.get_submodule(name.removesuffix(".processor"))
                 self.processors[name.replace(".", "__")] = UserAttnProcessor(attn.to_q.out_features, cross,
-                                                                             num_tokens, scale)
+                                                                             num_tokens, scale, query)
 
     def install(self, unet) -> None:
         """Set these processors on the UNet's cross-attentions (stock ones elsewhere)."""
@@ -412,7 +419,8 @@ def load_adapter(folder: Path, unet) -> PSAAdapter:
     from safetensors.torch import load_file
     U.require_inputs([folder / "psa_adapter.safetensors", folder / "adapter_config.json"], "psa")
     cfg = U.read_json(folder / "adapter_config.json")
-    adapter = PSAAdapter(unet, cfg["profile_dim"], cfg["num_tokens"], cfg["scale"], cfg["toy_encoder"])
+    adapter = PSAAdapter(unet, cfg["profile_dim"], cfg["num_tokens"], cfg["scale"], cfg["toy_encoder"],
+                         cfg.get("query", "hidden"))  # an adapter saved before --psa-query: PSA's
     adapter.load_state_dict(load_file(str(folder / "psa_adapter.safetensors")))
     adapter.install(unet)
     return adapter.eval()
@@ -491,10 +499,16 @@ class PSAHook(S4.Hook):
             self.users, pairs = read_sage(Path(args.sage))
             index = {u["id"]: i for i, u in enumerate(self.users)}
             return [{**p, "user": index[p["user"]]} for p in pairs], dict(pairs_dropped=0, bad_rows_skipped=0)
-        users_file = U.stage_dir(args.run, "users") / "train.jsonl"
+        users_file = Path(args.psa_train_users) if args.psa_train_users else U.stage_dir(args.run, "users") / "train.jsonl"
+        if args.psa_train_users and not users_file.exists():
+            raise U.DataError(f"--psa-train-users {users_file}: file not found")
         U.require_inputs([users_file, hf / "hf_pairs.jsonl"], "users")
         self.users = read_users(users_file)
         raw, n_bad = D.load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
+        # Sage's pairs all lie within a harm category; LibraAlign-HF's benign pairs order two
+        # safe images by quality, the same for every user: no boundary to learn, half the examples
+        benign = [p for p in raw if not p.get("category")]
+        raw = raw if args.psa_benign_pairs else [p for p in raw if p.get("category")]
         for p in raw:
             for s in ("a", "b"):  # is the concept asked for shown? exact on the toy; sd15: the harmful side
                 shown = concept_shown(U.load_png(p[s]["file"]), p["category"]) if args.preset == "toy" and p.get(
@@ -504,7 +518,8 @@ class PSAHook(S4.Hook):
                                      args.psa_fidelity, args.seed)
         if not examples:
             raise U.DataError(f"{hf / 'hf_pairs.jsonl'}: no pair is ordered by any user's reward")
-        return examples, {"pairs_dropped": len(raw) * args.psa_users_per_pair - len(examples), "bad_rows_skipped": n_bad}
+        return examples, {"pairs_dropped": len(raw) * args.psa_users_per_pair - len(examples), "bad_rows_skipped": n_bad,
+                          "benign_pairs_left_out": 0 if args.psa_benign_pairs else len(benign)}
 
     def attach(self, tr):
         """The adapter installed on the frozen UNet; the policy is the UNet with it, the
@@ -513,7 +528,7 @@ class PSAHook(S4.Hook):
         toy = args.psa_llm is None
         vectors = None if toy else llm_profile_vectors(args.psa_llm, texts, device)
         self.adapter = PSAAdapter(tr.unet, args.psa_profile_dim if toy else vectors.shape[1], args.psa_tokens,
-                                  args.psa_scale, toy_encoder=toy).to(device)
+                                  args.psa_scale, toy_encoder=toy, query=args.psa_query).to(device)
         self.adapter.install(tr.unet)
         ids, mask = tokenize_profiles(texts) if toy else (None, None)
         self.profiles = Profiles(torch.tensor([e["user"] for e in tr.pairs]), ids, mask, vectors)
@@ -529,6 +544,16 @@ class PSAHook(S4.Hook):
         tokens = self.adapter.user_tokens(self.adapter.standardize(every, fit=True)[prof.user_of[ids]])
         return torch.cat([emb, tokens], dim=1)
 
+    def record(self, tr, ids, d_theta, d_ref):
+        """Implicit accuracy split by the pair's kind for its user: a harmful prompt of a
+        category the user bans, one it allows, and benign (or Sage's) prompts."""
+        won, groups = (d_theta < d_ref).float(), {"banned": [], "allowed": [], "benign": []}
+        for k, i in enumerate(ids):
+            cat = tr.pairs[i].get("category")
+            groups["benign" if cat is None else "banned" if cat in self.users[tr.pairs[i]["user"]]["banned"]
+                   else "allowed"].append(k)
+        return {f"implicit_accuracy_{g}": won[ks].mean().item() for g, ks in groups.items() if ks}
+
     def state(self, tr):
         return self.adapter.state_dict()
 
@@ -540,11 +565,13 @@ class PSAHook(S4.Hook):
 
 
 U.PRESETS["toy"]["psa"] = dict(
-    U.PRESETS["toy"]["spo"], objective="psa", dfm="off", psa_users_per_pair=4, psa_lam_banned=10.0, psa_fidelity=2.0,
-    psa_tokens=1, psa_scale=1.0, psa_profile_dim=32, psa_llm=None, sage=None)
-U.PRESETS["sd15"]["psa"] = dict(
+    U.PRESETS["toy"]["spo"], objective="psa", dfm="off", lr=5e-3, steps=1600, psa_users_per_pair=4,
+    psa_lam_banned=10.0, psa_fidelity=2.0, psa_tokens=8, psa_scale=1.0, psa_profile_dim=32, psa_llm=None, sage=None,
+    psa_train_users=None, psa_query="text", psa_benign_pairs=False)
+U.PRESETS["sd15"]["psa"] = dict(  # PSA's: one user token, the query from the hidden states
     U.PRESETS["sd15"]["spo"], objective="psa", dfm="off", psa_users_per_pair=4, psa_lam_banned=10.0, psa_fidelity=0.0,
-    psa_tokens=1, psa_scale=1.0, psa_profile_dim=32, psa_llm="Qwen/Qwen2.5-7B-Instruct", sage=None)
+    psa_tokens=1, psa_scale=1.0, psa_profile_dim=32, psa_llm="Qwen/Qwen2.5-7B-Instruct", sage=None,
+    psa_train_users=None, psa_query="hidden", psa_benign_pairs=False)
 U.TINY["psa"] = dict(U.TINY["spo"], psa_users_per_pair=2)
 
 
@@ -555,10 +582,17 @@ def train_parser():
     p.add_argument("--psa-fidelity", type=float,
                    help="w_f, the reward of showing an allowed concept asked for (toy: its quality reward ignores "
                         "harm pixels; sd15: 0, PickScore measures fidelity)")
+    p.add_argument("--psa-benign-pairs", action=argparse.BooleanOptionalAction,
+                   help="also train on LibraAlign-HF's benign pairs (two safe images ordered by quality for every "
+                        "user); off: the pairs of the seven categories only, as Sage's (docs/psa.md, Diagnosis)")
     p.add_argument("--psa-tokens", type=int, help="user tokens per profile")
     p.add_argument("--psa-scale", type=float, help="s, the weight of the user branch")
+    p.add_argument("--psa-query", choices=["hidden", "text"],
+                   help="the user branch's query: to_q(h), PSA's; or to_q(h + the text branch's output), which "
+                        "knows what the prompt asks for at each position (docs/psa.md, Diagnosis)")
     p.add_argument("--psa-profile-dim", type=int, help="toy: the profile encoder's width")
     p.add_argument("--psa-llm", help="sd15: the LLM embedding profile texts (masked sum of last hidden states)")
+    p.add_argument("--psa-train-users", help="the training users' JSONL (psa.read_users; default DIR/world/users/train.jsonl)")
     p.add_argument("--sage", help="sd15: Sage's folder (metadata.jsonl, users.csv, images) instead of --data")
     return p
 
@@ -566,6 +600,11 @@ def train_parser():
 def train_main(args) -> None:
     if args.dfm == "on":  # before any work: PSA's loop has no descent rates
         raise SystemExit("psa.py train runs without DFM: pass --dfm off")
+    old = Path(args.run) / (args.name or "psa") / "config.json"
+    if old.exists() and "psa_benign_pairs" not in U.read_json(old) and not args.psa_benign_pairs:
+        raise SystemExit(f"{old.parent} was trained with LibraAlign-HF's benign pairs too (before "
+                         f"--psa-benign-pairs existed): pass --psa-benign-pairs to resume it, or write elsewhere "
+                         f"with --name NAME")
     S4.train(args, PSAHook())
 
 

@@ -1,6 +1,6 @@
-"""How sure each claim is (~240 lines): the paired bootstrap over prompts and images, the
+"""How sure each claim is (~230 lines): the paired bootstrap over prompts and images, the
 verdict an interval gives, the spread over training seeds and the t interval over per-seed
-differences, claims judged from several intervals, and rank correlation.
+differences, and claims judged from several intervals.
 
 What it is not: the metrics themselves (05_evaluate.py), or which claims a system makes
 (each system's file lists its own and calls `intervals` and `judged_claims`).
@@ -230,15 +230,3 @@ def seed_table(seeds: dict) -> str:
             for g, v in seeds.items() for s, per_metric in v.items() if s != "models" for k, x in per_metric.items()]
     return U.markdown_table(["model", "prompt set", "metric", "mean ± sd", "min – max"], rows)
 
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)
-    def avg_rank(v):
-        v = np.asarray(v, float)
-        r = rank(v)
-        for val in np.unique(v):
-            r[v == val] = r[v == val].mean()
-        return r
-    rx, ry = avg_rank(x), avg_rank(y)
-    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() and ry.std() else 0.0

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = sorted(ROOT.glob("0[0-5]_*.py"))
-SYSTEMS = {"alignguard", "baselines", "attacks", "psa", "psa_eval", "dfm_study"}
+SYSTEMS = {"alignguard", "baselines", "attacks", "psa", "psa_eval", "psa_diagnose", "dfm_study"}
 
 
 def explained_share(src: str) -> float:

@@ -13,7 +13,6 @@ from conftest import module, stage, tiny_world_with_scm
 
 import psa as P
 import psa_eval as PE
-import stats
 import toyworld as W
 import utils as U
 
@@ -169,12 +168,13 @@ def inputs(tokens=1):
             torch.randn(2, tokens, 8, generator=g))
 
 
+@pytest.mark.parametrize("query", ["hidden", "text"])
 @torch.no_grad()
-def test_a_fresh_adapter_leaves_the_base_output_unchanged_bit_for_bit():
+def test_a_fresh_adapter_leaves_the_base_output_unchanged_bit_for_bit(query):
     unet = tiny_unet()
     x, t, text, user_tokens = inputs()
     base = unet(x, t, encoder_hidden_states=text).sample
-    adapter = P.PSAAdapter(unet, profile_dim=4)
+    adapter = P.PSAAdapter(unet, profile_dim=4, query=query)
     adapter.install(unet)
     assert len(adapter.processors) == sum(".attn2." in n for n in unet.attn_processors) == 4  # every cross-attention
     out = unet(x, t, encoder_hidden_states=torch.cat([text, user_tokens], 1)).sample
@@ -185,6 +185,29 @@ def test_a_fresh_adapter_leaves_the_base_output_unchanged_bit_for_bit():
     emb = torch.cat([text, user_tokens], 1)
     assert not torch.equal(P.UserConditionedUNet(unet, adapter)(x, t, emb).sample, base)
     assert torch.equal(P.UserConditionedUNet(unet, adapter, reference=True)(x, t, emb).sample, base)
+
+
+@torch.no_grad()
+def test_the_text_query_adds_the_text_branch_output_to_the_users_query():
+    """--psa-query text: the user branch attends with to_q(h + text branch output), PSA's with to_q(h)."""
+    unet = tiny_unet()
+    attn = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
+    h, text, tokens = torch.randn(2, 6, attn.to_q.in_features), torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    out = {}
+    for query in ("hidden", "text"):
+        proc = P.UserAttnProcessor(attn.to_q.out_features, 8, 3, query=query)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(proc.to_k_user.weight)
+        torch.nn.init.normal_(proc.to_v_user.weight)
+        out[query] = proc(attn, h, torch.cat([text, tokens], 1))
+    text_out = proc.text_processor(attn, h, text)
+    split = lambda x: x.view(2, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+    q = attn.to_q(h + text_out)  # the hand-written user branch of the text query
+    u = torch.nn.functional.scaled_dot_product_attention(split(q), split(proc.to_k_user(tokens)),
+                                                         split(proc.to_v_user(tokens)))
+    expected = text_out + u.transpose(1, 2).reshape(2, 6, -1) @ attn.to_out[0].weight.T
+    torch.testing.assert_close(out["text"], expected)
+    assert not torch.allclose(out["text"], out["hidden"])
 
 
 @torch.no_grad()
@@ -212,7 +235,7 @@ def test_with_one_user_token_the_key_projection_has_no_effect():
 @torch.no_grad()
 def test_adapter_saves_and_loads(tmp_path):
     unet = tiny_unet()
-    adapter = P.PSAAdapter(unet, profile_dim=16, num_tokens=2)
+    adapter = P.PSAAdapter(unet, profile_dim=16, num_tokens=2, query="text")
     for p in adapter.parameters():
         torch.nn.init.normal_(p, std=0.1)
     adapter.install(unet)
@@ -224,6 +247,7 @@ def test_adapter_saves_and_loads(tmp_path):
     fresh = tiny_unet()
     loaded = P.load_adapter(tmp_path / "adapter", fresh)
     torch.testing.assert_close(fresh(x, t, encoder_hidden_states=emb(loaded)).sample, before)
+    assert all(p.query == "text" for p in loaded.processors.values())  # the query travels in adapter_config.json
     with pytest.raises(SystemExit, match="psa_adapter.safetensors"):
         P.load_adapter(tmp_path / "nothing", fresh)
 
@@ -261,18 +285,87 @@ def test_llm_profile_vectors_are_the_masked_sum_of_last_hidden_states(tmp_path):
         P.llm_profile_vectors("nobody/no-such-llm", texts, "cpu")
 
 
-def test_spearman_and_the_claims_of_the_per_level_table():
-    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert stats.spearman([0, 2, 4, 4, 5, 7], [6, 5, 3, 3, 2, 1]) == pytest.approx(-1.0)  # ties take mean ranks
-    levels = lambda ips, passes: {**{lvl: {"IP_all": ip, "allowed_respected": 0.5, "pass_rate": 0.5, "users": 1}
-                                        for lvl, ip in zip(P.LEVELS, ips)},
-                                  **{g: {"pass_rate": passes, "users": 8} for g in ("seen", "heldout")}}
-    personal = {"base": levels([0.8] * 6, 0.5), "psa": levels([0.8, 0.7, 0.6, 0.64, 0.3, 0.0], 0.6)}
-    text = "\n".join(PE.personal_claims(personal))
-    assert "ρ(categories banned, IP) = -0.99: holds" in text      # 0.60 → 0.64 is within the slack
-    assert text.count("holds (best one-size model: base)") == 2
-    personal["psa"]["3"]["IP_all"] = 0.7                         # a rise of 0.10 breaks the fall
-    assert "fails (no level above" in "\n".join(PE.personal_claims(personal))
+def test_user_cells_and_group_means_by_hand():
+    rows = [{"category": "violence", "verdict": {"pass": False, "allowed_respected": None}, "inappropriate": True, "PS": 20},
+            {"category": "hate", "verdict": {"pass": True, "allowed_respected": True}, "inappropriate": False, "PS": 21},
+            {"category": None, "verdict": {"pass": True, "allowed_respected": None}, "inappropriate": False, "PS": 22.5},
+            {"category": "hate", "verdict": None, "inappropriate": True, "PS": 19}]  # no usable answer: left out
+    c = PE.user_cells(rows, ["violence"])
+    nan = np.nan
+    np.testing.assert_array_equal(c["IP_banned"], [1, nan, nan, nan])
+    np.testing.assert_array_equal(c["IP_all"], [1, 0, nan, nan])
+    np.testing.assert_array_equal(c["allowed_respected"], [nan, 1, nan, nan])
+    np.testing.assert_array_equal(c["pass_rate"], [0, 1, 1, nan])
+    np.testing.assert_array_equal(c["PS_benign"], [nan, nan, 22.5, nan])
+    # a group: the mean over users of each user's mean, a user where the figure never applies left out
+    assert PE.grid_mean(np.array([[1, nan, 0], [nan, nan, nan], [1, 1, 1]])) == pytest.approx(0.75)
+
+
+def test_grid_interval_verdicts_and_margin():
+    d = np.full((3, 10), -0.5)
+    assert PE.grid_interval(d, 50, 0, -1.0) == {"diff": -0.5, "lo": -0.5, "hi": -0.5, "verdict": "holds"}
+    assert PE.grid_interval(d + 1.0, 50, 0, -1.0)["verdict"] == "fails"
+    mixed = np.array([[-1.0, 1.0] * 5])
+    assert PE.grid_interval(mixed, 200, 0, -1.0)["verdict"] == "not separable"
+    # allowed content: psa − base must stay above −0.1
+    assert PE.grid_interval(np.full((1, 8), -0.05), 50, 0, 1.0, margin=-0.1)["verdict"] == "holds"
+    assert PE.grid_interval(np.full((1, 8), -0.2), 50, 0, 1.0, margin=-0.1)["verdict"] == "fails"
+
+
+def synthetic_cells(ip_banned: dict, allowed: float, passes: float, n: int = 12) -> dict:
+    """One model's cells: per level its IP on banned prompts, and a constant allowed share and
+    pass rate; seen and held-out groups of 3 users."""
+    cells = {}
+    for group in (*P.LEVELS, "seen", "heldout"):
+        users = 1 if group in P.LEVELS else 3
+        c = {k: np.full((users, n), np.nan) for k in PE.METRICS}
+        c["IP_banned"][:] = ip_banned.get(group, np.nan)
+        c["allowed_respected"][:] = allowed if group != P.LEVELS[-1] else np.nan
+        c["pass_rate"][:] = passes
+        cells[group] = c
+    return cells
+
+
+def test_the_claims_need_every_level_and_name_the_levels_that_carry_them():
+    base = synthetic_cells({lvl: 0.8 for lvl in P.LEVELS[1:]}, allowed=0.9, passes=0.5)
+    psa = synthetic_cells({"1": 0.0, "2": 0.2, "3": 0.3, "4": 0.8, "5": 0.0}, allowed=0.85, passes=0.75)
+    cells = {"base": base, "psa": psa}
+    personal = {m: {g: {**PE.figures(c), "users": len(c["pass_rate"])} for g, c in x.items()} for m, x in cells.items()}
+    text = "\n".join(PE.personal_claims(personal, cells, 200, 0)[0])
+    # 0.3 ≤ 0.4 = half of 0.8 at levels 1-3; level 4 does not move: the claims name the levels
+    assert "**fails**: holds at levels 1, 2, 3 only." in text
+    assert "level 4 +0.40 [+0.40, +0.40]: fails" in text  # 0.8 − 0.5·0.8
+    assert "Allowed content respected" in text and "**holds** at each of levels 1–4" in text  # −0.05 is within 0.1
+    assert text.count("− base +0.25 [+0.25, +0.25]: holds): **holds**") == 2
+    assert "training seeds" not in text  # no seed runs
+
+
+def test_the_seed_verdict_is_a_t_interval_over_the_seed_runs():
+    base = synthetic_cells({lvl: 0.8 for lvl in P.LEVELS[1:]}, allowed=0.9, passes=0.5)
+    runs = {name: synthetic_cells({lvl: x for lvl in P.LEVELS[1:]}, allowed=0.9, passes=p)
+            for name, x, p in (("psa", 0.1, 0.75), ("psa_seed1", 0.2, 0.5 + 1 / 12), ("psa_seed2", 0.3, 0.25))}
+    cells = {"base": base, **runs}
+    personal = {m: {g: {**PE.figures(c), "users": 3} for g, c in x.items()} for m, x in cells.items()}
+    lines, iv = PE.personal_claims(personal, cells, 50, 0)
+    s = iv["seeds"]["suppressed|1|"]  # (0.1, 0.2, 0.3) − 0.4: mean −0.2, sd 0.1, t(2) = 4.303
+    assert s["n"] == 3 and s["diff"] == pytest.approx(-0.2)
+    assert s["hi"] == pytest.approx(-0.2 + 4.303 * 0.1 / 3 ** 0.5, abs=1e-3) and s["verdict"] == "not separable"
+    assert "Over 3 training seeds" in lines[0]
+    assert "Over 3 training seeds" in lines[3] and lines[3].endswith("): **fails**.")  # pass rates 0.75, 0.58, 0.25
+
+
+def test_the_hooks_implicit_accuracy_is_split_by_what_each_pair_teaches_its_user():
+    import types
+    hook = P.PSAHook()
+    hook.users = [user(), user(age=10)]  # bans nothing; bans everything
+    pairs = [{"category": "violence", "user": 0}, {"category": "violence", "user": 1}, {"category": None, "user": 1},
+             {"category": "hate", "user": 1}, {"category": "hate", "user": 0}]
+    tr = types.SimpleNamespace(pairs=pairs)
+    d_theta, d_ref = torch.tensor([0.1, 0.1, 0.1, 0.3, 0.3]), torch.tensor([0.2, 0.2, 0.0, 0.2, 0.4])
+    # won (Δ_θ < Δ_ref): 1, 1, 0, 0, 1 -> allowed pairs 0 and 4; banned 1 and 3; benign 2
+    assert hook.record(tr, [0, 1, 2, 3, 4], d_theta, d_ref) == {
+        "implicit_accuracy_banned": 0.5, "implicit_accuracy_allowed": 1.0, "implicit_accuracy_benign": 0.0}
+    assert hook.record(tr, [2], d_theta[2:3], d_ref[2:3]) == {"implicit_accuracy_benign": 0.0}  # no empty groups
 
 
 def test_the_sd15_personal_judge_maps_psa_fields_caches_and_counts(tmp_path):
@@ -316,6 +409,62 @@ def psa_run(tmp_path_factory):
     stage("psa.py train", run, "--lr", "1e-2")  # resumes at step 4
     stage("psa.py train", run, "--lr", "1e-2", "--name", "psa_straight")
     return run, stage("05_evaluate.py", run)
+
+
+def test_training_users_can_be_given_and_a_missing_file_is_named(psa_run, tmp_path):
+    run, _ = psa_run
+    two = [dict(u, id=f"x{i}") for i, u in enumerate((user(), user(age=10)))]
+    U.write_jsonl(tmp_path / "two.jsonl", two)
+    stage("psa.py train", run, "--name", "psa_two", "--psa-train-users", str(tmp_path / "two.jsonl"), "--steps", "2")
+    assert U.read_json(run / "psa_two" / "config.json")["psa_train_users"] == str(tmp_path / "two.jsonl")
+    hook = P.PSAHook()
+    args = U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-train-users", str(tmp_path / "two.jsonl")])
+    examples, counts = hook.pairs(args, run / "hf")
+    assert [u["id"] for u in hook.users] == ["x0", "x1"] and {e["user"] for e in examples} == {0, 1}
+    # the pairs of the seven categories only, as Sage's; --psa-benign-pairs adds the benign ones
+    benign = sum(not p.get("category") for p in U.read_jsonl(run / "hf" / "hf_pairs.jsonl"))
+    assert benign > 0 and counts["benign_pairs_left_out"] == benign and all(e["category"] for e in examples)
+    examples, counts = hook.pairs(U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-benign-pairs"]),
+                                  run / "hf")
+    assert counts["benign_pairs_left_out"] == 0 and any(e.get("category") is None for e in examples)
+    r = stage("psa.py train", run, "--name", "psa_none", "--psa-train-users", str(tmp_path / "none.jsonl"), check=False)
+    assert r.returncode == 1 and f"--psa-train-users {tmp_path / 'none.jsonl'}: file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_adapter_trained_with_the_benign_pairs_is_not_resumed_without_them(psa_run):
+    run, _ = psa_run
+    cfg = U.read_json(run / "psa" / "config.json")
+    del cfg["psa_benign_pairs"]  # a folder of the psa.py that trained on every pair
+    U.atomic_write_json(run / "psa_old" / "config.json", cfg)
+    r = stage("psa.py train", run, "--name", "psa_old", check=False)
+    assert r.returncode == 1 and "pass --psa-benign-pairs to resume it" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_training_logs_the_split_implicit_accuracy(psa_run):
+    run, _ = psa_run
+    rows = U.read_jsonl(run / "psa" / "log.jsonl")
+    split = [r[k] for r in rows for k in r if k.startswith("implicit_accuracy_")]
+    assert split and all(0.0 <= v <= 1.0 for v in split)
+    assert any("implicit_accuracy_banned" in r for r in rows) and any("implicit_accuracy_allowed" in r for r in rows)
+    assert not any("implicit_accuracy_benign" in r for r in rows)  # the benign pairs are left out
+
+
+def test_the_diagnostics_run_on_a_psa_run(psa_run):
+    run, _ = psa_run
+    stage("psa_diagnose.py pairs", run)
+    pairs = U.read_json(run / "psa_diagnose" / "pairs.json")
+    assert pairs and all(k.split("|")[1] in ("banned", "allowed") and 0 <= v["safe_wins"] <= 1 for k, v in pairs.items())
+    stage("psa_diagnose.py probe", run)
+    assert set(U.read_json(run / "psa_diagnose" / "probe.json")) == set(P.CATEGORIES)
+    stage("psa_diagnose.py query", run, "--timesteps", "500")
+    q = U.read_json(run / "psa_diagnose" / "query.json")
+    assert len(q["accuracy"]) == 2 * 4 and all(0 <= v <= 1 for v in q["accuracy"].values())  # 4 cross-attentions
+    stage("psa_diagnose.py accuracy", run)
+    assert U.read_json(run / "psa_diagnose" / "accuracy_psa.json")["windows"]
+    stage("psa_diagnose.py two-users", run, "--steps", "2", "--per-category", "1", "--sample-steps", "2")
+    rates = U.read_json(run / "psa_diagnose" / "two_users.json")["rates"]
+    assert set(rates) == {"base", "bans-violence", "bans-illegal"} and set(rates["base"]) == set(P.CATEGORIES)
 
 
 def test_users_are_written_by_psa_users(psa_run):

@@ -1,7 +1,6 @@
 """stats.py on hand-computed inputs: the paired bootstrap (prompts, then images within each),
 the verdict an interval gives, claim intervals, the spread over seeds and the t interval over
-per-seed differences, claims judged from several intervals, and rank correlation."""
-import math
+per-seed differences, and claims judged from several intervals."""
 
 import numpy as np
 import pytest
@@ -124,16 +123,3 @@ def test_bootstrap_redraws_the_images_within_a_drawn_prompt():
     iv = stats.claim_intervals(values, "a", "b", idx)["IP"]
     # a's mean over a resample is 0, ½ or 1 (probabilities ¼, ½, ¼): the 95% interval spans it all
     assert iv["diff"] == 0.5 and (iv["lo"], iv["hi"]) == (0.0, 1.0) and iv["verdict"] == "not separable"
-
-
-def test_spearman_on_a_shuffled_order_and_with_ties():
-    """ρ = 1 − 6·Σd²/(n(n² − 1)) without ties: ranks (1, 2, 3, 4) against (2, 1, 4, 3), Σd² = 4,
-    ρ = 1 − 24/60 = 0.6. With ties, average ranks and Pearson's r on them: x = (1, 2, 2, 3)
-    ranks (1, 2.5, 2.5, 4), y ranks (1, 3, 2, 4); centred (−1.5, 0, 0, 1.5) and
-    (−1.5, 0.5, −0.5, 1.5): r = 4.5 / √(4.5·5) = 0.948683."""
-    assert stats.spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
-    assert stats.spearman([10, 20, 30, 40], [5, 3, 9, 7]) == pytest.approx(0.6)
-    # both orders shuffled: ranks (3, 1, 4, 2) and (2, 3, 4, 1), d = (1, −2, 0, 1), ρ = 1 − 36/60
-    assert stats.spearman([30, 10, 40, 20], [2, 3, 4, 1]) == pytest.approx(0.4)
-    assert stats.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert stats.spearman([1, 2, 3], [7, 7, 7]) == 0.0  # no spread: no correlation
