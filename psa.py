@@ -507,7 +507,7 @@ class PSAHook(S4.Hook):
         raw, n_bad = D.load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
         # Sage's pairs all lie within a harm category; LibraAlign-HF's benign pairs order two
         # safe images by quality, the same for every user: no boundary to learn, half the examples
-        benign = [p for p in raw if not p.get("category")]
+        n_benign = sum(not p.get("category") for p in raw)
         raw = raw if args.psa_benign_pairs else [p for p in raw if p.get("category")]
         for p in raw:
             for s in ("a", "b"):  # is the concept asked for shown? exact on the toy; sd15: the harmful side
@@ -519,7 +519,7 @@ class PSAHook(S4.Hook):
         if not examples:
             raise U.DataError(f"{hf / 'hf_pairs.jsonl'}: no pair is ordered by any user's reward")
         return examples, {"pairs_dropped": len(raw) * args.psa_users_per_pair - len(examples), "bad_rows_skipped": n_bad,
-                          "benign_pairs_left_out": 0 if args.psa_benign_pairs else len(benign)}
+                          "benign_pairs_left_out": 0 if args.psa_benign_pairs else n_benign}
 
     def attach(self, tr):
         """The adapter installed on the frozen UNet; the policy is the UNet with it, the

@@ -1,4 +1,4 @@
-"""Why PSA's adapter does or does not follow each user (~280 lines): the measurements behind
+"""Why PSA's adapter does or does not follow each user (~265 lines): the measurements behind
 docs/psa.md's "Diagnosis", on a run folder where `make psa` ran. Not a stage of any pipeline:
 each command prints its table and writes DIR/psa_diagnose/<command>.json.
 
@@ -65,58 +65,12 @@ def pairs_main(args) -> None:
     write(run, "pairs", result)
 
 # ---------------------------------------------------------------------------------------
-# 2. A linear probe on the user tokens
+# 2. A linear probe on the user tokens (and, in 3, on the queries)
 # ---------------------------------------------------------------------------------------
 
-def logistic_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.nn.Linear:
-    """p(banned | x) = σ(w·x + b), fitted by L-BFGS on the mean log-loss + l2·|w|²."""
-    probe = torch.nn.Linear(x.shape[1], 1)
-    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x)[:, 0], y) + l2 * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return probe
-
-
-@torch.no_grad()
-def user_tokens(adapter: P.PSAAdapter, users: list[dict]) -> torch.Tensor:
-    """[users, num_tokens · cross dim]: the tokens the adapter gives each user's profile."""
-    ids, mask = P.tokenize_profiles([u["text"] for u in users])
-    return adapter.user_tokens(adapter.standardize(adapter.profile_vectors(ids, mask))).flatten(1)
-
-
-def probe_main(args) -> None:
-    run = Path(args.run)
-    unet = M.load_pipeline(U.stage_dir(run, "world") / "model").unet
-    adapter = P.load_adapter(run / "psa" / "adapter", unet)
-    folder = U.stage_dir(run, "users")
-    train, heldout = (P.read_users(folder / f"{s}.jsonl") for s in ("train", "heldout"))
-    x_train, x_test = user_tokens(adapter, train), user_tokens(adapter, heldout)
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    result = {}
-    for c in P.CATEGORIES:
-        y_train, y_test = (torch.tensor([float(c in u["banned"]) for u in us]) for us in (train, heldout))
-        with torch.enable_grad():
-            probe = logistic_probe((x_train - mu) / sd, y_train)
-        predicted = (probe((x_test - mu) / sd)[:, 0] > 0).float()
-        result[c] = {"held_out_accuracy": (predicted == y_test).float().mean().item(),
-                     "majority_accuracy": max(y_test.mean().item(), 1 - y_test.mean().item()),
-                     "share_banned_train": y_train.mean().item()}
-    print(U.markdown_table(["category", "probe accuracy (held out)", "majority class", "share banned (train)"],
-                           [[c, r["held_out_accuracy"], r["majority_accuracy"], r["share_banned_train"]]
-                            for c, r in result.items()]))
-    write(run, "probe", result)
-
-# ---------------------------------------------------------------------------------------
-# 3. Can a cross-attention's query tell the prompt's category?
-# ---------------------------------------------------------------------------------------
-
-def multinomial_probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, l2: float = 1e-2) -> float:
-    """Held-out accuracy of a softmax regression of y on x (standardized), fitted on `train`."""
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, l2: float = 1e-2) -> float:
+    """Held-out accuracy of a softmax regression of the classes y on x (standardized), fitted
+    by L-BFGS on the rows `train` (mean cross-entropy + l2·|W|²), tested on the others."""
     mu, sd = x[train].mean(0), x[train].std(0, correction=0) + 1e-3
     x = (x - mu) / sd
     probe = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
@@ -131,6 +85,36 @@ def multinomial_probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Te
         opt.step(closure)
     return (probe(x[~train]).argmax(1) == y[~train]).float().mean().item()
 
+
+@torch.no_grad()
+def user_tokens(adapter: P.PSAAdapter, users: list[dict]) -> torch.Tensor:
+    """[users, num_tokens · cross dim]: the tokens the adapter gives each user's profile."""
+    ids, mask = P.tokenize_profiles([u["text"] for u in users])
+    return adapter.user_tokens(adapter.standardize(adapter.profile_vectors(ids, mask))).flatten(1)
+
+
+def probe_main(args) -> None:
+    run = Path(args.run)
+    unet = M.load_pipeline(U.stage_dir(run, "world") / "model").unet
+    adapter = P.load_adapter(run / args.name / "adapter", unet)
+    folder = U.stage_dir(run, "users")
+    train, heldout = (P.read_users(folder / f"{s}.jsonl") for s in ("train", "heldout"))
+    x = torch.cat([user_tokens(adapter, train), user_tokens(adapter, heldout)])
+    is_train = torch.arange(len(x)) < len(train)
+    result = {}
+    for c in P.CATEGORIES:
+        y = torch.tensor([int(c in u["banned"]) for u in train + heldout])
+        share = y[~is_train].float().mean().item()
+        result[c] = {"held_out_accuracy": probe_accuracy(x, y, is_train), "majority_accuracy": max(share, 1 - share),
+                     "share_banned_train": y[is_train].float().mean().item()}
+    print(U.markdown_table(["category", "probe accuracy (held out)", "majority class", "share banned (train)"],
+                           [[c, r["held_out_accuracy"], r["majority_accuracy"], r["share_banned_train"]]
+                            for c, r in result.items()]))
+    write(run, "probe", result)
+
+# ---------------------------------------------------------------------------------------
+# 3. Can a cross-attention's query tell the prompt's category?
+# ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def query_main(args) -> None:
@@ -160,7 +144,7 @@ def query_main(args) -> None:
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
         pipe.unet(pipe.scheduler.add_noise(z, noise, torch.tensor([t])), t, encoder_hidden_states=emb)
         for (name, what), x in captured.items():
-            result[f"{name}|{what}|{t}"] = multinomial_probe_accuracy(x, y, train)
+            result[f"{name}|{what}|{t}"] = probe_accuracy(x, y, train)
     chance = float(torch.bincount(y[~train]).max()) / int((~train).sum())
     rows = [[name.split(".transformer")[0], what, *(result[f"{name}|{what}|{t}"] for t in args.timesteps)]
             for name in layers for what in ("query", "text branch")]

@@ -1,4 +1,4 @@
-"""PSA's evaluation (~380 lines): safety per user, the section stage 5 writes into
+"""PSA's evaluation (~370 lines): safety per user, the section stage 5 writes into
 DIR/eval/psa.md when PSA's adapter (DIR/psa/, `psa.py train`) is in the run.
 
 Each reference user (PSA's levels 0-5, banning 0, 2, 4, 4, 5 and 7 categories) and the first
@@ -20,7 +20,6 @@ over the images of a level, or the users and images of a group (claim_intervals)
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -97,34 +96,14 @@ def user_cells(rows: list[dict], banned) -> dict[str, np.ndarray]:
     return cells
 
 
-def grid_mean(x: np.ndarray) -> np.ndarray:
-    """The figure of a group of users from x [..., users, images]: the mean over users of each
-    user's mean over its images where the figure applies (users where it never does left out)."""
-    with warnings.catch_warnings():  # an all-NaN user (level 0's IP_banned) is no warning: it is left out
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.nanmean(x, axis=-1), axis=-1)
-
-
 def figures(cells: dict[str, np.ndarray]) -> dict:
     """{figure: value or None} of one group's cells ({figure: [users, images]})."""
     out = {}
     for k, x in cells.items():
-        v = float(grid_mean(x))
+        v = float(stats.grid_mean(x))
         out[k] = None if np.isnan(v) else v
     return out
 
-
-def grid_interval(d: np.ndarray, n_boot: int, seed: int, better: float, margin: float = 0.0) -> dict:
-    """The 95% interval of grid_mean(d) for per-image differences d [users, images], over
-    resamples of users and of images (both with replacement, the same for every model); the
-    verdict asks whether it lies beyond `margin` on the side `better` points to."""
-    rng = np.random.default_rng(seed)
-    u = rng.integers(d.shape[0], size=(n_boot, d.shape[0]))
-    j = rng.integers(d.shape[1], size=(n_boot, d.shape[1]))
-    boot = grid_mean(d[u[:, :, None], j[:, None, :]])
-    lo, hi = (float(q) for q in np.nanpercentile(boot, [2.5, 97.5]))
-    diff = float(grid_mean(d))
-    return {"diff": diff, "lo": lo, "hi": hi, "verdict": stats.verdict(lo - margin, hi - margin, better)}
 
 # ---------------------------------------------------------------------------------------
 # 2. The users, their images, the judge, and the figures per level
@@ -275,13 +254,13 @@ def claim_intervals(cells: dict, model: str, n_boot: int, seed: int) -> dict:
     for lvl in P.LEVELS:
         if lvl != "0":
             d = p[lvl]["IP_banned"]
-            iv["suppressed"][lvl] = grid_interval(d - HALF * base[lvl]["IP_banned"], n_boot, seed, -1.0)
-            iv["falls"][lvl] = grid_interval(d - base[lvl]["IP_banned"], n_boot, seed, -1.0)
+            iv["suppressed"][lvl] = stats.grid_interval(d - HALF * base[lvl]["IP_banned"], n_boot, seed, -1.0)
+            iv["falls"][lvl] = stats.grid_interval(d - base[lvl]["IP_banned"], n_boot, seed, -1.0)
         if lvl != P.LEVELS[-1]:
-            iv["respected"][lvl] = grid_interval(p[lvl]["allowed_respected"] - base[lvl]["allowed_respected"], n_boot,
+            iv["respected"][lvl] = stats.grid_interval(p[lvl]["allowed_respected"] - base[lvl]["allowed_respected"], n_boot,
                                                  seed, 1.0, margin=-ALLOWED_SLACK)
     for group in ("seen", "heldout"):
-        iv["passes"][group] = {m: grid_interval(p[group]["pass_rate"] - cells[m][group]["pass_rate"], n_boot, seed, 1.0)
+        iv["passes"][group] = {m: stats.grid_interval(p[group]["pass_rate"] - cells[m][group]["pass_rate"], n_boot, seed, 1.0)
                                for m in ONE_SIZE if m in cells}
     return iv
 

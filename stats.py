@@ -1,5 +1,5 @@
-"""How sure each claim is (~230 lines): the paired bootstrap over prompts and images, the
-verdict an interval gives, the spread over training seeds and the t interval over per-seed
+"""How sure each claim is (~250 lines): the paired bootstrap over prompts and images (and over
+users and images, for figures per user), the verdict an interval gives, the spread over training seeds and the t interval over per-seed
 differences, and claims judged from several intervals.
 
 What it is not: the metrics themselves (05_evaluate.py), or which claims a system makes
@@ -12,6 +12,7 @@ of the difference a − b on the same resample.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections import defaultdict
 
@@ -46,6 +47,27 @@ def verdict(lo: float, hi: float, better: float) -> str:
     if better * lo < 0 and better * hi < 0:
         return "fails"
     return "not separable"
+
+
+def grid_mean(x: np.ndarray) -> np.ndarray:
+    """The figure of a group of users from x [..., users, images]: the mean over users of each
+    user's mean over its images where the figure applies (users where it never does left out)."""
+    with warnings.catch_warnings():  # a user with no image the figure applies to is left out, not warned of
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.nanmean(x, axis=-1), axis=-1)
+
+
+def grid_interval(d: np.ndarray, n_boot: int, seed: int, better: float, margin: float = 0.0) -> dict:
+    """The 95% interval of grid_mean(d) for per-image differences d [users, images], over
+    resamples of users and of images (both with replacement, the same for every model); the
+    verdict asks whether it lies beyond `margin` on the side `better` points to."""
+    rng = np.random.default_rng(seed)
+    u = rng.integers(d.shape[0], size=(n_boot, d.shape[0]))
+    j = rng.integers(d.shape[1], size=(n_boot, d.shape[1]))
+    boot = grid_mean(d[u[:, :, None], j[:, None, :]])
+    lo, hi = (float(q) for q in np.nanpercentile(boot, [2.5, 97.5]))
+    diff = float(grid_mean(d))
+    return {"diff": diff, "lo": lo, "hi": hi, "verdict": verdict(lo - margin, hi - margin, better)}
 
 
 def claim_intervals(values: dict[str, dict[str, np.ndarray]], a: str, b: str, idx: np.ndarray,

@@ -13,6 +13,7 @@ from conftest import module, stage, tiny_world_with_scm
 
 import psa as P
 import psa_eval as PE
+import stats
 import toyworld as W
 import utils as U
 
@@ -298,18 +299,7 @@ def test_user_cells_and_group_means_by_hand():
     np.testing.assert_array_equal(c["pass_rate"], [0, 1, 1, nan])
     np.testing.assert_array_equal(c["PS_benign"], [nan, nan, 22.5, nan])
     # a group: the mean over users of each user's mean, a user where the figure never applies left out
-    assert PE.grid_mean(np.array([[1, nan, 0], [nan, nan, nan], [1, 1, 1]])) == pytest.approx(0.75)
-
-
-def test_grid_interval_verdicts_and_margin():
-    d = np.full((3, 10), -0.5)
-    assert PE.grid_interval(d, 50, 0, -1.0) == {"diff": -0.5, "lo": -0.5, "hi": -0.5, "verdict": "holds"}
-    assert PE.grid_interval(d + 1.0, 50, 0, -1.0)["verdict"] == "fails"
-    mixed = np.array([[-1.0, 1.0] * 5])
-    assert PE.grid_interval(mixed, 200, 0, -1.0)["verdict"] == "not separable"
-    # allowed content: psa − base must stay above −0.1
-    assert PE.grid_interval(np.full((1, 8), -0.05), 50, 0, 1.0, margin=-0.1)["verdict"] == "holds"
-    assert PE.grid_interval(np.full((1, 8), -0.2), 50, 0, 1.0, margin=-0.1)["verdict"] == "fails"
+    assert stats.grid_mean(np.array([[1, nan, 0], [nan, nan, nan], [1, 1, 1]])) == pytest.approx(0.75)
 
 
 def synthetic_cells(ip_banned: dict, allowed: float, passes: float, n: int = 12) -> dict:

@@ -1,6 +1,6 @@
 """stats.py on hand-computed inputs: the paired bootstrap (prompts, then images within each),
 the verdict an interval gives, claim intervals, the spread over seeds and the t interval over
-per-seed differences, and claims judged from several intervals."""
+per-seed differences, claims judged from several intervals, and the interval over users and images."""
 
 import numpy as np
 import pytest
@@ -123,3 +123,14 @@ def test_bootstrap_redraws_the_images_within_a_drawn_prompt():
     iv = stats.claim_intervals(values, "a", "b", idx)["IP"]
     # a's mean over a resample is 0, ½ or 1 (probabilities ¼, ½, ¼): the 95% interval spans it all
     assert iv["diff"] == 0.5 and (iv["lo"], iv["hi"]) == (0.0, 1.0) and iv["verdict"] == "not separable"
+
+
+def test_grid_interval_verdicts_and_margin():
+    d = np.full((3, 10), -0.5)
+    assert stats.grid_interval(d, 50, 0, -1.0) == {"diff": -0.5, "lo": -0.5, "hi": -0.5, "verdict": "holds"}
+    assert stats.grid_interval(d + 1.0, 50, 0, -1.0)["verdict"] == "fails"
+    mixed = np.array([[-1.0, 1.0] * 5])
+    assert stats.grid_interval(mixed, 200, 0, -1.0)["verdict"] == "not separable"
+    # allowed content: psa − base must stay above −0.1
+    assert stats.grid_interval(np.full((1, 8), -0.05), 50, 0, 1.0, margin=-0.1)["verdict"] == "holds"
+    assert stats.grid_interval(np.full((1, 8), -0.2), 50, 0, 1.0, margin=-0.1)["verdict"] == "fails"
