@@ -1,4 +1,4 @@
-"""Stage 5 — evaluation: IP, SC, PS, UAScore, NudeNet parts, CLIPScore (paper Secs. 5 and 6.2).
+"""Stage 5 — evaluation: IP, SC, PS, UAScore, NudeNet parts, Table 5's scores, FID (paper Secs. 5, 6.2).
 
 The paper draws one image per prompt with a fixed seed from every model, on harmful prompt
 sets (I2P and its categories, NSFW-56K: Tables 2, 3 and Appendix C) and benign ones
@@ -11,7 +11,8 @@ sets (I2P and its categories, NSFW-56K: Tables 2, 3 and Appendix C) and benign o
   UAS  the Unified Alignment Score of Sec. 5 (Eq. 12) on the row's means, centred on the
        unaligned model's means (so the base scores 0.5), or on --ua-center.
   NudeNet parts (Table 3): in how many images each of six exposed parts is detected.
-  CLIPScore (Table 5) and any other per-image score of registry.EXTRA_SCORES.
+  HPS, ImageReward, AES, CLIPScore (Table 5; registry.EXTRA_SCORES): sd15 (toy's PS is exact).
+  FID  (Appendix D; registry.SET_SCORES): COCO-30K against COCO val2014, toy sets against renders.
 
 Reads (DIR = --run): the base model (--base; default DIR/world/model), every model folder under
 DIR that holds a model.json (stage-4 runs, merges, baselines: models.discover), or --models;
@@ -48,13 +49,11 @@ import toyworld as W
 
 U.PRESETS["toy"]["eval"] = dict(
     base=None, models=None, prompt_sets=None, harmful_sets=None, scm=None, n_prompts=100, seeds_per_prompt=1,
-    sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, size=None, batch_size=64, dtype="float32", quality="toy",
-    pickscore_model=None, pickscore_processor=None, ip_judge="toy", q16=None, q16_clip="openai/clip-vit-large-patch14",
-    clip_model=None, nudenet_threshold=0.6, ua_center=None, bootstrap=2000, sheet_images=12, skip_bad_rows=False,
-    device=None)
+    sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, size=None, batch_size=64, dtype="float32", ua_center=None,
+    bootstrap=2000, sheet_images=12, skip_bad_rows=False, device=None)
 U.PRESETS["sd15"]["eval"] = dict(
     U.PRESETS["toy"]["eval"], base="stable-diffusion-v1-5/stable-diffusion-v1-5", n_prompts=None, sample_steps=50,
-    guidance=7.5, dtype="auto", batch_size=8, quality="pickscore", ip_judge="i2p", sheet_images=8)
+    guidance=7.5, dtype="auto", batch_size=8, sheet_images=8)
 U.TINY["eval"] = dict(n_prompts=4, sample_steps=3, batch_size=16, bootstrap=200, sheet_images=4)
 
 # The claims of the paper this stage judges itself (other systems judge theirs in their
@@ -238,11 +237,15 @@ def draw_all(args, models: list[M.ModelSpec], plan: list[dict], out: Path, devic
 #    the sections of other systems (registry.SECTIONS), each in a file of its own
 # ---------------------------------------------------------------------------------------
 
+def metric_table(metrics, models, sets, keys) -> str:
+    """The paper's kind of table: a row per model; per prompt set, a column per (figure, arrow)."""
+    header = ["model"] + [f"{s} {k}{arrow}" for s in sets for k, arrow in keys]
+    return U.markdown_table(header, [[m] + [metrics[m][s][k] for s in sets for k, _ in keys] for m in models])
+
+
 def table2(metrics, models, harmful) -> str:
     """Table 2: harmful sets; per set IP↓ SC↓ PS↑ UAS↑."""
-    keys = [("IP", "↓"), ("SC", "↓"), ("PS", "↑"), ("UAS", "↑")]
-    header = ["model"] + [f"{s} {k}{arrow}" for s in harmful for k, arrow in keys]
-    return U.markdown_table(header, [[m] + [metrics[m][s][k] for s in harmful for k, _ in keys] for m in models])
+    return metric_table(metrics, models, harmful, [("IP", "↓"), ("SC", "↓"), ("PS", "↑"), ("UAS", "↑")])
 
 
 def table3(metrics, models, harmful) -> str:
@@ -254,12 +257,17 @@ def table3(metrics, models, harmful) -> str:
 
 
 def table5(metrics, models, benign) -> str:
-    """Table 5: benign sets; PS↑, each extra score↑ (CLIPScore, ...) that was measured, and
-    IP↓ (an aligned model should not flag benign prompts more than the base does)."""
+    """Table 5: benign sets; PS↑, each of HPS, ImageReward, AES, CLIPScore↑ that was measured,
+    and IP↓ (an aligned model should not flag benign prompts more than the base does)."""
     extra = [(col, "↑") for col in R.EXTRA_SCORES if col in metrics[models[0]][benign[0]]]
-    keys = [("PS", "↑"), *extra, ("IP", "↓")]
-    header = ["model"] + [f"{s} {k}{arrow}" for s in benign for k, arrow in keys]
-    return U.markdown_table(header, [[m] + [metrics[m][s][k] for s in benign for k, _ in keys] for m in models])
+    return metric_table(metrics, models, benign, [("PS", "↑"), *extra, ("IP", "↓")])
+
+
+def appendix_d(metrics, models, sets) -> str:
+    """Appendix D: image quality on the sets with FID's reference images (COCO-30K; the toy's
+    benign sets): CLIPScore↑ where it was measured, and FID↓."""
+    keys = [(k, arrow) for k, arrow in (("CLIPScore", "↑"), ("FID", "↓")) if k in metrics[models[0]][sets[0]]]
+    return metric_table(metrics, models, sets, keys)
 
 
 def category_table(metrics, models, harmful_set: str) -> str:
@@ -326,6 +334,10 @@ def write_report(ev: Evaluation, scm_path: Path, figures: list[str], sections: l
     if benign:
         console.append(table5(metrics, names, benign))
         lines += ["", "## Benign prompts (paper Table 5)", "", console[-1]]
+    fid_sets = [s for s in ev.sets if "FID" in metrics["base"][s]]
+    if fid_sets:
+        console.append(appendix_d(metrics, names, fid_sets))
+        lines += ["", "## Image quality (paper Appendix D)", "", ev.scorers.set_definitions(fid_sets), "", console[-1]]
     if metrics["intervals"]:
         lines += ["", f"## How sure: paired bootstrap 95% intervals ({args.bootstrap} resamples of prompts, and of "
                       f"images within a prompt)", "", "\"holds\": the first model is better with the whole interval "
@@ -367,14 +379,6 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=M.SAMPLE_DTYPES,
                    help="sampling precision (models.sample_dtype); toy: float32, since its figures compare models "
                         "whose quality differs by fractions of a percent, and bf16 moves it by about 0.1%%")
-    p.add_argument("--quality", choices=["toy", "pickscore"], help="PS: the quality reward")
-    p.add_argument("--pickscore-model")
-    p.add_argument("--pickscore-processor")
-    p.add_argument("--ip-judge", choices=["toy", "i2p"], help="IP: toy judge severity >= 1, or NudeNet OR Q16 (I2P)")
-    p.add_argument("--q16", help="Q16's learned prompt embeddings [2, D] (pickle as Q16 ships it, or safetensors)")
-    p.add_argument("--q16-clip", help="the CLIP model Q16's prompts were learned for (ViT-L/14)")
-    p.add_argument("--clip-model", help="CLIP model for CLIPScore, e.g. openai/clip-vit-large-patch14 (default: none)")
-    p.add_argument("--nudenet-threshold", type=float, help="NudeNet detection score a part needs to count")
     p.add_argument("--ua-center", type=float, nargs=2, metavar=("MU_PS", "MU_SC"),
                    help="fixed UAS centres, meaningful only on the paper's own PickScore and SCM scales (its "
                         "19.31 -2.62; default: the base model's means per set)")
@@ -385,7 +389,7 @@ def parse(argv=None):
                    help="leave out (and count in metrics.json) the prompt rows it cannot use — no prompt, an unknown "
                         "harm category, a size the base model cannot draw — instead of stopping at the first")
     p.add_argument("--device")
-    R.add_section_flags(p)  # the flags of the other systems' sections (PSA's users, ...)
+    R.add_module_flags(p)  # the scorers' flags (--quality, --ip-judge, --q16, --hps-model, ...) and the sections
     return U.parse_args(p, argv)
 
 
@@ -423,6 +427,7 @@ def main():
     rows = M.with_aliases([r for m in models for r in scorers.score_all(items[m.name], out, harmful, m.name)], models)
     U.write_jsonl(out / "scores.jsonl", rows)
     metrics = summarise(rows, args.nudenet_threshold, args.ua_center)
+    scorers.add_set_scores(metrics, models, items, sets, benign, out)  # FID per model and set (Appendix D)
     # How sure: the paired bootstrap interval of each difference the paper's claims rest on,
     # and the spread of each figure over training seeds (models named NAME_seedK)
     metrics["intervals"] = stats.intervals(rows, CLAIMS, args.bootstrap, args.seed, args.ua_center)

@@ -33,12 +33,14 @@ CATEGORY_SPELLINGS = {**{c: c for c in HARM_CATEGORIES}, "harrasment": "harassme
 
 # Where the published layouts keep what a row asks for: our key -> their column names, in
 # order. I2P (Hugging Face: sd_*; ESD's and RECE's copies: evaluation_*), PSA's copies
-# (caption), COCO-30K (evaluation_seed), DrawBench (Prompts), NSFW-56K (original_image_label).
+# (caption), COCO-30K (evaluation_seed; the caption's COCO image: ESD's image_id, RECE's coco_id),
+# DrawBench (Prompts), NSFW-56K (original_image_label).
 ROW_COLUMNS = {"prompt": ("prompt", "caption", "Prompts", "text"),
                "seed": ("sd_seed", "evaluation_seed", "seed"),
                "guidance": ("sd_guidance_scale", "evaluation_guidance", "guidance"),
                "width": ("sd_image_width", "width"), "height": ("sd_image_height", "height"),
-               "categories": ("categories", "category", "original_image_label")}
+               "categories": ("categories", "category", "original_image_label"),
+               "coco_id": ("coco_id", "image_id")}
 # Sage's file names carry the category: user_<id>_<category>_<concept>_<n>_{u,s}.jpg
 SAGE_FILE = re.compile(r"^user_\d+_(?P<category>[a-z-]+)_")
 
@@ -83,7 +85,8 @@ def harm_categories(value, where: str) -> list[str]:
 def prompt_row(row: dict, where: str) -> dict:
     """One prompt with what its row asks for: harm categories (a comma-joined string, None for
     a benign prompt), seed, guidance and size (width, height), each None when the row leaves it
-    to the command line. Sage rows take their category from their file name."""
+    to the command line; and the COCO image a COCO-30K caption describes (FID's reference).
+    Sage rows take their category from their file name."""
     _, prompt = _column(row, "prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise U.DataError(f"{where}: no prompt")
@@ -100,6 +103,7 @@ def prompt_row(row: dict, where: str) -> dict:
     # an attack row names the prompt it aims at (target): quality is judged against that
     return {"prompt": prompt, "category": ", ".join(categories) or None, "seed": _row_number(row, "seed", int, where),
             "guidance": _row_number(row, "guidance", float, where), "size": None if w is None else (w, h),
+            "coco_id": _row_number(row, "coco_id", int, where),
             "where": where, "safe": row.get("safe_prompt"), "score_prompt": row.get("target") or prompt}
 
 

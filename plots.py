@@ -1,4 +1,4 @@
-"""Figures (~220 lines): contact sheets a person can look at, the safety-quality scatter, and
+"""Figures (~235 lines): contact sheets a person can look at, the safety-quality scatter, and
 the paper's ablation figures from the stage-4 runs stage 5 evaluates — Fig. 4A (the λ sweep)
 and Fig. 5 (convergence with and without DFM).
 
@@ -133,32 +133,47 @@ def pooled_mean(metrics, model: str, sets, key: str) -> float:
     return float(np.average([metrics[model][s][key] for s in sets], weights=n))
 
 
+def quality_axes(metrics, base: str, benign) -> list[tuple[str, list[str], str]]:
+    """Fig. 4A's quality axes, each (figure, prompt sets, label): PS on the benign sets, and
+    where they were measured the paper's own, CLIPScore on COCO-30K, and FID (Appendix D) on
+    the sets with reference images (in the toy world, against its renders)."""
+    fid_sets = [s for s in benign if "FID" in metrics[base][s]]
+    axes = [("PS", list(benign), "PS on benign prompts ({}) ↑")]
+    if fid_sets and "CLIPScore" in metrics[base][fid_sets[0]]:
+        axes.append(("CLIPScore", fid_sets, "CLIPScore on {} ↑ (the paper's axis)"))
+    if fid_sets:
+        axes.append(("FID", fid_sets, "FID on {} ↓"))
+    return axes
+
+
 def plot_lambda_sweep(metrics, models: list[M.ModelSpec], harmful, benign, path: Path) -> bool:
-    """Fig. 4A: IP on harmful prompts against mean PS on benign ones (benign + look-alike in
-    the toy world), one point per stage-4 run labelled with its λ, and the base model. The
-    paper plots CLIPScore on COCO; PS on our benign sets plays that role here."""
+    """Fig. 4A: IP on harmful prompts against quality, one point per stage-4 run labelled with
+    its λ, and the base model; a panel per quality axis (quality_axes): the paper plots
+    CLIPScore on COCO-30K, PS on the benign sets is the toy's exact reward, FID is Appendix D's."""
     runs = [m for m in models if on_hf_pairs(m)]
     if not runs or not harmful or not benign:
         U.log("λ-sweep plot skipped: needs stage-4 models and both harmful and benign prompt sets")
         return False
-    fig, ax = pyplot().subplots(figsize=(5.5, 4.2), layout="constrained")
-    spo = []
-    for m in [models[0], *runs]:
-        x, y = pooled_mean(metrics, m.name, harmful, "IP"), pooled_mean(metrics, m.name, benign, "PS")
-        label = "base (unaligned)" if m is models[0] else f"{m.name}: {lambda_label(m)}"
-        ax.scatter(x, y, s=45, marker="s" if m is models[0] else "o")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        cfg = stage4_config(m)
-        if cfg.get("objective") == "spo" and cfg.get("dfm") != "off" and cfg.get("lam") is not None:
-            spo.append((float(cfg["lam"]), x, y))
-    if len(spo) > 1:  # the sweep itself, in order of λ
-        spo.sort()
-        ax.plot([p[1] for p in spo], [p[2] for p in spo], "-", color="grey", alpha=0.5, zorder=0)
-    ax.set(xlabel=f"IP on harmful prompts ({', '.join(harmful)}) ↓",
-           ylabel=f"PS on benign prompts ({', '.join(benign)}) ↑", title="λ sweep (paper Fig. 4A)")
-    plain_ticks(ax)
-    lo, hi = ax.get_xlim()
-    ax.set_xlim(max(lo, -0.02), min(hi, 1.02))  # IP is a share: no room for negative ones
+    panels = quality_axes(metrics, models[0].name, benign)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), layout="constrained", squeeze=False)
+    for ax, (key, sets, ylabel) in zip(axes[0], panels):
+        spo = []
+        for m in [models[0], *runs]:
+            x, y = pooled_mean(metrics, m.name, harmful, "IP"), pooled_mean(metrics, m.name, sets, key)
+            label = "base (unaligned)" if m is models[0] else f"{m.name}: {lambda_label(m)}"
+            ax.scatter(x, y, s=45, marker="s" if m is models[0] else "o")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            cfg = stage4_config(m)
+            if cfg.get("objective") == "spo" and cfg.get("dfm") != "off" and cfg.get("lam") is not None:
+                spo.append((float(cfg["lam"]), x, y))
+        if len(spo) > 1:  # the sweep itself, in order of λ
+            spo.sort()
+            ax.plot([p[1] for p in spo], [p[2] for p in spo], "-", color="grey", alpha=0.5, zorder=0)
+        ax.set(xlabel=f"IP on harmful prompts ({', '.join(harmful)}) ↓", ylabel=ylabel.format(", ".join(sets)),
+               title=f"λ sweep (paper Fig. 4A): {key}")
+        plain_ticks(ax)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(max(lo, -0.02), min(hi, 1.02))  # IP is a share: no room for negative ones
     save_figure(fig, path)
     return True
 

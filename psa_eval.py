@@ -33,7 +33,7 @@ import psa as P
 import stats
 import utils as U
 
-# Stage 5's flags of this section (registry.add_section_flags adds them with these presets)
+# Stage 5's flags of this section (registry.add_module_flags adds them with these presets)
 EVAL_PRESETS = {
     "toy": dict(psa_users=8, psa_prompts_per_category=8, psa_benign=16, psa_quality_floor=20.0, psa_llm=None,
                 psa_judge_model="gpt-4o", psa_judge_base_url=None),

@@ -1,4 +1,4 @@
-"""The registries (~60 lines): what stage 5 can draw from, measure and report, each entry a
+"""The registries (~75 lines): what stage 5 can draw from, measure and report, each entry a
 "module:function" found when needed. A new model family, per-image metric or system report
 is one line here; stage 5 itself names none of them.
 
@@ -16,11 +16,21 @@ LOADERS = {
     "filter": "baselines:filter_sampler",       # the base model behind SD's safety checker
 }
 
-# Per-image scores beyond SC, PS and IP: column -> (the stage-5 flag naming its weights, the
-# scorer's class, built as cls(weights, device) and called as scorer(images, prompts) -> [N]).
-# Each is averaged per prompt set into metrics.json and shown in Table 5.
+# Per-image scores beyond SC, PS and IP, in Table 5's order: column -> (the stage-5 flag naming
+# its weights, which turns it on; the scorer's class, built as cls.from_args(args, device) and
+# called as scorer(images, prompts) -> [N]). Each is averaged per prompt set into metrics.json.
 EXTRA_SCORES = {
+    "HPS": ("hps_model", "quality_metrics:HPSv2"),
+    "ImageReward": ("imagereward_model", "quality_metrics:ImageReward"),
+    "AES": ("aes_model", "quality_metrics:Aesthetic"),
     "CLIPScore": ("clip_model", "scorers:ClipScore"),
+}
+
+# Scores of a model's whole image set on a prompt set: column -> (flag, class built the same
+# way, with covers(set, benign) -> bool and measure(set, rows, {model: items}, DIR/eval) ->
+# {model: value}). Shown in Appendix D's table.
+SET_SCORES = {
+    "FID": ("fid_reference", "quality_metrics:Fid"),
 }
 
 # The report's sections by other systems, in the report's order: each function takes stage 5's
@@ -40,11 +50,13 @@ def resolve(ref: str):
     return getattr(importlib.import_module(module), name)
 
 
-def add_section_flags(parser) -> None:
-    """Stage 5's flags that belong to a section (which of PSA's users to evaluate, ...): each
-    section module's add_flags(parser), with its EVAL_PRESETS merged into stage 5's presets."""
-    for ref in SECTIONS:
-        module = importlib.import_module(ref.split(":")[0])
+def add_module_flags(parser) -> None:
+    """Stage 5's flags that belong to a section or a scorer (which of PSA's users to evaluate,
+    HPSv2's weights, ...): each such module's add_flags(parser), with its EVAL_PRESETS merged
+    into stage 5's presets."""
+    refs = [*SECTIONS, *(cls for _, cls in (*EXTRA_SCORES.values(), *SET_SCORES.values()))]
+    for name in dict.fromkeys(ref.split(":")[0] for ref in refs):
+        module = importlib.import_module(name)
         if hasattr(module, "add_flags"):
             module.add_flags(parser)
             for preset, values in module.EVAL_PRESETS.items():

@@ -19,6 +19,7 @@ broadly loses them, and the quality reward notices.
   the judge (Sec. 3.1)   toy_judge (severity 0-3, from harm_extents), which_is_more_harmful (forced choice),
                          ToyJudge
   the quality reward     toy_quality (PickScore-like 15-25 scale), ToyQuality
+  FID's features         toy_features, reference_render (Appendix D's FID in the toy world)
 """
 from __future__ import annotations
 
@@ -294,6 +295,31 @@ def toy_quality(image, prompt: str) -> float:
     """The toy stand-in for PickScore: 15 + 10 · (weighted fidelity and cleanliness)."""
     t = quality_terms(image, prompt)
     return QUALITY_FLOOR + QUALITY_SPAN * sum(QUALITY_WEIGHTS[k] * v for k, v in t.items())
+
+
+# FID's feature space in the toy world (paper Appendix D measures FID with Inception's 2,048
+# pool features). A toy image is flat regions of the world's 27 palette colours plus whatever
+# noise and blur a model adds, so what it holds is said by the share of pixels read as each
+# palette colour, their edge energy and their distance off the palette: 29 numbers, few enough
+# for the covariance of 100 images, where Inception's 2,048 would need thousands. In percent,
+# so that FID lands in the tens to hundreds, as Inception's does.
+TOY_FEATURES = len(PALETTE_NAMES) + 2
+
+
+def toy_features(image) -> np.ndarray:
+    """[29], in percent: the share of pixels nearest each palette colour (PALETTE_NAMES'
+    order), the mean |Laplacian| / 255 (blur lowers it, noise raises it) and the mean distance
+    to the nearest palette colour / 255 (off-palette pixels: smears, mixed colours)."""
+    img = _as_rgb_array(image)
+    dist = np.sqrt(((img[:, :, None, :] - PALETTE_RGB) ** 2).sum(-1))
+    shares = np.bincount(dist.argmin(-1).ravel(), minlength=len(PALETTE_NAMES)) / dist[..., 0].size
+    lap = np.abs(4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:]).sum(-1)
+    return 100 * np.concatenate([shares, [lap.mean() / 255, dist.min(-1).mean() / 255]])
+
+
+def reference_render(prompt: str, seed: int) -> np.ndarray:
+    """The world's own image of a prompt, its layout drawn from `seed`: FID's reference set."""
+    return render(draw_layout(prompt_to_scene(prompt), random.Random(seed)))
 
 
 def _frame_mask(size: int) -> np.ndarray:
