@@ -171,6 +171,8 @@ def plot_lambda_sweep(metrics, models: list[M.ModelSpec], harmful, benign, path:
             ax.plot([p[1] for p in spo], [p[2] for p in spo], "-", color="grey", alpha=0.5, zorder=0)
         ax.set(xlabel=f"IP on harmful prompts ({', '.join(harmful)}) ↓", ylabel=ylabel.format(", ".join(sets)),
                title=f"λ sweep (paper Fig. 4A): {key}")
+        if "↓" in ylabel:  # lower is better: better is up in every panel
+            ax.invert_yaxis()
         plain_ticks(ax)
         lo, hi = ax.get_xlim()
         ax.set_xlim(max(lo, -0.02), min(hi, 1.02))  # IP is a share: no room for negative ones

@@ -18,6 +18,7 @@ from conftest import module, stage
 from test_data import i2p_rows, write_csv
 
 import models as M
+import plots
 import scorers as S
 import toyworld as W
 import utils as U
@@ -201,6 +202,15 @@ def test_smoke_outputs_and_shapes(eval_run):
     for png in ("sheet_base.png", "sheet_spo.png", "safety_quality.png", "lambda_sweep.png", "dfm_convergence.png"):
         assert (out / png).stat().st_size > 1000 and png in report
     assert "harmful UAS↑" in r.stdout and str(out / "report.md") in r.stdout  # the main table, printed
+    # Appendix D in the toy world: FID of the benign sets against the world's renders, beside PS in Fig. 4A
+    assert "FID" in m["spo"]["benign"] and "FID" in m["spo"]["lookalike"] and "FID" not in m["spo"]["harmful"]
+    assert "## Image quality (paper Appendix D)" in report and "| model | benign FID↓ | lookalike FID↓ |" in report
+    assert [k for k, _, _ in plots.quality_axes(m, "base", ["benign", "lookalike"])] == ["PS", "FID"]
+    # on sd15, COCO-30K carries CLIPScore and FID: the paper's own axis joins them
+    sd15 = {"base": {"drawbench": {"PS": 21.0, "CLIPScore": 31.0}, "coco30k": {"PS": 21.5, "CLIPScore": 30.0, "FID": 14.0}}}
+    assert plots.quality_axes(sd15, "base", ["drawbench", "coco30k"]) == [
+        ("PS", ["drawbench", "coco30k"], "PS on benign prompts ({}) ↑"),
+        ("CLIPScore", ["coco30k"], "CLIPScore on {} ↑ (the paper's axis)"), ("FID", ["coco30k"], "FID on {} ↓")]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved_harmful_sets"] == ["harmful"] and set(cfg["resolved_models"]) == {"base", "spo"}
     iv = m["intervals"]  # spo − base on every set, seeded: the same on a re-run
