@@ -13,7 +13,7 @@
 #                  T2I-SPO on the prompt-edited pairs; then the per-category report
 #   make alignguard-seeds - after make alignguard: T2I-SPO on inpainted and on prompt-edited pairs
 #                  with seeds 1 and 2, for the spread of the Sec. 3.2 comparison over training seeds
-#   make baselines - the paper's comparison: safety filter, SLD (three presets), ESD-u and UCE,
+#   make baselines - the paper's comparison: safety filter, SLD (three presets), ESD-u, UCE and RECE,
 #                  then stage 5 with the jailbreak prompts (Fig. 4B), ending with Table 2
 #   make psa     - PSA: simulated users, the profile-conditioned adapter trained on per-user
 #                  preferences, and the per-user evaluation, ending with the per-level table
@@ -54,8 +54,8 @@ PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2
 # PSA's adapter again with training seeds 1 and 2 (make psa-seeds)
 PSA_SEEDS := psa-seed-1 psa-seed-2
 
-# The paper's other Table 2 methods, longest first, and the number of jailbreak prompts
-BASELINES := esd-u filter uce sld
+# The paper's other Table 2 methods, longest first (RECE is rece.py's), and the number of jailbreak prompts
+BASELINES := esd-u filter rece uce sld
 JAILBREAK_PROMPTS := 32
 
 .PHONY: toy test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
@@ -156,8 +156,11 @@ baselines: install
 	$(PY) attacks.py jailbreak --run $(RUN) --prompts $(JAILBREAK_PROMPTS)
 	$(PY) 05_evaluate.py --run $(RUN)
 
-$(BASELINES:%=baseline-%): install
+$(filter-out baseline-rece,$(BASELINES:%=baseline-%)): install
 	$(HALF) baselines.py build --run $(RUN) --baseline $(@:baseline-%=%)
+
+baseline-rece: install
+	$(HALF) rece.py build --run $(RUN)
 
 # PSA: the simulated users, the adapter (psa.py), the per-user report (psa_eval.py, in stage 5)
 psa: install

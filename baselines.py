@@ -21,8 +21,8 @@ UCE, built into DIR/baselines/<name>/, and the report section that compares them
 
 Command:  python baselines.py build --baseline filter|sld|esd-u|uce --run DIR
 Each folder ends with a model.json, so stage 5 evaluates it beside T2I-SPO on the same
-prompts and seeds; its `section` (registry.SECTIONS) writes DIR/eval/baselines.md. The
-attacks of Fig. 4B are in attacks.py.
+prompts and seeds; its `section` (registry.SECTIONS) writes DIR/eval/baselines.md, with RECE
+(rece.py, built on uce_edit) in the table. The attacks of Fig. 4B are in attacks.py.
 """
 import copy
 import os
@@ -476,9 +476,10 @@ COMMANDS = {"build": (build_parser, build_main)}
 # The report's section: the paper's comparison (Table 2) and its ranking as verdicts
 # ---------------------------------------------------------------------------------------
 
-MODELS = ("filter", *(f"sld_{lvl}" for lvl in SLD_LEVELS), "esd_u", "uce")  # what `build` makes
+MODELS = ("filter", *(f"sld_{lvl}" for lvl in SLD_LEVELS), "esd_u", "uce", "rece")  # `build` and rece.py make
 PAIRS = (("spo", "safety"), ("spo", "alignguard"), *(("spo", b) for b in MODELS), ("esd_u", "safety"),
-         ("uce", "safety"), *(("base", f"sld_{lvl}") for lvl in SLD_LEVELS))  # the pairs its claims rest on
+         ("uce", "safety"), ("rece", "safety"), ("rece", "uce"),
+         *(("base", f"sld_{lvl}") for lvl in SLD_LEVELS))  # the pairs its claims rest on
 
 
 def claims(metrics, intervals: dict, harmful, benign) -> list[dict]:
@@ -489,7 +490,8 @@ def claims(metrics, intervals: dict, harmful, benign) -> list[dict]:
     specs = [*((f"T2I-SPO has a higher UAS than {m}", "spo", m, [(h, "UAS", "holds") for h in harmful])
                for m in rivals),
              *((f"concept erasure ({m}) keeps more quality than safety-only DPO", m, "safety",
-                [(b, "PS", "holds") for b in benign]) for m in ("esd_u", "uce")),
+                [(b, "PS", "holds") for b in benign]) for m in ("esd_u", "uce", "rece")),
+             ("RECE's adversarial epochs make UCE safer (lower IP)", "rece", "uce", [(h, "IP", "holds") for h in harmful]),
              *((f"SLD-{lvl.upper()} costs quality (the base scores higher PS)", "base", f"sld_{lvl}",
                 [(b, "PS", "holds") for b in benign]) for lvl in SLD_LEVELS)]
     return stats.judged_claims(metrics, intervals, specs)

@@ -3,6 +3,7 @@ form and ESD's target on hand-computed values, ESD-u's trainable set, SLD's pres
 safety filter inside stock diffusers, the attack's vocabulary and search, and a --tiny run
 of every baseline through stage 5 with the jailbreak set."""
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -13,11 +14,32 @@ from conftest import module, stage, tiny_world_with_scm
 import attacks as A
 import baselines as B
 import models as M
+import rece as RECE
 import toyworld as W
 import utils as U
 
 
 EV = module("05_evaluate.py")
+
+
+# --------------------------------------------------------------------------------------
+# RECE's closed form (rece.adversarial_embedding)
+# --------------------------------------------------------------------------------------
+
+def test_rece_adversarial_embedding_is_the_least_squares_solution():
+    """c′ minimises Σ_l ‖W′_l c′ − W_l c‖² + λ‖c′‖²: the least-squares solution of the stacked
+    system [W′_1; …; W′_L; √λ I] c′ = [W_1 c; …; W_L c; 0], solved here by torch.linalg.lstsq."""
+    g = torch.Generator().manual_seed(0)
+    original = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    edited = [w + 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64) for w in original]
+    c = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    adv = RECE.adversarial_embedding(c, edited, original, lam=0.1)
+    A = torch.cat([*edited, 0.1 ** 0.5 * torch.eye(6, dtype=torch.float64)])
+    for i in range(2):
+        b = torch.cat([*(w @ c[i] for w in original), torch.zeros(6, dtype=torch.float64)])
+        assert torch.allclose(adv[i], torch.linalg.lstsq(A, b[:, None]).solution[:, 0], atol=1e-10)
+    # nothing edited and λ → 0: the concept itself is its own best embedding
+    assert torch.allclose(RECE.adversarial_embedding(c, original, original, lam=1e-12), c, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -180,9 +202,28 @@ def bl_run(tmp_path_factory):
     M.write_manifest(run / "spo", "spo")
     for b in B.BASELINES:
         stage("baselines.py build", run, "--baseline", b)
+    stage("rece.py build", run)
     stage("attacks.py jailbreak", run, "--prompts", "2")
     r = stage("05_evaluate.py", run)
     return run, r
+
+
+def test_rece_keeps_the_epoch_of_lowest_validation_ip_and_epoch_zero_is_uce(bl_run, tmp_path):
+    run, _ = bl_run
+    epochs = U.read_json(run / "baselines" / "rece" / "epochs.json")
+    chosen = U.read_json(run / "baselines" / "rece" / "metrics.json")["chosen_epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["validation_IP"] <= 1 for e in epochs)
+    assert chosen == min(epochs, key=lambda e: (e["validation_IP"], e["epoch"]))["epoch"]
+    assert not (run / "baselines" / "rece" / "epochs").exists()  # only the chosen model is kept
+    # with no adversarial epoch RECE is the uce baseline, weight for weight
+    shutil.copytree(run / "world", tmp_path / "world")
+    stage("rece.py build", tmp_path, "--epochs", "0")
+    uce, r0 = (M.load_pipeline(f).unet.state_dict() for f in (run / "baselines" / "uce" / "model",
+                                                               tmp_path / "baselines" / "rece" / "model"))
+    assert all(torch.equal(uce[k], r0[k]) for k in uce)
+    # sd15 has no toy world to take a validation split from: the flag is named
+    r = stage("rece.py build", tmp_path / "sd15", "--preset", "sd15", check=False)
+    assert r.returncode != 0 and "--val-prompts" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
@@ -196,7 +237,8 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
     jb = U.read_jsonl(run / "attacks" / "jailbreak.jsonl")
     assert len(jb) == 2 and all(not A.contains_banned(j["prompt"].split(", ")[-1], A.toy_banned_words()) for j in jb)
     claims = U.read_json(run / "eval" / "baselines.json")["claims"]
-    assert {c["claim"] for c in claims} >= {"T2I-SPO has a higher UAS than uce",
+    assert {c["claim"] for c in claims} >= {"T2I-SPO has a higher UAS than uce", "T2I-SPO has a higher UAS than rece",
+                                            "RECE's adversarial epochs make UCE safer (lower IP)",
                                             "SLD-STRONG costs quality (the base scores higher PS)"}
     report, own = ((run / "eval" / f).read_text() for f in ("report.md", "baselines.md"))
     assert "[The paper's comparison (Table 2)" in report and "`jailbreak` (2 prompts, harmful)" in report
