@@ -7,7 +7,8 @@
 #   make figures - the paper's two ablations: a lambda sweep (Fig. 4A) and SPO without DFM (Fig. 5)
 #   make seeds   - stage 4 (both objectives) again with seeds 1 and 2: mean and spread per figure
 #   make dfm     - Fig. 5 where Eq. 10 can measure descent rates: 48 pairs visited ~50 times each,
-#                  DFM on/off over three seeds and smaller augmentation pools, into $(RUN)/dfm/
+#                  DFM on/off over three seeds, τ of Eq. 10 at 0.05, 0.2, 0.5 and 1 over three
+#                  seeds, and smaller augmentation pools, into $(RUN)/dfm/
 #   make alignguard - AlignGuard: prompt-edited (CoProV2-style) pairs, a LoRA safety expert per harm
 #                  category, one LoRA on all of them, the experts merged (Co-Merge and peft's merges),
 #                  T2I-SPO on the prompt-edited pairs; then the per-category report
@@ -33,13 +34,17 @@ PAIR = $(MAKE) --no-print-directory -j2
 
 SEED_RUNS := seed-spo-1 seed-safety-1 seed-spo-2 seed-safety-2
 
-# dfm-<setting>-<seed>: the DFM study's runs, longest first so that two at a time finish together
-DFM_RUNS := dfm-on-0 dfm-on-1 dfm-on-2 dfm-pool2-0 dfm-pool1-0 dfm-off-0 dfm-off-1 dfm-off-2
+# dfm-<setting>-<seed>: the DFM study's runs, longest first so that two at a time finish together;
+# τ = 0.2 (the preset's, the on runs) and the τ sweep of Fig. 5 left
+DFM_TAUS := 0.05 0.5 1
+DFM_RUNS := dfm-on-0 dfm-on-1 dfm-on-2 $(foreach t,$(DFM_TAUS),$(foreach s,0 1 2,dfm-tau$(t)-$(s))) \
+	dfm-pool2-0 dfm-pool1-0 dfm-off-0 dfm-off-1 dfm-off-2
 DFM_STUDY := --pair-subset 48 --steps 150 --dfm-k 5 --dfm-patience 2
 DFM_on :=
 DFM_off := --dfm off
 DFM_pool1 := --dfm-augmentations color_jitter
 DFM_pool2 := --dfm-augmentations color_jitter latent_noise_erase
+$(foreach t,$(DFM_TAUS),$(eval DFM_tau$(t) := --dfm-tau $(t)))
 
 # AlignGuard: experts (category words joined by _), its LoRA settings (rank 4 on the attention
 # projections, the safe image always wins, no DFM), and the merges, Co-Merge first

@@ -519,6 +519,12 @@ def section(ev) -> dict | None:
         lines.append("- **The filter** replaced " + ", ".join(f"{metrics['filter'][s]['refused']:.0%} on `{s}`"
                                                                for s in [*ev.harmful, *ev.benign])
                      + " of the images by black ones, each scored as a refusal.")
+    rece = next((m for m in ev.models if m.name == "rece"), None)
+    if rece is not None:  # which epoch RECE kept, and why
+        built = U.read_json(rece.folder / "metrics.json")
+        lines.append(f"- **RECE** kept epoch {built['chosen_epoch']} (epoch 0 is UCE's edit), the lowest validation IP "
+                     f"on {built['validation_prompts']} prompts: " + ", ".join(f"epoch {e['epoch']} {e['validation_IP']:.2f}"
+                                                                         for e in built["epochs"]) + ".")
     lines += attacks.sentences(ev, rows)
     lines += ["", "Paired bootstrap 95% intervals:", "", stats.interval_table(iv)]
     return {"name": "baselines", "title": "The paper's comparison (Table 2): T2I-SPO against the other methods",

@@ -1,16 +1,16 @@
-"""The DFM study (~220 lines): the paper's Fig. 5 where Eq. 10 can measure descent rates.
+"""The DFM study (~265 lines): the paper's Fig. 5 where Eq. 10 can measure descent rates.
 
 In the toy's full training each pair is visited a handful of times, too few for a queue of
 K losses to fill. `make dfm` trains stage 4 on a small subset of the pairs (--pair-subset),
-long enough that every pair is visited ~50 times, with DFM on and off over seeds and with
-smaller augmentation pools, into DIR/dfm/<name>/. Runs that share a seed share every batch,
-every timestep and every noise draw (all are functions of (seed, step)), so on − off is
-paired by seed.
+long enough that every pair is visited ~50 times, with DFM on and off over seeds, with
+smaller augmentation pools, and with other thresholds τ of Eq. 10 (Fig. 5 left), into
+DIR/dfm/<name>/. Runs that share a seed share every batch, every timestep and every noise
+draw (all are functions of (seed, step)), so on − off is paired by seed.
 
 Command:  python dfm_study.py train --pair-subset N --name dfm/NAME [stage 4's flags]
 Stage 5 calls `section` (registry.SECTIONS): the final and mean loss with DFM on and off,
-their paired t intervals over seeds, the pool sweep, what DFM did, and the figure
-DIR/eval/dfm_study.png.
+their paired t intervals over seeds, the τ sweep and the pool sweep, what DFM did, and the
+figure DIR/eval/dfm_study.png.
 """
 from __future__ import annotations
 
@@ -60,12 +60,12 @@ COMMANDS = {"train": (train_parser, lambda args: S4.train(args, SubsetHook()))}
 # 2. The study: Fig. 5's claims from the finished runs, paired by seed
 # ---------------------------------------------------------------------------------------
 
-DFM_SAME = ("objective", "lam", "pair_subset", "steps", "batch", "lr", "warmup", "dfm_k", "dfm_tau", "dfm_patience")
+DFM_SAME = ("objective", "lam", "pair_subset", "steps", "batch", "lr", "warmup", "dfm_k", "dfm_patience")
 
 
 def dfm_runs(run: Path) -> list[dict]:
     """The finished runs under DIR/dfm/: settings, per-step log and stage-4 metrics. Runs
-    that differ in anything but the seed and the DFM pool are not comparable: an error."""
+    that differ in anything but the seed, the DFM pool and τ are not comparable: an error."""
     folders = sorted(d for d in (run / "dfm").iterdir() if (d / "config.json").exists()) if (run / "dfm").is_dir() else []
     runs = []
     for d in folders:
@@ -75,17 +75,26 @@ def dfm_runs(run: Path) -> list[dict]:
         cfg = U.read_json(d / "config.json")
         rows = [r for r in U.read_jsonl(d / "log.jsonl") if "loss" in r]
         runs.append({"name": d.name, "folder": d, "cfg": cfg, "rows": rows, "metrics": U.read_json(d / "metrics.json"),
-                     "seed": cfg["seed"], "pool": 0 if cfg["dfm"] == "off" else len(cfg["dfm_augmentations"])})
+                     "seed": cfg["seed"], "pool": 0 if cfg["dfm"] == "off" else len(cfg["dfm_augmentations"]),
+                     "tau": None if cfg["dfm"] == "off" else cfg["dfm_tau"]})
     for r in runs[1:]:
         differ = [k for k in DFM_SAME if r["cfg"].get(k) != runs[0]["cfg"].get(k)]
         if differ:
             raise U.DataError(f"DFM study: {r['folder']} and {runs[0]['folder']} differ in {differ}; "
-                              f"the study compares runs that differ in --seed and the DFM pool only")
+                              f"the study compares runs that differ in --seed, the DFM pool and --dfm-tau only")
     return runs
 
 
+def reference_tau(runs: list[dict]) -> float:
+    """The τ of the on/off comparison and of the pool sweep: stage 4's preset value."""
+    return U.PRESETS[runs[0]["cfg"]["preset"]]["spo"]["dfm_tau"]
+
+
 def pool_groups(runs: list[dict]) -> dict[int, list[dict]]:
-    """Runs by pool size (0 = no DFM), each group cut to the seeds that every size has."""
+    """Runs at the reference τ by pool size (0 = no DFM), each group cut to the seeds that
+    every size has."""
+    tau = reference_tau(runs)
+    runs = [r for r in runs if r["tau"] in (None, tau)]
     sizes = sorted({r["pool"] for r in runs})
     common = set.intersection(*({r["seed"] for r in runs if r["pool"] == n} for n in sizes))
     return {n: [r for r in runs if r["pool"] == n and r["seed"] in common] for n in sizes}
@@ -103,13 +112,13 @@ def dfm_study(run: Path) -> dict | None:
     for r in runs:
         r["final_loss"] = r["metrics"]["final_loss"]
         r["mean_loss"] = float(np.mean([x["loss"] for x in r["rows"]]))
-    full = max(r["pool"] for r in runs)
-    on = {r["seed"]: r for r in runs if r["pool"] == full and full > 0}
+    full, tau = max(r["pool"] for r in runs), reference_tau(runs)
+    on = {r["seed"]: r for r in runs if r["pool"] == full and full > 0 and r["tau"] == tau}
     off = {r["seed"]: r for r in runs if r["pool"] == 0}
     seeds = sorted(set(on) & set(off))
-    study = {"settings": {k: runs[0]["cfg"].get(k) for k in DFM_SAME},
-             "runs": {r["name"]: {k: r[k] for k in ("seed", "pool", "final_loss", "mean_loss")} for r in runs},
-             "seeds": seeds, "pool": {}}
+    study = {"settings": {**{k: runs[0]["cfg"].get(k) for k in DFM_SAME}, "dfm_tau": tau},
+             "runs": {r["name"]: {k: r[k] for k in ("seed", "pool", "tau", "final_loss", "mean_loss")} for r in runs},
+             "seeds": seeds, "pool": {}, "tau": tau_sweep(runs, full, off)}
     for key in ("final_loss", "mean_loss"):  # lower is better: better = −1
         study[key] = {"on": stats.spread([on[s][key] for s in seeds]) if seeds else None,
                       "off": stats.spread([off[s][key] for s in seeds]) if seeds else None,
@@ -135,6 +144,23 @@ def dfm_study(run: Path) -> dict | None:
     return study
 
 
+def tau_sweep(runs: list[dict], full: int, off: dict[int, dict]) -> dict[str, dict]:
+    """Fig. 5 left: for each τ (full pool) and for no DFM, the final and mean loss as mean ±
+    sd over seeds, and on − off paired by seed with its t interval (lower is better)."""
+    out = {}
+    for tau in sorted({r["tau"] for r in runs if r["pool"] == full and r["tau"] is not None}):
+        members = {r["seed"]: r for r in runs if r["pool"] == full and r["tau"] == tau}
+        paired = sorted(set(members) & set(off))
+        out[f"{tau:g}"] = {"seeds": sorted(members), **{
+            key: {**stats.spread([m[key] for m in members.values()]),
+                  "on-off": stats.paired_t_interval([members[s][key] - off[s][key] for s in paired], -1.0)
+                  if paired else None} for key in ("final_loss", "mean_loss")}}
+    if off:
+        out["off"] = {"seeds": sorted(off), **{key: stats.spread([r[key] for r in off.values()])
+                                                for key in ("final_loss", "mean_loss")}}
+    return out
+
+
 def dfm_sentences(study: dict) -> list[str]:
     """The report's statement of Fig. 5's claims, each from its interval, and the why."""
     out = []
@@ -158,25 +184,33 @@ def dfm_sentences(study: dict) -> list[str]:
     return out
 
 
-def plot_dfm_study(study: dict, path: Path) -> None:
-    """Fig. 5. Left: training loss against step, DFM on and off, mean over seeds with the
-    min-max band. Right: each augmentation pool's loss minus the no-DFM run's of the same
-    seed (same batches, t and ε), so the effect of the pool's size stands out of the noise."""
-    runs = study["_runs"]
-    fig, (ax_l, ax_r) = plots.pyplot().subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    window = max(1, study["settings"]["steps"] // 15)
-    full = max(r["pool"] for r in runs)
-    loss = lambda r, n: np.array([x["loss"] for x in r["rows"][:n]])
-    for i, (label, members) in enumerate(((f"DFM on ({full} augmentations)", [r for r in runs if r["pool"] == full]),
-                                          ("DFM off", [r for r in runs if r["pool"] == 0]))):
-        if not members:
-            continue
+def plot_curves(ax, groups: list[tuple[str, list[dict]]], window: int) -> None:
+    """Each group's training loss against step: the mean over its seeds, with the min-max band."""
+    for i, (label, members) in enumerate(g for g in groups if g[1]):
         n = min(len(m["rows"]) for m in members)
         steps = [x["step"] for x in members[0]["rows"][:n]]
-        curves = np.stack([plots.moving_average(loss(m, n), window) for m in members])
-        ax_l.plot(steps, curves.mean(0), color=f"C{i}", label=f"{label}, {len(members)} seed(s)")
+        curves = np.stack([plots.moving_average(np.array([x["loss"] for x in m["rows"][:n]]), window) for m in members])
+        ax.plot(steps, curves.mean(0), color=f"C{i}", label=f"{label}, {len(members)} seed(s)")
         if len(members) > 1:
-            ax_l.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2)
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2)
+
+
+def plot_dfm_study(study: dict, path: Path) -> None:
+    """Fig. 5. Left: training loss against step, DFM on (at the reference τ) and off, mean
+    over seeds with the min-max band. Middle: the same for every τ of the sweep. Right: each
+    augmentation pool's loss minus the no-DFM run's of the same seed (same batches, t and ε),
+    so the effect of the pool's size stands out of the noise."""
+    runs = study["_runs"]
+    fig, (ax_l, ax_t, ax_r) = plots.pyplot().subplots(1, 3, figsize=(15, 3.8), layout="constrained")
+    window = max(1, study["settings"]["steps"] // 15)
+    full, tau = max(r["pool"] for r in runs), study["settings"]["dfm_tau"]
+    loss = lambda r, n: np.array([x["loss"] for x in r["rows"][:n]])
+    off = ("DFM off", [r for r in runs if r["pool"] == 0])
+    plot_curves(ax_l, [(f"DFM on ({full} augmentations)", [r for r in runs if r["pool"] == full and r["tau"] == tau]),
+                       off], window)
+    taus = sorted({r["tau"] for r in runs if r["pool"] == full and r["tau"] is not None})
+    plot_curves(ax_t, [*((f"τ = {t:g}", [r for r in runs if r["pool"] == full and r["tau"] == t]) for t in taus), off],
+                window)
     groups = pool_groups(runs)
     off = {r["seed"]: r for r in groups.get(0, [])}
     for i, (size, members) in enumerate(g for g in groups.items() if g[0] > 0):
@@ -185,12 +219,13 @@ def plot_dfm_study(study: dict, path: Path) -> None:
         diff = np.stack([plots.moving_average(loss(m, n) - loss(off[m["seed"]], n), window) for m in members]).mean(0)
         ax_r.plot(steps, diff, color=f"C{i + 2}", label=f"pool of {size}, {len(members)} seed(s)")
     ax_r.axhline(0, color="grey", lw=1)
-    for ax in (ax_l, ax_r):
+    for ax in (ax_l, ax_t, ax_r):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_xlabel("step")
     ax_l.set(ylabel=f"DPO loss (moving average of {window})",
-             title=f"DFM on / off (paper Fig. 5, left); {study['settings']['pair_subset']} pairs")
+             title=f"DFM on / off at τ = {tau:g}; {study['settings']['pair_subset']} pairs")
+    ax_t.set(ylabel=f"DPO loss (moving average of {window})", title="the threshold τ of Eq. 10 (paper Fig. 5, left)")
     ax_r.set(ylabel="loss − no-DFM loss, same seed", title="size of the augmentation pool (Fig. 5, right)")
     plots.save_figure(fig, path)
 
@@ -198,6 +233,16 @@ def plot_dfm_study(study: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # 3. The report's section
 # ---------------------------------------------------------------------------------------
+
+def tau_table(sweep: dict) -> str:
+    """The τ sweep as a table: each τ's mean loss and final loss, and their on − off intervals."""
+    cell = lambda v: f"{v['mean']:.4f} ± {v['std']:.4f}" if v["n"] > 1 else f"{v['mean']:.4f}"
+    diff = lambda c: "—" if c is None else (f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] {c['verdict']}"
+                                            if c["lo"] is not None else f"{c['diff']:+.4f} (one seed)")
+    return U.markdown_table(["τ", "seeds", "mean loss", "on − off", "final loss", "on − off"],
+                            [[t, ", ".join(map(str, v["seeds"])), cell(v["mean_loss"]), diff(v["mean_loss"].get("on-off")),
+                              cell(v["final_loss"]), diff(v["final_loss"].get("on-off"))] for t, v in sweep.items()])
+
 
 def section(ev) -> dict | None:
     """DIR/eval/dfm_study.md and dfm_study.png, when DIR/dfm/ holds finished study runs."""
@@ -211,7 +256,8 @@ def section(ev) -> dict | None:
              f"τ = {st['dfm_tau']:g}, P = {st['dfm_patience']}", "", *dfm_sentences(study), "",
              U.markdown_table(["pool size", "seeds", "final loss", "mean loss"],
                               [[n, ", ".join(map(str, v["seeds"])), f"{v['final_loss']:.4f}", f"{v['mean_loss']:.4f}"]
-                               for n, v in study["pool"].items()]),
+                               for n, v in study["pool"].items()]), "", "The τ sweep (Fig. 5 left; mean ± sd over seeds; "
+             "on − off paired by seed, 95% t interval):", "", tau_table(study["tau"]),
              "", "![dfm_study.png](dfm_study.png)"]
     return {"name": "dfm_study", "title": "The DFM study (paper Fig. 5)", "lines": lines, "metrics": study}
 

@@ -242,7 +242,7 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
                                             "SLD-STRONG costs quality (the base scores higher PS)"}
     report, own = ((run / "eval" / f).read_text() for f in ("report.md", "baselines.md"))
     assert "[The paper's comparison (Table 2)" in report and "`jailbreak` (2 prompts, harmful)" in report
-    assert "# The paper's comparison (Table 2)" in own and "IP under attack" in own
+    assert "# The paper's comparison (Table 2)" in own and "IP under attack" in own and "- **RECE** kept epoch" in own
     assert U.read_json(run / "baselines" / "uce" / "metrics.json")["projections_edited"] > 0
     # what stock diffusers loads from the ESD-u folder differs from the base outside attn2 only
     from diffusers import UNet2DConditionModel

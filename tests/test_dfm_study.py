@@ -11,11 +11,11 @@ import dfm_study as DS
 import utils as U
 
 
-def fake_dfm_run(run: Path, name: str, seed: int, pool: int, losses: list[float], hard=0, pairs=8):
+def fake_dfm_run(run: Path, name: str, seed: int, pool: int, losses: list[float], hard=0, pairs=8, tau=0.2):
     """A finished stage-4 run of `make dfm`, as 04_train_spo.py lays it out (config, log, metrics)."""
     d = run / "dfm" / name
-    cfg = {"objective": "spo", "lam": 0.15, "pair_subset": pairs, "steps": len(losses), "batch": 4, "lr": 5e-5,
-           "warmup": 2, "dfm_k": 5, "dfm_tau": 0.2, "dfm_patience": 2, "seed": seed, "dfm": "on" if pool else "off",
+    cfg = {"preset": "toy", "objective": "spo", "lam": 0.15, "pair_subset": pairs, "steps": len(losses), "batch": 4,
+           "lr": 5e-5, "warmup": 2, "dfm_k": 5, "dfm_tau": tau, "dfm_patience": 2, "seed": seed, "dfm": "on" if pool else "off",
            "dfm_augmentations": list(C.AUGMENTATIONS[:pool])}
     U.atomic_write_json(d / "config.json", cfg)
     rows = [{"step": i + 1, "loss": x, "dfm_hard": hard if pool else 0,
@@ -43,6 +43,8 @@ def test_dfm_study_pairs_each_seed_and_sweeps_the_pool(tmp_path):
         on[-1] = 0.4 - shift  # the last tenth of 10 steps is the last step
         fake_dfm_run(tmp_path, f"on_seed{s}", s, 4, on, hard=2)
     fake_dfm_run(tmp_path, "pool1_seed0", 0, 1, ten(0.65, 0.35), hard=1)
+    for s, shift in enumerate((0.04, 0.05, 0.06)):  # τ = 0.5: mean loss 0.55 − shift − 0.55 off
+        fake_dfm_run(tmp_path, f"tau0.5_seed{s}", s, 4, ten(0.7 - shift, 0.4 - shift), tau=0.5)
     st = DS.dfm_study(tmp_path)
     fl, ml = st["final_loss"], st["mean_loss"]
     assert st["seeds"] == [0, 1, 2] and fl["off"]["mean"] == pytest.approx(0.4)
@@ -51,6 +53,15 @@ def test_dfm_study_pairs_each_seed_and_sweeps_the_pool(tmp_path):
     assert ml["on-off"]["verdict"] == "holds" and ml["on-off"]["hi"] < 0
     assert set(st["pool"]) == {"0", "1", "4"} and all(v["seeds"] == [0] for v in st["pool"].values())
     assert st["pool"]["1"]["mean_loss"] == pytest.approx(0.5)
+    # the τ sweep: τ = 0.5 lowers the mean loss by 0.04, 0.05, 0.06 on seeds 0-2 (t interval
+    # −0.05 ± 4.303·0.01/√3); the reference τ = 0.2 (the preset's) is the on/off comparison's
+    tau = st["tau"]
+    assert set(tau) == {"0.2", "0.5", "off"} and st["settings"]["dfm_tau"] == 0.2
+    assert tau["0.5"]["mean_loss"]["mean"] == pytest.approx(0.5) and tau["off"]["mean_loss"]["mean"] == pytest.approx(0.55)
+    c = tau["0.5"]["mean_loss"]["on-off"]
+    assert c["diff"] == pytest.approx(-0.05) and c["hi"] == pytest.approx(-0.05 + 4.303 * 0.01 / np.sqrt(3))
+    assert c["verdict"] == "holds" and tau["0.2"]["mean_loss"]["on-off"]["verdict"] == "holds"
+    assert "| 0.5 | 0, 1, 2 | 0.5000 ± 0.0100 | -0.0500 [" in DS.tau_table(tau)
     w = st["why"]  # 2 of every batch of 4 flagged, losses +0.1 and +0.2 above the batch's
     assert w["flagged_share_per_step"] == 0.5 and w["pairs_ever_flagged"] == 0.5
     assert w["flagged_loss"] - w["batch_loss"] == pytest.approx(0.1) and w["copy_loss"] - w["batch_loss"] == pytest.approx(0.2)
