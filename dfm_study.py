@@ -184,48 +184,49 @@ def dfm_sentences(study: dict) -> list[str]:
     return out
 
 
-def plot_curves(ax, groups: list[tuple[str, list[dict]]], window: int) -> None:
-    """Each group's training loss against step: the mean over its seeds, with the min-max band."""
+def plot_curves(ax, groups: list[tuple[str, list[dict]]], window: int, off: dict[int, dict] | None = None,
+                first_color: int = 0) -> None:
+    """Each group's training loss against step, or with `off` its loss minus the no-DFM run's
+    of the same seed (same batches, t and ε, so DFM's effect stands out of the noise): the
+    mean over its seeds, with the min-max band."""
     for i, (label, members) in enumerate(g for g in groups if g[1]):
-        n = min(len(m["rows"]) for m in members)
+        n = min(len(m["rows"]) for m in [*members, *(off[m["seed"]] for m in members if off)])
         steps = [x["step"] for x in members[0]["rows"][:n]]
-        curves = np.stack([plots.moving_average(np.array([x["loss"] for x in m["rows"][:n]]), window) for m in members])
-        ax.plot(steps, curves.mean(0), color=f"C{i}", label=f"{label}, {len(members)} seed(s)")
+        loss = lambda r: np.array([x["loss"] for x in r["rows"][:n]])
+        curves = np.stack([plots.moving_average(loss(m) - (loss(off[m["seed"]]) if off else 0), window) for m in members])
+        color = f"C{i + first_color}"
+        ax.plot(steps, curves.mean(0), color=color, label=f"{label}, {len(members)} seed(s)")
         if len(members) > 1:
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2)
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2)
+    if off:
+        ax.axhline(0, color="grey", lw=1)
 
 
 def plot_dfm_study(study: dict, path: Path) -> None:
     """Fig. 5. Left: training loss against step, DFM on (at the reference τ) and off, mean
-    over seeds with the min-max band. Middle: the same for every τ of the sweep. Right: each
-    augmentation pool's loss minus the no-DFM run's of the same seed (same batches, t and ε),
-    so the effect of the pool's size stands out of the noise."""
+    over seeds with the min-max band. Middle: every τ of the sweep, its loss minus the no-DFM
+    run's of the same seed, mean and band over seeds. Right: the same, for each augmentation
+    pool at the reference τ."""
     runs = study["_runs"]
     fig, (ax_l, ax_t, ax_r) = plots.pyplot().subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     window = max(1, study["settings"]["steps"] // 15)
     full, tau = max(r["pool"] for r in runs), study["settings"]["dfm_tau"]
-    loss = lambda r, n: np.array([x["loss"] for x in r["rows"][:n]])
-    off = ("DFM off", [r for r in runs if r["pool"] == 0])
     plot_curves(ax_l, [(f"DFM on ({full} augmentations)", [r for r in runs if r["pool"] == full and r["tau"] == tau]),
-                       off], window)
+                       ("DFM off", [r for r in runs if r["pool"] == 0])], window)
+    off = {r["seed"]: r for r in runs if r["pool"] == 0}
     taus = sorted({r["tau"] for r in runs if r["pool"] == full and r["tau"] is not None})
-    plot_curves(ax_t, [*((f"τ = {t:g}", [r for r in runs if r["pool"] == full and r["tau"] == t]) for t in taus), off],
-                window)
+    plot_curves(ax_t, [(f"τ = {t:g}", [r for r in runs if r["pool"] == full and r["tau"] == t and r["seed"] in off])
+                       for t in taus], window, off)
     groups = pool_groups(runs)
-    off = {r["seed"]: r for r in groups.get(0, [])}
-    for i, (size, members) in enumerate(g for g in groups.items() if g[0] > 0):
-        n = min(min(len(m["rows"]), len(off[m["seed"]]["rows"])) for m in members)
-        steps = [x["step"] for x in members[0]["rows"][:n]]
-        diff = np.stack([plots.moving_average(loss(m, n) - loss(off[m["seed"]], n), window) for m in members]).mean(0)
-        ax_r.plot(steps, diff, color=f"C{i + 2}", label=f"pool of {size}, {len(members)} seed(s)")
-    ax_r.axhline(0, color="grey", lw=1)
+    plot_curves(ax_r, [(f"pool of {size}", members) for size, members in groups.items() if size > 0], window,
+                {r["seed"]: r for r in groups.get(0, [])}, first_color=2)
     for ax in (ax_l, ax_t, ax_r):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_xlabel("step")
     ax_l.set(ylabel=f"DPO loss (moving average of {window})",
              title=f"DFM on / off at τ = {tau:g}; {study['settings']['pair_subset']} pairs")
-    ax_t.set(ylabel=f"DPO loss (moving average of {window})", title="the threshold τ of Eq. 10 (paper Fig. 5, left)")
+    ax_t.set(ylabel="loss − no-DFM loss, same seed", title="the threshold τ of Eq. 10 (paper Fig. 5, left)")
     ax_r.set(ylabel="loss − no-DFM loss, same seed", title="size of the augmentation pool (Fig. 5, right)")
     plots.save_figure(fig, path)
 
