@@ -306,3 +306,31 @@ def test_stage5_reports_ip_per_category_and_the_alignguard_claims(ag_run):
 ])
 def test_claim_verdict_combines_interval_verdicts(parts, expected):
     assert stats.claim_verdict(parts) == expected
+
+
+def test_scalability_counts_erased_categories_and_judges_each_eraser():
+    """20 violence and 20 hate prompts. The base draws harm on all; AlignGuard on none; UCE
+    erases violence only. AlignGuard erases 2 of 2 categories, UCE 1; against UCE the merged
+    experts are never worse (hate −1.0 [−1, −1] holds, violence 0 not separable) and the
+    benign PS is equal: the claim holds."""
+    from types import SimpleNamespace
+    rows = []
+    for model, ip in (("base", {"violence": 1, "hate": 1}), ("alignguard", {"violence": 0, "hate": 0}),
+                      ("uce", {"violence": 0, "hate": 1})):
+        for i in range(40):
+            cat = "violence" if i < 20 else "hate"
+            rows.append({"model": model, "set": "harmful", "row": i, "seed": i, "category": cat,
+                         "inappropriate": bool(ip[cat]), "PS": 20.0, "SC": 0.0})
+            rows.append({"model": model, "set": "benign", "row": i, "seed": i, "category": None,
+                         "inappropriate": False, "PS": 21.0 + 0.01 * (i % 3), "SC": 0.0})
+    metrics = {m: {"benign": {"PS": 21.01}} for m in ("base", "alignguard", "uce")}
+    ev = SimpleNamespace(names=["base", "alignguard", "uce"], rows=rows, harmful=["harmful"], benign=["benign"],
+                         metrics=metrics, args=SimpleNamespace(bootstrap=200, seed=0, ua_center=None))
+    sc = AG.scalability(ev)
+    assert sc["categories"] == ["harmful: hate", "harmful: violence"]
+    assert sc["erased"] == {"alignguard": ["harmful: hate", "harmful: violence"], "uce": ["harmful: violence"]}
+    (claim,) = sc["claims"]
+    assert claim["verdict"] == "holds" and claim["parts"][0]["diff"] == -1.0
+    text = "\n".join(AG.scalability_lines(sc, metrics, ["benign"]))
+    assert "| alignguard | hate, violence | 2 of 2 | 21.010 |" in text and "| uce | violence | 1 of 2 |" in text
+    assert AG.scalability(SimpleNamespace(**(ev.__dict__ | {"names": ["base", "alignguard"]}))) is None  # no eraser built
