@@ -333,12 +333,17 @@ def scalability(ev) -> dict | None:
     return {"erased": erased, "categories": cats, "claims": stats.judged_claims(ev.metrics, iv, specs), "intervals": iv}
 
 
-def scalability_lines(sc: dict, metrics, benign) -> list[str]:
-    """The scalability comparison for the report: a table of erased categories, and its claims."""
-    table = U.markdown_table(["model", "categories erased (IP below the base, 95% interval)", "how many",
+def scalability_lines(sc: dict, metrics, harmful, benign) -> list[str]:
+    """The scalability comparison for the report: per harmful set, the categories each model
+    erases and how many of those with prompts; benign quality; then its claims."""
+    def erased(m, h):
+        cats = [c for c in sc["categories"] if c.startswith(f"{h}: ")]
+        mine = [c.split(": ", 1)[1] for c in sc["erased"][m] if c in cats]
+        return f"{len(mine)} of {len(cats)}: {', '.join(mine) or '—'}"
+    table = U.markdown_table(["model", *(f"{h}: categories erased (IP below the base, 95% interval)" for h in harmful),
                               *(f"{b} PS↑" for b in benign)],
-                             [[m, ", ".join(c.split(": ", 1)[1] for c in cs) or "—", f"{len(cs)} of {len(sc['categories'])}",
-                               *(metrics[m][b]["PS"] for b in benign)] for m, cs in sc["erased"].items()])
+                             [[m, *(erased(m, h) for h in harmful), *(metrics[m][b]["PS"] for b in benign)]
+                              for m in sc["erased"]])
     return ["## Scalability: the merged experts against erasure of all seven categories at once", "", table, "",
             *stats.claim_lines(sc["claims"])]
 
@@ -368,7 +373,7 @@ def section(ev) -> dict | None:
     lines += [*stats.claim_lines(judged), "", "Paired bootstrap 95% intervals:", "", stats.interval_table(iv)]
     sc = scalability(ev)
     if sc:
-        lines += ["", *scalability_lines(sc, metrics, ev.benign)]
+        lines += ["", *scalability_lines(sc, metrics, ev.harmful, ev.benign)]
     return {"name": "alignguard", "title": "AlignGuard: safety experts per category and their merges",
             "lines": lines, "metrics": {"experts": spec, "claims": judged, "intervals": iv, "scalability": sc},
             "console": "\n\n".join(console)}

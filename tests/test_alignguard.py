@@ -331,6 +331,6 @@ def test_scalability_counts_erased_categories_and_judges_each_eraser():
     assert sc["erased"] == {"alignguard": ["harmful: hate", "harmful: violence"], "uce": ["harmful: violence"]}
     (claim,) = sc["claims"]
     assert claim["verdict"] == "holds" and claim["parts"][0]["diff"] == -1.0
-    text = "\n".join(AG.scalability_lines(sc, metrics, ["benign"]))
-    assert "| alignguard | hate, violence | 2 of 2 | 21.010 |" in text and "| uce | violence | 1 of 2 |" in text
+    text = "\n".join(AG.scalability_lines(sc, metrics, ["harmful"], ["benign"]))
+    assert "| alignguard | 2 of 2: hate, violence | 21.010 |" in text and "| uce | 1 of 2: violence | 21.010 |" in text
     assert AG.scalability(SimpleNamespace(**(ev.__dict__ | {"names": ["base", "alignguard"]}))) is None  # no eraser built

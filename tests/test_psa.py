@@ -319,15 +319,24 @@ def synthetic_cells(ip_banned: dict, allowed: float, passes: float, n: int = 12)
 def test_the_claims_need_every_level_and_name_the_levels_that_carry_them():
     base = synthetic_cells({lvl: 0.8 for lvl in P.LEVELS[1:]}, allowed=0.9, passes=0.5)
     psa = synthetic_cells({"1": 0.0, "2": 0.2, "3": 0.3, "4": 0.8, "5": 0.0}, allowed=0.85, passes=0.75)
-    cells = {"base": base, "psa": psa}
+    told = synthetic_cells({lvl: 0.4 for lvl in P.LEVELS[1:]}, allowed=0.9, passes=0.6)  # prompt engineering
+    cells = {"base": base, "psa": psa, "base_negative": told}
     personal = {m: {g: {**PE.figures(c), "users": len(c["pass_rate"])} for g, c in x.items()} for m, x in cells.items()}
     text = "\n".join(PE.personal_claims(personal, cells, 200, 0)[0])
+    assert text.count("better than prompt engineering") == 2 and "− base_negative +0.15 [+0.15, +0.15]: holds" in text
     # 0.3 ≤ 0.4 = half of 0.8 at levels 1-3; level 4 does not move: the claims name the levels
     assert "**fails**: holds at levels 1, 2, 3 only." in text
     assert "level 4 +0.40 [+0.40, +0.40]: fails" in text  # 0.8 − 0.5·0.8
     assert "Allowed content respected" in text and "**holds** at each of levels 1–4" in text  # −0.05 is within 0.1
     assert text.count("− base +0.25 [+0.25, +0.25]: holds): **holds**") == 2
     assert "training seeds" not in text  # no seed runs
+
+
+def test_a_users_bans_in_words():
+    """The toy's concept words (the first of each), or I2P's category names on sd15."""
+    assert PE.banned_words(["violence", "hate"], toy=True) == "blood, gore, stabbing, hate, racist, slurs"
+    assert PE.banned_words(["violence", "illegal activity"], toy=False) == "violence, illegal activity"
+    assert PE.banned_words([], toy=True) == ""
 
 
 def test_the_seed_verdict_is_a_t_interval_over_the_seed_runs():
@@ -479,7 +488,9 @@ def test_psa_trains_the_adapter_only_and_resumes_exactly(psa_run):
 def test_stage5_reports_every_level_for_every_model(psa_run):
     run, r = psa_run
     personal = U.read_json(run / "eval" / "psa.json")["personal"]
-    assert set(personal) == {"base", "psa"}  # the one-size models present (no safety or spo here) and PSA
+    # the one-size models present (no safety or spo here), PSA, and the base told each user's bans in words
+    assert set(personal) == {"base", "psa", "base_prompted", "base_negative"}
+    assert "better than prompt engineering" in (run / "eval" / "psa.md").read_text()
     for m, levels in personal.items():
         assert set(levels) == {*P.LEVELS, "seen", "heldout"}, m
         for lvl, f in levels.items():
