@@ -462,10 +462,16 @@ def build_parser():
     return p
 
 
-def build_main(args) -> None:
+def one_process_base_model(args, command: str) -> None:
+    """What a Table 2 method's build needs first: one process (not torchrun), and --model,
+    by default stage 0's model."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("baselines.py build runs in one process: start it with python, not torchrun")
+        raise SystemExit(f"{command} runs in one process: start it with python, not torchrun")
     args.model = args.model or U.toy_world_input(args, U.stage_dir(args.run, "world") / "model", "--model")
+
+
+def build_main(args) -> None:
+    one_process_base_model(args, "baselines.py build")
     build(args, Path(args.run))
 
 

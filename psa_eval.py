@@ -202,8 +202,8 @@ def generate_prompt_engineered(args, base: M.ModelSpec, name: str, users: list[d
         its, words = per_user[u["id"]], banned_words(u["banned"], args.ip_judge == "toy")
         prompts = [f"{it['prompt']}, without {words}" if words and name == "base_prompted" else it["prompt"]
                    for it in its]
-        told = prompts if name == "base_prompted" else [words]
-        cut += sum(len(tokenizer(x).input_ids) > tokenizer.model_max_length for x in told)
+        cut += sum(len(tokenizer(x).input_ids) > tokenizer.model_max_length
+                   for x in (prompts if name == "base_prompted" else [words]))
         if all((out / it["image"]).exists() for it in its):
             continue
         pipe = pipe or M.load_pipeline(base.path, device, dtype)
@@ -267,15 +267,14 @@ def personal_evaluation(args, run: Path, out: Path, models: list[M.ModelSpec], i
     for m in (m for m in ONE_SIZE if m in items):
         drawn = {key(it): it["image"] for it in items[m]}
         images[m] = {u["id"]: [drawn[key(it)] for it in plan] for u in everyone}
-    psa_rows = []
-    for name, folder in folders.items():
-        per_user = generate_personal(args, models[0], name, folder, everyone, plan, out, device, dtype)
-        psa_rows += [r for u in everyone for r in scorers.score_all(per_user[u["id"]], out, harmful, f"{name} {u['id']}")]
-        images[name] = {uid: [it["image"] for it in its] for uid, its in per_user.items()}
+    drawn = {name: generate_personal(args, models[0], name, folder, everyone, plan, out, device, dtype)
+             for name, folder in folders.items()}
     for name in PROMPT_ENGINEERING:  # the base model told each user's bans in words
-        per_user, cut = generate_prompt_engineered(args, models[0], name, everyone, plan, out, device, dtype)
+        drawn[name], cut = generate_prompt_engineered(args, models[0], name, everyone, plan, out, device, dtype)
         if cut:
             U.log(f"{name}: {cut} of its prompts longer than the text encoder reads, cut to its length")
+    psa_rows = []
+    for name, per_user in drawn.items():
         psa_rows += [r for u in everyone for r in scorers.score_all(per_user[u["id"]], out, harmful, f"{name} {u['id']}")]
         images[name] = {uid: [it["image"] for it in its] for uid, its in per_user.items()}
     by_image = {r["image"]: r for r in rows + psa_rows}

@@ -171,9 +171,7 @@ def build_parser():
 
 
 def build_main(args) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("rece.py build runs in one process: start it with python, not torchrun")
-    args.model = args.model or U.toy_world_input(args, U.stage_dir(args.run, "world") / "model", "--model")
+    B.one_process_base_model(args, "rece.py build")
     run_build(args)
 
 

@@ -27,8 +27,8 @@ EXTRA_SCORES = {
 }
 
 # Scores of a model's whole image set on a prompt set: column -> (flag, class built the same
-# way, with covers(set, benign) -> bool and measure(set, rows, {model: items}, DIR/eval) ->
-# {model: value}). Shown in Appendix D's table.
+# way, with covers(set, rows, benign) -> bool and measure(set, rows, {model: items}, DIR/eval)
+# -> {model: value}). Shown in Appendix D's table.
 SET_SCORES = {
     "FID": ("fid_reference", "quality_metrics:Fid"),
 }

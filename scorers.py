@@ -424,6 +424,8 @@ class Scorers:
         try:
             quality = self.quality(images, prompts)
         except ValueError as e:  # toyworld's "not a toy-world prompt"
+            if self.args.quality != "toy":
+                raise
             raise U.DataError(f"--quality {self.args.quality}: {e} ({items[0]['source'].rsplit(':', 1)[0]}); the toy "
                               f"quality reward reads toy-world prompts only") from None
         for r, sc, ps in zip(rows, self.scm.cost(images).tolist(), quality):
