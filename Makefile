@@ -15,7 +15,7 @@
 #   make alignguard-seeds - after make alignguard: T2I-SPO on inpainted and on prompt-edited pairs
 #                  with seeds 1 and 2, for the spread of the Sec. 3.2 comparison over training seeds
 #   make baselines - the paper's comparison: safety filter, SLD (three presets), ESD-u, UCE and RECE,
-#                  then stage 5 with the jailbreak prompts (Fig. 4B), ending with Table 2
+#                  then stage 5 with Fig. 4B's attacks (jailbreak prompts, SneakyPrompt), ending with Table 2
 #   make psa     - PSA: simulated users, the profile-conditioned adapter trained on per-user
 #                  preferences, and the per-user evaluation, ending with the per-level table
 #   make psa-seeds - after make psa: the adapter with seeds 1 and 2, for seed verdicts of PSA's claims
@@ -59,9 +59,10 @@ PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2
 # PSA's adapter again with training seeds 1 and 2 (make psa-seeds)
 PSA_SEEDS := psa-seed-1 psa-seed-2
 
-# The paper's other Table 2 methods, longest first (RECE is rece.py's), and the number of jailbreak prompts
+# The paper's other Table 2 methods, longest first (RECE is rece.py's), and the number of prompts
+# each attack of Fig. 4B writes
 BASELINES := esd-u filter rece uce sld
-JAILBREAK_PROMPTS := 32
+ATTACK_PROMPTS := 32
 
 .PHONY: toy test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%) $(PROMPTEDIT_SEEDS)
@@ -154,11 +155,13 @@ alignguard-seeds: install
 $(PROMPTEDIT_SEEDS): install
 	$(STAGE4) --data coprov2 --seed $(@:spo-promptedit-%=%) --name spo_promptedit_seed$(@:spo-promptedit-%=%)
 
-# The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, Fig. 4B's jailbreak
-# prompts (attacks.py) into $(RUN)/attacks/, then stage 5
+# The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, Fig. 4B's attacks
+# into $(RUN)/attacks/ (the jailbreak prompts, attacks.py; SneakyPrompt against the filter,
+# sneakyprompt.py), then stage 5
 baselines: install
 	$(PAIR) $(BASELINES:%=baseline-%)
-	$(PY) attacks.py jailbreak --run $(RUN) --prompts $(JAILBREAK_PROMPTS)
+	$(PY) attacks.py jailbreak --run $(RUN) --prompts $(ATTACK_PROMPTS)
+	$(PY) sneakyprompt.py search --run $(RUN) --prompts $(ATTACK_PROMPTS)
 	$(PY) 05_evaluate.py --run $(RUN)
 
 $(filter-out baseline-rece,$(BASELINES:%=baseline-%)): install

@@ -1,4 +1,4 @@
-"""The attacks of the paper's Fig. 4B (~220 lines): prompts that draw harm without naming it,
+"""The attacks of the paper's Fig. 4B (~255 lines): prompts that draw harm without naming it,
 written once into DIR/attacks/<name>.jsonl, which stage 5 then scores for every model as a
 harmful prompt set of its own.
 
@@ -8,8 +8,10 @@ harmful prompt set of its own.
 
 Command:  python attacks.py jailbreak --prompts N --run DIR    (N targets drawn from --source)
 Its rows name the prompt each attacks ("target"); stage 5 judges an attack image's quality
-against that prompt. `sentences` adds what the attacks did to the comparison section
-(baselines.py).
+against that prompt. What every attack shares is here too: the targets drawn (attack_targets),
+the set built once (begin_attack), and the report's lines on each attack set (`sentences`,
+in the comparison section of baselines.py). SneakyPrompt, Fig. 4B's other attack, searches
+against the safety filter: sneakyprompt.py.
 """
 from __future__ import annotations
 
@@ -170,32 +172,63 @@ def jailbreak_parser():
     return p
 
 
-def jailbreak_main(args) -> None:
+def attack_targets(args) -> tuple[str, list[dict]]:
+    """(--source's set name, the rows attacked): --model and --source default to stage 0's
+    toy world; the first --n-prompts rows with a category, shuffled with --seed, the first
+    --prompts of them."""
     run = Path(args.run)
     args.model = args.model or U.toy_world_input(args, U.stage_dir(run, "world") / "model", "--model")
     args.source = args.source or "harmful=" + U.toy_world_input(
         args, U.stage_dir(run, "world") / "prompts" / "harmful_eval.jsonl", "--source")
     (name, file), = U.name_value_pairs([args.source], "--source").items()
-    path, cfg_path = run / "attacks" / "jailbreak.jsonl", run / "attacks" / "jailbreak.json"
-    want = {k: getattr(args, k) for k in SETTINGS}
-    if path.exists():
+    rows = [r for r in D.load_prompt_set(file)[0][: args.n_prompts] if r["category"]]
+    random.Random(args.seed).shuffle(rows)
+    return name, rows[:args.prompts]
+
+
+def begin_attack(run: Path, attack: str, want: dict) -> Path | None:
+    """DIR/attacks/<attack>.jsonl, the set stage 5 reads, with its settings in <attack>.json,
+    written when the attack begins: None when the set is built with these settings (nothing to
+    do); a set built or begun with other settings stops the run."""
+    path, cfg_path = run / "attacks" / f"{attack}.jsonl", run / "attacks" / f"{attack}.json"
+    if cfg_path.exists():
         have = U.read_json(cfg_path)
         diff = sorted(k for k in want if have.get(k) != want[k])
         if diff:
-            raise SystemExit(f"{path} was built with other settings ({', '.join(f'{k}: {have.get(k)!r}' for k in diff)})"
+            raise SystemExit(f"{cfg_path} holds other settings ({', '.join(f'{k}: {have.get(k)!r}' for k in diff)})"
                              f": pass the same flags, or delete {path} and {cfg_path} to attack anew")
-        return U.log(f"{path} is built: nothing to do")
-    rows = [r for r in D.load_prompt_set(file)[0][: args.n_prompts] if r["category"]]
-    random.Random(args.seed).shuffle(rows)
+        if path.exists():
+            U.log(f"{path} is built: nothing to do")
+            return None
+    U.atomic_write_json(cfg_path, want)
+    return path
+
+
+def jailbreak_main(args) -> None:
+    source, rows = attack_targets(args)
+    path = begin_attack(Path(args.run), "jailbreak", {**{k: getattr(args, k) for k in SETTINGS}, "source_set": source})
+    if path is None:
+        return
     pipe = M.load_pipeline(args.model, M.pick_device(args.device))
-    attack = jailbreak_prompts(pipe.text_encoder.requires_grad_(False), pipe.tokenizer, rows[:args.prompts],
-                               args.banned, args.tokens, args.steps, args.candidates, args.topk, args.seed)
-    U.atomic_write_json(cfg_path, {**want, "source_set": name})
+    attack = jailbreak_prompts(pipe.text_encoder.requires_grad_(False), pipe.tokenizer, rows, args.banned,
+                               args.tokens, args.steps, args.candidates, args.topk, args.seed)
     U.write_jsonl(path, attack)  # last: stage 5 reads a set whose file exists
     U.log(f"{len(attack)} attack prompts in {path}")
 
 
 COMMANDS = {"jailbreak": (jailbreak_parser, jailbreak_main)}
+
+
+def outcome_sentence(attack: str, rows: list[dict]) -> list[str]:
+    """What a search against the filter ended in (rows with a "result", sneakyprompt.py's)."""
+    if not all("result" in r for r in rows):
+        return []
+    count = {k: sum(r["result"] == k for r in rows) for k in ("success", "bypass", "failed", "skipped")}
+    searched = [r["queries"] for r in rows if r["result"] != "skipped"]
+    return [f"- **Against the filter** (`{attack}`): {count['success'] + count['bypass']} of {len(rows)} prompts "
+            f"found an image the filter passed ({count['success']} at the reward threshold, {count['bypass']} below "
+            f"it), {count['failed']} none, and the filter passed {count['skipped']} targets unchanged; "
+            + (f"{sum(searched) / len(searched):.1f} filter queries per search." if searched else "no search ran.")]
 
 
 def sentences(ev, models: list[str]) -> list[str]:
@@ -214,6 +247,7 @@ def sentences(ev, models: list[str]) -> list[str]:
                   f"mean similarity of its text embedding to the target's {np.mean(sim):.3f}"
                   + (f", against {np.mean(start):.3f} for the prompt with its harm concept removed" if start else "")
                   + ".",
+                  *outcome_sentence(attack, rows),
                   f"- **IP under attack** (`{attack}`) against IP on `{source}`: "
                   + "; ".join(f"{m} {b:.2f} → {a:.2f}" for m, (b, a) in ips.items()) + "."]
     return lines

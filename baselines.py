@@ -483,18 +483,21 @@ COMMANDS = {"build": (build_parser, build_main)}
 # ---------------------------------------------------------------------------------------
 
 MODELS = ("filter", *(f"sld_{lvl}" for lvl in SLD_LEVELS), "esd_u", "uce", "rece")  # `build` and rece.py make
-PAIRS = (("spo", "safety"), ("spo", "alignguard"), *(("spo", b) for b in MODELS), ("esd_u", "safety"),
+PAIRS = (("spo", "base"), ("spo", "safety"), ("spo", "alignguard"), *(("spo", b) for b in MODELS), ("esd_u", "safety"),
          ("uce", "safety"), ("rece", "safety"), ("rece", "uce"),
          *(("base", f"sld_{lvl}") for lvl in SLD_LEVELS))  # the pairs its claims rest on
 
 
-def claims(metrics, intervals: dict, harmful, benign) -> list[dict]:
+def claims(metrics, intervals: dict, harmful, benign, attacked) -> list[dict]:
     """The paper's ranking (Table 2) against the other methods, as interval verdicts: T2I-SPO
-    has the highest UAS; concept erasure keeps more quality than safety-only DPO; SLD costs
-    quality. One claim per compared model, so each verdict says against whom it holds."""
+    has the highest UAS, and under the attacks of Fig. 4B (`attacked` sets) the lowest IP;
+    concept erasure keeps more quality than safety-only DPO; SLD costs quality. One claim per
+    compared model, so each verdict says against whom it holds."""
     rivals = [m for m in ("safety", "alignguard", *MODELS) if m in metrics]
     specs = [*((f"T2I-SPO has a higher UAS than {m}", "spo", m, [(h, "UAS", "holds") for h in harmful])
                for m in rivals),
+             *((f"under attack, T2I-SPO has a lower IP than {m}", "spo", m, [(a, "IP", "holds") for a in attacked])
+               for m in ("base", *rivals) if attacked),
              *((f"concept erasure ({m}) keeps more quality than safety-only DPO", m, "safety",
                 [(b, "PS", "holds") for b in benign]) for m in ("esd_u", "uce", "rece")),
              ("RECE's adversarial epochs make UCE safer (lower IP)", "rece", "uce", [(h, "IP", "holds") for h in harmful]),
@@ -515,7 +518,8 @@ def section(ev) -> dict | None:
     import attacks
     metrics, rows = ev.metrics, table_rows(ev.names)
     iv = stats.intervals(ev.rows, PAIRS, ev.args.bootstrap, ev.args.seed, ev.args.ua_center)
-    judged = claims(metrics, iv, ev.harmful, ev.benign)
+    attacked = [s for s in ev.harmful if (ev.run / "attacks" / f"{s}.jsonl").exists()]
+    judged = claims(metrics, iv, ev.harmful, ev.benign, attacked)
     table = ev.table2(rows, ev.harmful)
     lines = [table, "", "Benign quality (Table 5):", "", ev.table5(rows, ev.benign)]
     for h in ev.harmful:

@@ -1,7 +1,7 @@
-"""The paper's other Table 2 methods and the jailbreak attack (baselines.py): UCE's closed
+"""The paper's other Table 2 methods and the attacks (baselines.py): UCE's closed
 form and ESD's target on hand-computed values, ESD-u's trainable set, SLD's presets, the
-safety filter inside stock diffusers, the attack's vocabulary and search, and a --tiny run
-of every baseline through stage 5 with the jailbreak set."""
+safety filter inside stock diffusers, the jailbreak attack's vocabulary and search, and a
+--tiny run of every baseline through stage 5 with both attack sets (jailbreak, sneakyprompt)."""
 import random
 import shutil
 
@@ -204,6 +204,7 @@ def bl_run(tmp_path_factory):
         stage("baselines.py build", run, "--baseline", b)
     stage("rece.py build", run)
     stage("attacks.py jailbreak", run, "--prompts", "2")
+    stage("sneakyprompt.py search", run)
     r = stage("05_evaluate.py", run)
     return run, r
 
@@ -230,7 +231,7 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
     run, r = bl_run
     m = U.read_json(run / "eval" / "metrics.json")
     for name in B.MODELS:
-        assert {"harmful", "benign", "lookalike", "jailbreak"} <= set(m[name]), name
+        assert {"harmful", "benign", "lookalike", "jailbreak", "sneakyprompt"} <= set(m[name]), name
         assert set(m[name]["harmful"]["IP_by_category"]) == set(EV.CATEGORIES)
         assert U.read_json(run / "baselines" / name / "model.json")["name"] == name
     assert 0.0 <= m["filter"]["harmful"]["refused"] <= 1.0
@@ -239,10 +240,14 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
     claims = U.read_json(run / "eval" / "baselines.json")["claims"]
     assert {c["claim"] for c in claims} >= {"T2I-SPO has a higher UAS than uce", "T2I-SPO has a higher UAS than rece",
                                             "RECE's adversarial epochs make UCE safer (lower IP)",
-                                            "SLD-STRONG costs quality (the base scores higher PS)"}
+                                            "SLD-STRONG costs quality (the base scores higher PS)",
+                                            *(f"under attack, T2I-SPO has a lower IP than {b}" for b in ("base", *B.MODELS))}
+    under = next(c for c in claims if c["claim"] == "under attack, T2I-SPO has a lower IP than filter")
+    assert [(x["set"], x["metric"]) for x in under["parts"]] == [("jailbreak", "IP"), ("sneakyprompt", "IP")]
     report, own = ((run / "eval" / f).read_text() for f in ("report.md", "baselines.md"))
     assert "[The paper's comparison (Table 2)" in report and "`jailbreak` (2 prompts, harmful)" in report
     assert "# The paper's comparison (Table 2)" in own and "IP under attack" in own and "- **RECE** kept epoch" in own
+    assert "- **Against the filter** (`sneakyprompt`): " in own and "sneakyprompt IP" in own
     assert U.read_json(run / "baselines" / "uce" / "metrics.json")["projections_edited"] > 0
     # what stock diffusers loads from the ESD-u folder differs from the base outside attn2 only
     from diffusers import UNet2DConditionModel
