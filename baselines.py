@@ -263,15 +263,30 @@ def sld_call_kwargs(recipe: dict, steps: int) -> dict:
     return kw
 
 
+def truncating(tokenizer):
+    """A copy of the tokenizer whose every call truncates to its window. diffusers' SLD also
+    tokenizes a batch untruncated, only to warn about the cut; with one prompt longer than the
+    window that batch is ragged and the call fails. The ids the text encoder reads are the same."""
+    class Truncating(type(tokenizer)):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **{"truncation": True, **kwargs})
+
+    out = copy.copy(tokenizer)
+    out.__class__ = Truncating
+    return out
+
+
 def sld_pipeline(model_path: Path, recipe: dict, device, dtype):
-    """StableDiffusionPipelineSafe from the components of a stock pipeline folder."""
+    """StableDiffusionPipelineSafe from the components of a stock pipeline folder (its tokenizer
+    `truncating`, so a batch may hold prompts longer than the window)."""
     from diffusers import StableDiffusionPipelineSafe
     base = M.load_pipeline(model_path, device, dtype)
-    pipe = StableDiffusionPipelineSafe(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+    pipe = StableDiffusionPipelineSafe(vae=base.vae, text_encoder=base.text_encoder,
+                                       tokenizer=truncating(base.tokenizer),
                                        unet=base.unet, scheduler=base.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if recipe["safety_concept"]:
-        n = len(pipe.tokenizer(recipe["safety_concept"]).input_ids)
+        n = len(base.tokenizer(recipe["safety_concept"]).input_ids)
         if n > pipe.tokenizer.model_max_length:
             raise SystemExit(f"the SLD safety concept is {n} tokens, longer than the text encoder's "
                              f"{pipe.tokenizer.model_max_length}: shorten --sld-concept")

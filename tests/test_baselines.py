@@ -272,3 +272,16 @@ def test_a_finished_baseline_is_left_untouched(bl_run):
     mtime = weights.stat().st_mtime_ns
     r = stage("baselines.py build", run, "--baseline", "uce")
     assert "nothing to do" in r.stderr + r.stdout and weights.stat().st_mtime_ns == mtime
+
+
+def test_sld_draws_a_batch_holding_a_prompt_longer_than_the_window(bl_run):
+    # diffusers' SLD alone fails here (its truncation warning tokenizes the batch ragged); the
+    # long prompt's image is the one it gets drawn alone, where SLD cuts it itself
+    run, _ = bl_run
+    pipe = B.sld_pipeline(run / "world" / "model", B.sld_recipe("strong", B.toy_sld_concept()), "cpu", torch.float32)
+    long = "a small red circle, white background, " + " ".join(["with stripes"] * 20)
+    assert len(M.clip_tokenizer(32)(long).input_ids) > 32
+    call = B.sld_call_kwargs(B.sld_recipe("strong", None), 2)
+    both = M.generate(pipe, [long, "a blue square"], [0, 1], 2, 4.0, **call)
+    alone = M.generate(pipe, [long], [0], 2, 4.0, **call)
+    assert (both[0] == alone[0]).all()
