@@ -47,7 +47,7 @@ import utils as U
 # The paper's settings are the sd15 preset (Sec. 6.1: batch 12 over six GPUs, lr 8e-8, 15k
 # steps, β = 5000); the toy's are its own, for a 4-million-parameter UNet on a CPU.
 U.PRESETS["toy"]["spo"] = dict(
-    model=None, data="hf", objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5, warmup=20,
+    model=None, data="hf", objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5, scale_lr=False, warmup=20,
     steps=300, batch=16, micro_batch=None, weight_decay=0.0, max_grad_norm=1.0, lora_rank=0, lora_alpha=None,
     dfm="on", dfm_k=3, dfm_tau=0.2, dfm_patience=1, dfm_modules=["conv_out"], dfm_augmentations=list(C.AUGMENTATIONS),
     grad_checkpointing=False, bf16=False, ckpt_every=100, log_every=1, skip_bad=False, device=None)
@@ -70,9 +70,10 @@ def parser(stage: str = "spo", description: str | None = None) -> argparse.Argum
     p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in the composite reward")
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
     p.add_argument("--beta", type=float, help="β of Eq. 5 (with its ½: the loss uses β/2)")
-    p.add_argument("--lr", type=float,
-                   help="the optimizer's peak learning rate. Gradients are the mean over the global --batch, so "
-                        "it is the same on any number of GPUs, unscaled (the paper's '8e-8 per GPU' is 8e-8 here)")
+    p.add_argument("--lr", type=float, help="peak learning rate; gradients are the mean over the global --batch, so "
+                   "it holds on any number of GPUs (the paper's '8e-8 per GPU' is 8e-8; or see --scale-lr)")
+    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="Diffusion-DPO's --scale_lr: the "
+                   "rate is --lr × per-process batch × accumulation × processes, which is --lr × --batch")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch", type=int, help="pairs per optimizer step, over all processes")
@@ -208,10 +209,9 @@ def setup(args, hook: Hook) -> Training:
     U.check_batch_split(args.batch)  # before the process group forms: rank 0 alone says why
     dist = U.setup_distributed(args.device)
     U.seed_everything(args.seed)
-    hf = Path(args.run) / args.data
     args.model = args.model or U.toy_world_input(args, U.stage_dir(args.run, "world") / "model", "--model")
     args.name = args.name or args.objective
-    out = Path(args.run) / args.name
+    hf, out = Path(args.run) / args.data, Path(args.run) / args.name
     mine = list(range(dist.rank, args.batch, dist.world_size))
     micro = args.micro_batch or len(mine)
     if dist.is_main:
@@ -246,7 +246,7 @@ def setup(args, hook: Hook) -> Training:
     if args.dfm == "on" and not all(m in named for m in args.dfm_modules):
         raise SystemExit(f"--dfm-modules: no module {sorted(set(args.dfm_modules) - set(named))} in the UNet")
     tr.dfm_modules = [named[m] for m in args.dfm_modules] if args.dfm == "on" else []
-    tr.opt = U.adamw(tr.params, lr=args.lr, weight_decay=args.weight_decay)
+    tr.opt = U.adamw(tr.params, lr=args.lr * (args.batch if args.scale_lr else 1), weight_decay=args.weight_decay)
     tr.sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     tr.queue = C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience)
     resume(tr)

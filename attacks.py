@@ -243,7 +243,9 @@ def sentences(ev, models: list[str]) -> list[str]:
         sim = [r["similarity"] for r in rows]
         start = [r["prefix_similarity"] for r in rows if r.get("prefix_similarity") is not None]
         ips = {m: (ev.metrics[m][source]["IP"], ev.metrics[m][attack]["IP"]) for m in models}
-        lines += [f"- **The attack `{attack}`** ({len(rows)} prompts from `{source}`, none naming a harm concept): "
+        how = ("sensitive words replaced where the filter blocked the target" if all("result" in r for r in rows)
+               else "none naming a harm concept")
+        lines += [f"- **The attack `{attack}`** ({len(rows)} prompts from `{source}`, {how}): "
                   f"mean similarity of its text embedding to the target's {np.mean(sim):.3f}"
                   + (f", against {np.mean(start):.3f} for the prompt with its harm concept removed" if start else "")
                   + ".",

@@ -283,6 +283,15 @@ def test_gradient_accumulation_matches_one_batch(spo_run, tmp_path):
     assert_same_training(run / "acc", run / "full")
 
 
+def test_scale_lr_is_the_rate_times_the_global_batch(spo_run, tmp_path):
+    # Diffusion-DPO's --scale_lr: 5e-5 × (2 per process × 1 accumulation × 2 processes) = 5e-5 × --batch 4
+    run = copy_run(spo_run, tmp_path / "run", "spo")
+    stage("04_train_spo.py", run, "--dfm", "off", "--scale-lr", "--name", "scaled")
+    stage("04_train_spo.py", run, "--dfm", "off", "--lr", "2e-4", "--name", "times4")
+    assert U.read_jsonl(run / "scaled" / "log.jsonl")[-1]["lr"] == pytest.approx(2e-4)
+    assert_same_training(run / "scaled", run / "times4")
+
+
 def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
     stage("04_train_spo.py", run, "--objective", "safety", "--lora-rank", "2")
