@@ -131,9 +131,9 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor,
         Δ_θ   = err_θ(x_w) - err_θ(x_l),   Δ_ref = err_ref(x_w) - err_ref(x_l)
         L_DPO = -E log σ( -β/2 · (Δ_θ - Δ_ref) )
 
-    The paper's T·ω(λ_t) is folded into β. The ½ follows the authors' public code; diffusers'
-    research example drops it, so its β means twice as much. Returns (mean loss, per-pair loss);
-    the per-pair losses feed the DFM descent-rate queues (Eq. 10).
+    The paper's T·ω(λ_t) is folded into β. The ½ follows the authors' public code and diffusers'
+    SDXL example; diffusers' SD-1.5 example drops it, so there β means twice as much. Returns
+    (mean loss, per-pair loss); the per-pair losses feed the DFM descent-rate queues (Eq. 10).
     """
     _check_same_1d(model_err_w=model_err_w, model_err_l=model_err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
     delta_theta = model_err_w - model_err_l

@@ -95,16 +95,28 @@ def _cpu_flags() -> str:
 
 def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   safety_checker: tuple | None = None):
-    """A text-to-image model folder (stage 0's, SD-1.5's, or a stage-4 output), loaded with
-    stock `StableDiffusionPipeline.from_pretrained`, safety checker off (we measure safety)
-    unless a (checker, feature extractor) pair is given: the post-hoc filter baseline."""
-    from diffusers import StableDiffusionPipeline
+    """A text-to-image model folder or Hugging Face id (stage 0's, SD-1.5's, SDXL's, a stage-4
+    output), loaded with the stock pipeline class its model_index.json names
+    (StableDiffusionPipeline, StableDiffusionXLPipeline, ...). The safety checker is off (we
+    measure safety) unless a (checker, feature extractor) pair is given: the post-hoc filter
+    baseline, which only a pipeline with a safety checker takes."""
+    import inspect
+    import diffusers
+    name = diffusers.DiffusionPipeline.load_config(str(path))["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise SystemExit(f"{path}: model_index.json names {name!r}, which is no pipeline of diffusers")
     checker, extractor = safety_checker or (None, None)
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=checker,
-                                                   feature_extractor=extractor, requires_safety_checker=False)
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        kw = dict(safety_checker=checker, feature_extractor=extractor, requires_safety_checker=False)
+    elif safety_checker:
+        raise SystemExit(f"{path}: a {name} has no safety checker to filter with (the filter baseline takes "
+                         f"SD-1.5's family)")
+    else:
+        kw = {}
+    pipe = cls.from_pretrained(str(path), dtype=dtype, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
 
 
 def save_pipeline(pipe, folder: Path) -> None:
@@ -411,6 +423,9 @@ def load_training_models(args, device, frozen_unet: bool):
     load = lambda cls, sub: from_pretrained_or_exit(lambda m: cls.from_pretrained(m, subfolder=sub), args.model,
                                                       "the base model", "--model")
     unet = load(UNet2DConditionModel, "unet")
+    if unet.config.addition_embed_type is not None:  # SDXL's text_time: conditioning the cache lacks
+        raise SystemExit(f"--model {args.model}: its UNet takes added conditioning ({unet.config.addition_embed_type!r}, "
+                         f"SDXL's); stage 4 trains SD-1.5's family, one text encoder and no added embedding")
     vae, text_encoder, tokenizer = load(AutoencoderKL, "vae"), load(CLIPTextModel, "text_encoder"), load(CLIPTokenizer, "tokenizer")
     noise_scheduler = load(DDPMScheduler, "scheduler")  # the training-time forward process
     vae.requires_grad_(False).eval().to(device)
