@@ -14,10 +14,9 @@ falling (descent rate v_i < τ·v̄ on P visits, Eq. 10) is "hard", and gets an 
 in the current batch; of four augmentations, the one that turns the pair's gradient the most
 (argmax 1 − cos(g_i, g_i^a), Eq. 11).
 
-Reads (DIR = --run):  DIR/<data>/hf_pairs.jsonl (stage 3; --data, default hf), the base model
-                      (--model; default DIR/world/model, stage 0's)
+Reads (DIR = --run):  DIR/<data>/hf_pairs.jsonl (stage 3's; --data), the base model (--model)
 Writes (NAME = --name, default the objective):
-  DIR/NAME/model/       the aligned model, a stock diffusers StableDiffusionPipeline folder
+  DIR/NAME/model/       the aligned model, a stock diffusers pipeline folder (the base model's class)
   DIR/NAME/lora/        with --lora-rank > 0: weights for `pipe.load_lora_weights`
   DIR/NAME/model.json   what stage 5 needs to find and evaluate it (models.write_manifest)
   DIR/NAME/log.jsonl    per step: loss, implicit accuracy, reward margin, DFM counts
@@ -44,8 +43,8 @@ import data as D
 import models as M
 import utils as U
 
-# The paper's settings are the sd15 preset (Sec. 6.1: batch 12 over six GPUs, lr 8e-8, 15k
-# steps, β = 5000); the toy's are its own, for a 4-million-parameter UNet on a CPU.
+# The paper's settings are the sd15 preset (Sec. 6.1: batch 12 over six GPUs, lr 8e-8, 15k steps,
+# β = 5000), on SDXL (Appendix E: 1024 px, bf16, fp32 VAE) the sdxl one; the toy's are its own.
 U.PRESETS["toy"]["spo"] = dict(
     model=None, data="hf", objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5, scale_lr=False, warmup=20,
     steps=300, batch=16, micro_batch=None, weight_decay=0.0, max_grad_norm=1.0, lora_rank=0, lora_alpha=None,
@@ -55,6 +54,7 @@ U.PRESETS["sd15"]["spo"] = dict(
     U.PRESETS["toy"]["spo"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", beta=5000.0, lr=8e-8, warmup=500,
     steps=15000, batch=12, micro_batch=2, weight_decay=1e-2, grad_checkpointing=True, bf16=True, ckpt_every=500,
     log_every=10, dfm_k=5, dfm_patience=2)
+U.PRESETS["sdxl"]["spo"] = dict(U.PRESETS["sd15"]["spo"], model="stabilityai/stable-diffusion-xl-base-1.0")
 U.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2, dfm_patience=1, dfm_tau=10.0)
 
 
@@ -231,10 +231,10 @@ def setup(args, hook: Hook) -> Training:
           f"{dist.world_size} process(es), micro-batches of {micro}")
 
     # The frozen parts run once: every latent and text embedding is cached before training
-    unet, ref, vae, text_encoder, tokenizer, noise_scheduler = M.load_training_models(args, dist.device, hook.frozen_unet)
+    unet, ref, vae, prompt_encoder, noise_scheduler = M.load_training_models(args, dist.device, hook.frozen_unet)
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    latents, text, index = M.build_caches(args, pairs, vae, text_encoder, tokenizer, out, dist, size)
-    text_encoder.cpu()  # done with it: the cache holds every embedding
+    latents, text, index = M.build_caches(args, pairs, vae, prompt_encoder, out, dist, size)
+    prompt_encoder.cpu()  # done with it: the cache holds every embedding
     use_bf16 = args.bf16 and dist.device.type == "cuda"
     tr = Training(
         args=args, hook=hook, dist=dist, out=out, pairs=pairs, data_counts=counts, unet=unet, ref=ref, vae=vae,

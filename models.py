@@ -1,4 +1,4 @@
-"""Text-to-image models as stock diffusers objects (~520 lines): loading, sampling, latents,
+"""Text-to-image models as stock diffusers objects (~585 lines): loading, sampling, latents,
 LoRA files, the model folders stage 5 finds, and the image cache every evaluation shares.
 
 What it is not: training (04_train_spo.py), what is measured on an image (scorers.py).
@@ -9,7 +9,8 @@ What it is not: training (04_train_spo.py), what is measured on an image (scorer
   4. Model folders: a folder that holds `model.json` is a model stage 5 evaluates;
      registry.LOADERS says how to draw from each kind
   5. The image cache: fingerprint, image_path, draw_missing
-  6. Stage 4's models: load_training_models, build_caches, trainable_state, save_final
+  6. Stage 4's models: PromptEncoder and XLConditioned (SD-1.5's family and SDXL's),
+     load_training_models, build_caches, trainable_state, save_final
 """
 from __future__ import annotations
 
@@ -416,20 +417,81 @@ def draw_missing(spec: ModelSpec, items: list[dict], out: Path, device, dtype, s
 #    embeddings, and the trained weights saved as stock diffusers folders
 # ----------------------------------------------------------------------------------------
 
+class PromptEncoder:
+    """The frozen text side of a pipeline folder, as the UNet's conditioning of a batch of
+    prompts. SD: its CLIP encoder's last states [N, L, D]. SDXL (a `text_time` UNet): its two
+    encoders' penultimate states concatenated [N, L, D], then ONE MORE ROW packing the second
+    encoder's pooled projection and the six time ids (h, w, 0, 0, h, w) of `size`-pixel images,
+    which XLConditioned unpacks. In one tensor, SDXL's conditioning is cached, indexed and
+    concatenated as SD's is, so stage 4 holds no branch for it."""
+
+    def __init__(self, path, device, added_embedding: str | None):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        self.xl = added_embedding == "text_time"
+        parts = [("", CLIPTextModel)] + ([("_2", CLIPTextModelWithProjection)] if self.xl else [])
+        load = lambda cls, sub: from_pretrained_or_exit(lambda m: cls.from_pretrained(m, subfolder=sub), path,
+                                                          "the base model", "--model")
+        self.encoders = [load(cls, f"text_encoder{n}").requires_grad_(False).eval().to(device) for n, cls in parts]
+        self.tokenizers = [load(CLIPTokenizer, f"tokenizer{n}") for n, _ in parts]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], size: int) -> torch.Tensor:
+        outs = [enc(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(enc.device), output_hidden_states=self.xl)
+                for enc, tok in zip(self.encoders, self.tokenizers)]
+        if not self.xl:
+            return outs[0][0]
+        states = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)  # SDXL reads the penultimate layer
+        pooled = outs[-1][0]                                              # text_embeds of the second encoder
+        if pooled.shape[-1] + 6 > states.shape[-1]:
+            raise SystemExit(f"the pooled embedding ({pooled.shape[-1]}) and 6 time ids do not fit one row of "
+                             f"{states.shape[-1]}: this SDXL-like model's conditioning cannot be packed")
+        row = states.new_zeros(len(prompts), 1, states.shape[-1])
+        row[:, 0, :pooled.shape[-1]] = pooled
+        row[:, 0, pooled.shape[-1]:pooled.shape[-1] + 6] = torch.tensor([size, size, 0, 0, size, size], dtype=row.dtype)
+        return torch.cat([states, row], dim=1)
+
+    def cpu(self) -> None:
+        for enc in self.encoders:
+            enc.cpu()
+
+
+class XLConditioned:
+    """SDXL's UNet called as SD's is, net(x_t, t, emb), with emb packed by PromptEncoder:
+
+        encoder_hidden_states = emb[:, :L],   text_embeds = emb[:, L, :P],   time_ids = emb[:, L, P:P+6]
+
+    (P = projection_class_embeddings_input_dim − 6 · addition_time_embed_dim). Every other
+    attribute is the UNet's own, so stage 4 trains, checkpoints and saves it as it does SD's."""
+
+    def __init__(self, unet):
+        c = unet.config
+        self.__dict__.update(unet=unet, pooled=c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, x, t, emb, **kwargs):
+        row, p = emb[:, -1], self.pooled
+        return self.unet(x, t, emb[:, :-1], added_cond_kwargs={"text_embeds": row[:, :p], "time_ids": row[:, p:p + 6]},
+                         **kwargs)
+
+
 def load_training_models(args, device, frozen_unet: bool):
-    """The policy ε_θ, the reference ε_ref, and the frozen VAE and text encoder."""
+    """The policy ε_θ, the reference ε_ref, the frozen VAE and PromptEncoder, and the training
+    noise scheduler. SD-1.5's family, or SDXL's (its UNets then called through XLConditioned)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
     load = lambda cls, sub: from_pretrained_or_exit(lambda m: cls.from_pretrained(m, subfolder=sub), args.model,
                                                       "the base model", "--model")
     unet = load(UNet2DConditionModel, "unet")
-    if unet.config.addition_embed_type is not None:  # SDXL's text_time: conditioning the cache lacks
-        raise SystemExit(f"--model {args.model}: its UNet takes added conditioning ({unet.config.addition_embed_type!r}, "
-                         f"SDXL's); stage 4 trains SD-1.5's family, one text encoder and no added embedding")
-    vae, text_encoder, tokenizer = load(AutoencoderKL, "vae"), load(CLIPTextModel, "text_encoder"), load(CLIPTokenizer, "tokenizer")
+    added = unet.config.addition_embed_type
+    if added not in (None, "text_time"):
+        raise SystemExit(f"--model {args.model}: its UNet takes added conditioning {added!r}; stage 4 trains "
+                         f"SD-1.5's family and SDXL's (text_time)")
+    wrap = XLConditioned if added == "text_time" else (lambda u: u)
+    vae, prompts = load(AutoencoderKL, "vae"), PromptEncoder(args.model, device, added)
     noise_scheduler = load(DDPMScheduler, "scheduler")  # the training-time forward process
-    vae.requires_grad_(False).eval().to(device)
-    text_encoder.requires_grad_(False).eval().to(device)
+    vae.requires_grad_(False).eval().to(device)  # fp32 (SDXL's VAE overflows in fp16); it only fills the cache
     ref_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     if args.lora_rank > 0:
         # LoRA on the attention projections (as AlignGuard's public code); the reference is the
@@ -449,7 +511,7 @@ def load_training_models(args, device, frozen_unet: bool):
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device).train()
-    return unet, ref, vae, text_encoder, tokenizer, noise_scheduler
+    return wrap(unet), ref if ref is None else wrap(ref), vae, prompts, noise_scheduler
 
 
 def cached(fn, items: list, folder: Path, name: str, dist: U.Dist, chunk: int = 512) -> torch.Tensor:
@@ -468,7 +530,7 @@ def cached(fn, items: list, folder: Path, name: str, dist: U.Dist, chunk: int = 
     return torch.cat([load_file(str(f))["x"] for f in files])
 
 
-def build_caches(args, pairs, vae, text_encoder, tokenizer, out: Path, dist: U.Dist, size: int):
+def build_caches(args, pairs, vae, prompt_encoder: PromptEncoder, out: Path, dist: U.Dist, size: int):
     """Latents of every image and embeddings of every prompt, each computed exactly once.
     Public Diffusion-DPO runs the VAE and text encoder at every step; both are frozen, so
     their outputs are the same every time, and caching them takes them out of the loop."""
@@ -477,15 +539,9 @@ def build_caches(args, pairs, vae, text_encoder, tokenizer, out: Path, dist: U.D
     key = hashlib.sha1("\n".join([str(args.model), str(size), *files, *prompts]).encode()).hexdigest()[:12]
     folder = out / "cache" / key
 
-    def embed(batch):
-        ids = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(text_encoder.device)
-        with torch.no_grad():
-            return text_encoder(ids)[0]
-
     latents = cached(lambda b: encode_images(vae, torch.stack([load_image(f, size) for f in b])), files, folder,
                      "latents", dist, chunk=256)
-    text = cached(embed, prompts, folder, "text", dist, chunk=256)
+    text = cached(lambda b: prompt_encoder(b, size), prompts, folder, "text", dist, chunk=256)
     file_index = {f: i for i, f in enumerate(files)}
     prompt_index = {p: i for i, p in enumerate(prompts)}
     index = torch.tensor([[file_index[p["w"]["file"]], file_index[p["l"]["file"]], prompt_index[p["prompt"]]]
@@ -509,9 +565,8 @@ def load_trainable_state(unet, state: dict, lora: bool) -> None:
 
 
 def save_final(args, unet, out: Path) -> None:
-    """The aligned model as a stock StableDiffusionPipeline folder; LoRA also as its own
-    weights file that `pipe.load_lora_weights(out / "lora")` loads onto the base model."""
-    from diffusers import StableDiffusionPipeline
+    """The aligned model as a stock pipeline folder of the base model's class; LoRA also as its
+    own weights file that `pipe.load_lora_weights(out / "lora")` loads onto the base model."""
     pipe = load_pipeline(args.model)
     if args.lora_rank > 0:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -519,7 +574,7 @@ def save_final(args, unet, out: Path) -> None:
         tmp = out / ".lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         config = unet.peft_config["default"]  # r and α travel with the weights: load_lora_weights reads them
-        StableDiffusionPipeline.save_lora_weights(
+        type(pipe).save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
                                         "target_modules": sorted(config.target_modules)})

@@ -47,7 +47,9 @@ class DataError(ValueError):
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "toy": {},
     "sd15": {},
+    "sdxl": {},  # stage 4 on SDXL (Appendix E); its other stages are sd15's (PRESET_PARENT)
 }
+PRESET_PARENT = {"sdxl": "sd15"}  # a stage a preset gives no values of its own takes its parent's
 TINY: dict[str, dict[str, Any]] = {}
 # Every toy stage samples with 10 DDIM steps (and guidance 4): on the stage-0 model, 10 steps
 # give the harmful rate and toy quality of 20 within noise at less than half the time
@@ -91,7 +93,7 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
 def preset_defaults(preset: str, stage: str, tiny: bool) -> dict[str, Any]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    d = dict(PRESETS[preset].get(stage, {}))
+    d = dict(PRESETS[preset].get(stage) or PRESETS[PRESET_PARENT.get(preset, preset)].get(stage, {}))
     if tiny:
         d.update(TINY.get(stage, {}))
     return d

@@ -242,13 +242,13 @@ class Phase:
         load_cfg = argparse.Namespace(**vars(cfg))
         if naive:
             load_cfg.bf16 = False  # load_training_models' reference dtype: the naive reference is fp32
-        unet, ref, vae, text_encoder, tokenizer, sched = M.load_training_models(load_cfg, device, frozen_unet=False)
+        unet, ref, vae, prompt_encoder, sched = M.load_training_models(load_cfg, device, frozen_unet=False)
         if naive and ref is None:  # LoRA: the naive step keeps a separate fp32 reference UNet
             from diffusers import UNet2DConditionModel
             ref = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet")
             ref = ref.requires_grad_(False).eval().to(device)
         self.unet, self.ref, self.vae, self.sched = unet, ref, vae, sched
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.prompt_encoder = prompt_encoder
         self.size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         use_bf16 = cfg.bf16 and device.type == "cuda"
         self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -263,11 +263,11 @@ class Phase:
         else:     # what 04 does before training: every latent and embedding computed once
             t0 = time.perf_counter()
             dist = U.Dist(0, 1, 0, device)
-            self.latents, self.text, self.index = M.build_caches(cfg, batch, vae, text_encoder, tokenizer,
-                                                                   work / ("cache-" + str(id(self))), dist, self.size)
+            self.latents, self.text, self.index = M.build_caches(cfg, batch, vae, prompt_encoder,
+                                                                 work / ("cache-" + str(id(self))), dist, self.size)
             self.cache_seconds = time.perf_counter() - t0
             self.n_cached = (len(self.latents), len(self.text))
-            text_encoder.cpu()
+            prompt_encoder.cpu()
         if dfm:
             named = dict(unet.named_modules())
             self.dfm_modules = [named[m] for m in cfg.dfm_modules]
@@ -316,10 +316,7 @@ class Phase:
         t0 = self.meter.now()
         z_w = M.encode_images(self.vae, self.pixels["w"][sl])
         z_l = M.encode_images(self.vae, self.pixels["l"][sl])
-        ids = self.tokenizer(self.prompts[sl], padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        with torch.no_grad():
-            emb = self.text_encoder(ids)[0]
+        emb = self.prompt_encoder(self.prompts[sl], self.size)
         self.encode_seconds += self.meter.now() - t0
         err_w = C.denoising_errors(self.unet, self.sched, z_w, t, noise, emb, self.autocast)
         err_l = C.denoising_errors(self.unet, self.sched, z_l, t, noise, emb, self.autocast)
