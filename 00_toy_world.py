@@ -7,7 +7,8 @@ a tiny Stable Diffusion from scratch on drawn scenes, so that — like an
 unaligned model — it draws harm marks when a prompt names a harmful concept.
 
 Outputs (DIR = --run):
-  DIR/world/model/           a stock diffusers StableDiffusionPipeline folder
+  DIR/world/model/           a stock diffusers StableDiffusionPipeline folder (--arch sdxl:
+                             StableDiffusionXLPipeline, for Appendix E on the toy: make sdxl)
   DIR/world/prompts/*.jsonl  harmful (with safe rewrites), benign, look-alike; train/eval
   DIR/world/contact_sheet.png, metrics.json, config.json, log.jsonl
 
@@ -35,7 +36,7 @@ U.PRESETS["toy"]["world"] = dict(
     n_prompts=2400, eval_fraction=0.15, n_images=8000,
     vae_steps=700, vae_batch=32, vae_lr=2e-3,
     unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
-    cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200,
+    cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200, arch="sd",
     eval_per_set=64, sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None)
 U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])  # parsed, then refused: no toy world on sd15
 U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
@@ -54,7 +55,9 @@ def parse(argv=None):
     p.add_argument("--unet-batch", type=int)
     p.add_argument("--unet-lr", type=float)
     p.add_argument("--unet-channels", help="UNet block widths, comma-separated")
-    p.add_argument("--text-width", type=int, help="text encoder hidden size")
+    p.add_argument("--text-width", type=int, help="text encoder hidden size (sdxl: of both encoders together)")
+    p.add_argument("--arch", choices=["sd", "sdxl"], help="the base model's architecture: SD-1.5's, or SDXL's (two "
+                                                          "text encoders, pooled embedding and time ids; make sdxl)")
     p.add_argument("--cfg-dropout", type=float, help="share of empty prompts, for classifier-free guidance")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--ckpt-every", type=int)
@@ -121,21 +124,31 @@ def draw_training_set(args, lists) -> tuple[torch.Tensor, list[str]]:
 # ---------------------------------------------------------------------------------------
 
 def build_models(args):
+    """(tokenizer, VAE, text encoder, UNet); with --arch sdxl the text encoder is SDXL's pair
+    (a ModuleList: CLIP and CLIP with projection, each half the width) and the UNet takes the
+    pooled embedding and 6 time ids in its `text_time` added embedding, at SDXL's proportions."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     tokenizer = M.clip_tokenizer(max_length=32)
     vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
                         sample_size=W.IMAGE_SIZE, mid_block_add_attention=False)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=args.text_width, intermediate_size=2 * args.text_width,
+    xl = args.arch == "sdxl"
+    width = args.text_width // 2 if xl else args.text_width
+    text = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **({"projection_dim": width} if xl else {}))
+    text_encoder = (torch.nn.ModuleList([CLIPTextModel(text), CLIPTextModelWithProjection(text)]) if xl
+                    else CLIPTextModel(text))
+    added = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=width + 6 * 8) if xl else {}
     widths = tuple(int(c) for c in args.unet_channels.split(","))
     unet = UNet2DConditionModel(
         sample_size=W.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=widths,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1, cross_attention_dim=args.text_width, attention_head_dim=8, norm_num_groups=16)
+        layers_per_block=1, cross_attention_dim=args.text_width, attention_head_dim=8, norm_num_groups=16, **added)
     return tokenizer, vae, text_encoder, unet
 
 
@@ -218,6 +231,11 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
         start = state["unet_step"]
     log.truncate(lambda r: r["phase"] != "unet" or r["step"] < start)
     alphas = scheduler.alphas_cumprod.to(device)
+    if args.arch == "sdxl":  # SDXL's conditioning, packed as stage 4 caches it (models.pack_xl)
+        net, condition = M.XLConditioned(unet), lambda tok: M.pack_xl(
+            [enc(tok, output_hidden_states=True) for enc in text_encoder], W.IMAGE_SIZE)
+    else:
+        net, condition = unet, lambda tok: text_encoder(tok).last_hidden_state
     bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
     for step in bar:
         if args.stop_after is not None and step >= args.stop_after:
@@ -233,7 +251,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
         z0, noise, t, tok = z0.to(device), noise.to(device), t.to(device), tok.to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(zt, t, encoder_hidden_states=text_encoder(tok).last_hidden_state).sample
+        pred = net(zt, t, condition(tok)).sample
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
@@ -303,7 +321,7 @@ def main():
     lists = build_prompt_lists(args, out)
     U.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
     if not (out / "model" / "model_index.json").exists():
-        from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
         x, prompts = draw_training_set(args, lists)
         tokenizer, vae, text_encoder, unet = build_models(args)
         ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
@@ -316,9 +334,15 @@ def main():
                                     beta_schedule="scaled_linear", clip_sample=False)
         train_unet(args, text_encoder, unet, tokenizer, train_sched, (lat_mean * scale, lat_std * scale),
                    prompts, ckpt, log, device)
-        pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer,
-                                       unet=unet.cpu(), scheduler=DDIMScheduler.from_config(train_sched.config, steps_offset=1, set_alpha_to_one=False),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        sampler = DDIMScheduler.from_config(train_sched.config, steps_offset=1, set_alpha_to_one=False)
+        if args.arch == "sdxl":  # "" is trained as the unconditional prompt: no zeros in its place
+            pipe = StableDiffusionXLPipeline(vae=vae.cpu(), text_encoder=text_encoder[0].cpu(), tokenizer=tokenizer,
+                                             text_encoder_2=text_encoder[1].cpu(), tokenizer_2=tokenizer, unet=unet.cpu(),
+                                             scheduler=sampler, force_zeros_for_empty_prompt=False, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer,
+                                           unet=unet.cpu(), scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp)

@@ -19,9 +19,13 @@
 #   make psa     - PSA: simulated users, the profile-conditioned adapter trained on per-user
 #                  preferences, and the per-user evaluation, ending with the per-level table
 #   make psa-seeds - after make psa: the adapter with seeds 1 and 2, for seed verdicts of PSA's claims
+#   make sdxl    - Appendix E on the toy: stages 0-5 into runs/sdxl on a toy world whose model has
+#                  SDXL's architecture (stage 0 --arch sdxl), ending with T2I-SPO against its own base
 PYTHON ?= python3
 VENV ?= .venv
 RUN ?= runs/toy
+XL_RUN ?= runs/sdxl
+WORLD_FLAGS ?=
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
@@ -64,7 +68,7 @@ PSA_SEEDS := psa-seed-1 psa-seed-2
 BASELINES := esd-u filter rece uce sld
 ATTACK_PROMPTS := 32
 
-.PHONY: toy test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+.PHONY: toy sdxl test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%) $(PROMPTEDIT_SEEDS)
 
 install: $(VENV)/.installed
@@ -87,13 +91,17 @@ test-slow: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow tests
 
 toy: install
-	$(PY) 00_toy_world.py --run $(RUN)
+	$(PY) 00_toy_world.py --run $(RUN) $(WORLD_FLAGS)
 	$(PY) 00_curate_prompts.py --run $(RUN)
 	$(PY) 01_build_coarse.py --run $(RUN)
 	$(PY) 02_train_scm.py --run $(RUN)
 	$(PY) 03_build_hf.py --run $(RUN)
 	$(PAIR) stage4-spo stage4-safety
 	$(PY) 05_evaluate.py --run $(RUN)
+
+# Appendix E on the toy: the whole pipeline on a toy world whose model has SDXL's architecture
+sdxl:
+	$(MAKE) toy RUN=$(XL_RUN) WORLD_FLAGS="--arch sdxl"
 
 stage4-spo stage4-safety: install
 	$(STAGE4) --objective $(@:stage4-%=%)

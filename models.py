@@ -441,19 +441,25 @@ class PromptEncoder:
                 for enc, tok in zip(self.encoders, self.tokenizers)]
         if not self.xl:
             return outs[0][0]
-        states = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)  # SDXL reads the penultimate layer
-        pooled = outs[-1][0]                                              # text_embeds of the second encoder
-        if pooled.shape[-1] + 6 > states.shape[-1]:
-            raise SystemExit(f"the pooled embedding ({pooled.shape[-1]}) and 6 time ids do not fit one row of "
-                             f"{states.shape[-1]}: this SDXL-like model's conditioning cannot be packed")
-        row = states.new_zeros(len(prompts), 1, states.shape[-1])
-        row[:, 0, :pooled.shape[-1]] = pooled
-        row[:, 0, pooled.shape[-1]:pooled.shape[-1] + 6] = torch.tensor([size, size, 0, 0, size, size], dtype=row.dtype)
-        return torch.cat([states, row], dim=1)
+        return pack_xl(outs, size)
 
     def cpu(self) -> None:
         for enc in self.encoders:
             enc.cpu()
+
+
+def pack_xl(outs, size: int) -> torch.Tensor:
+    """SDXL's conditioning from its two encoders' outputs (called with output_hidden_states):
+    the penultimate states concatenated (SDXL reads that layer), then one row holding the second
+    encoder's pooled projection and the time ids (h, w, 0, 0, h, w) of `size`-pixel images."""
+    states = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+    pooled = outs[-1][0]
+    if pooled.shape[-1] + 6 > states.shape[-1]:
+        raise SystemExit(f"the pooled embedding ({pooled.shape[-1]}) and 6 time ids do not fit one row of "
+                         f"{states.shape[-1]}: this SDXL-like model's conditioning cannot be packed")
+    ids = torch.tensor([size, size, 0, 0, size, size], dtype=states.dtype, device=states.device)
+    row = torch.cat([pooled, ids.expand(len(pooled), 6), states.new_zeros(len(pooled), states.shape[-1] - pooled.shape[-1] - 6)], dim=-1)
+    return torch.cat([states, row[:, None]], dim=1)
 
 
 class XLConditioned:
