@@ -165,3 +165,16 @@ def test_sdxl_preset_is_sd15s_on_sdxl():
     assert xl == sd and xl["bf16"] and xl["grad_checkpointing"]
     module("01_build_coarse.py")  # a stage sdxl gives nothing of its own takes sd15's values
     assert U.preset_defaults("sdxl", "coarse", False) == U.preset_defaults("sd15", "coarse", False) != {}
+
+
+def test_toy_world_with_sdxls_architecture(tmp_path):
+    # stage 0 --arch sdxl (make sdxl's base model): trained through the packed conditioning,
+    # saved as a stock SDXL pipeline whose empty prompt is encoded, as trained, not zeroed
+    from diffusers import StableDiffusionXLPipeline
+    stage("00_toy_world.py", tmp_path, "--arch", "sdxl", "--eval-per-set", "2")
+    pipe = M.load_pipeline(tmp_path / "world" / "model")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and pipe.unet.config.addition_embed_type == "text_time"
+    assert not pipe.config.force_zeros_for_empty_prompt and pipe.unet.config.cross_attention_dim == 64
+    assert pipe.text_encoder.config.hidden_size == pipe.text_encoder_2.config.hidden_size == 32
+    m = U.read_json(tmp_path / "world" / "metrics.json")
+    assert 0 <= m["harmful_rate_on_lookalike"] <= 1 and m["judge_agreement"] > 0.5
