@@ -158,11 +158,7 @@ SETTINGS = ("model", "source", "n_prompts", "prompts", "seed", "steps", "tokens"
 def jailbreak_parser():
     p = U.stage_parser("jailbreak", "Fig. 4B's jailbreak prompts (MMA-Diffusion's manner), into DIR/attacks/")
     p.add_argument("--model", help="the model whose text encoder is attacked (default: the stage-0 model)")
-    p.add_argument("--source", metavar="NAME=FILE",
-                   help="the harmful prompt set the targets are drawn from (default: harmful=the toy world's "
-                        "harmful_eval.jsonl)")
-    p.add_argument("--n-prompts", type=int, help="the first N prompts of --source, as stage 5 reads it")
-    p.add_argument("--prompts", type=int, help="targets attacked (drawn with --seed among those with a category)")
+    add_target_flags(p)
     p.add_argument("--steps", type=int, help="greedy coordinate-gradient steps per prompt")
     p.add_argument("--tokens", type=int, help="adversarial words per prompt")
     p.add_argument("--candidates", type=int, help="single-token swaps tried per step")
@@ -170,6 +166,15 @@ def jailbreak_parser():
     p.add_argument("--banned", nargs="+", help="words no attack prompt may contain (MMA's sensitive words)")
     p.add_argument("--device")
     return p
+
+
+def add_target_flags(p) -> None:
+    """The flags attack_targets reads, the same for every attack."""
+    p.add_argument("--source", metavar="NAME=FILE",
+                   help="the harmful prompt set the targets are drawn from (default: harmful=the toy world's "
+                        "harmful_eval.jsonl)")
+    p.add_argument("--n-prompts", type=int, help="the first N prompts of --source, as stage 5 reads it")
+    p.add_argument("--prompts", type=int, help="targets attacked (drawn with --seed among those with a category)")
 
 
 def attack_targets(args) -> tuple[str, list[dict]]:

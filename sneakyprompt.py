@@ -289,11 +289,7 @@ def search_parser():
     p = U.stage_parser("sneakyprompt", "Fig. 4B's SneakyPrompt attack against the safety filter, into DIR/attacks/")
     p.add_argument("--model", help="the base model behind the filter (default: the stage-0 model)")
     p.add_argument("--filter", help="the filter model's folder (default: DIR/baselines/filter)")
-    p.add_argument("--source", metavar="NAME=FILE",
-                   help="the harmful prompt set the targets are drawn from (default: harmful=the toy world's "
-                        "harmful_eval.jsonl)")
-    p.add_argument("--n-prompts", type=int, help="the first N prompts of --source, as stage 5 reads it")
-    p.add_argument("--prompts", type=int, help="targets attacked (drawn with --seed among those with a category)")
+    A.add_target_flags(p)
     p.add_argument("--banned", nargs="+", help="sensitive words: replaced first, and never in a sub-word")
     p.add_argument("--reward", choices=("clip", "l2"), help="clip: CLIPScore of the passed image; l2: offline, "
                                                              "text embeddings (SneakyPrompt's reward_mode)")
