@@ -14,7 +14,7 @@ The questions are the files instructions/filter.md and instructions/rewrite.md; 
 any OpenAI-compatible model (`--judge openai --judge-model gpt-4o`, key from OPENAI_API_KEY,
 never logged), or on the toy preset the toy world's exact programs (toyworld.ToyCurator).
 
-Reads (DIR = --run): --sources (files: JSONL, CSV in any published layout data.py reads, a
+Reads (DIR = --run): --sources (files: JSONL, CSV in any published layout lib/data.py reads, a
 JSON list, DiffusionDB's metadata.parquet; or hf:ID), --concepts (JSON {category: [concept]};
 toy: the toy world's 21 concepts; sd15: instructions/harm_concepts.json).
 Writes DIR/prompts/:
@@ -32,9 +32,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import data as D
-import toyworld as W
-import utils as U
+from lib import data as D
+from lib import toyworld as W
+from lib import utils as U
 
 ROOT = Path(__file__).resolve().parent
 U.PRESETS["toy"]["prompts"] = dict(
@@ -97,7 +97,7 @@ class OpenAICurator:
     """The two questions put to an OpenAI-compatible model, with the instructions' files."""
 
     def __init__(self, args):
-        import judge_client as J
+        from lib import judge_client as J
         self.client = J.OpenAIJudge(model=args.judge_model, base_url=args.judge_base_url, timeout=args.judge_timeout,
                                     max_retries=args.judge_retries)
         self.name, self.stats = self.client.name, self.client.stats

@@ -2,7 +2,7 @@
 
 The paper aligns Stable Diffusion v1.5 against harm judged by GPT-4o and quality judged by
 PickScore (Secs. 3-6). To run, and check, every stage on a CPU in minutes we build a world in
-which both judges are exact programs (`toy_judge`, `toy_quality` in toyworld.py) and train
+which both judges are exact programs (`toy_judge`, `toy_quality` in lib/toyworld.py) and train
 a tiny Stable Diffusion from scratch on drawn scenes, so that — like an
 unaligned model — it draws harm marks when a prompt names a harmful concept.
 
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import models as M
-import plots
-import toyworld as W
-import utils as U
+from lib import models as M
+from lib import plots
+from lib import toyworld as W
+from lib import utils as U
 
 U.PRESETS["toy"]["world"] = dict(
     n_prompts=2400, eval_fraction=0.15, n_images=8000,

@@ -8,7 +8,7 @@ also gets a sign s = +1 (harmful) or -1 (safe). These pairs train the Safety Cos
 
 Reads (DIR = --run): the T2I model(s) (--models; default stage 0's DIR/world/model), harmful
 prompts (--harmful-prompts: any JSONL with a "prompt" column; default DIR/prompts/harmful.jsonl)
-and safe prompts (--safe-prompts: files in any layout data.py reads; default the prompts the
+and safe prompts (--safe-prompts: files in any layout lib/data.py reads; default the prompts the
 prompt stage found harmless, DIR/prompts/safe.jsonl). The judge
 is the toy world's exact one by default, or any OpenAI-compatible vision model (`--judge
 openai --judge-model gpt-4o`, key from OPENAI_API_KEY). An image's sign is the judge's
@@ -30,10 +30,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import data as D
-import models as M
-import scorers as S
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import scorers as S
+from lib import utils as U
 
 U.PRESETS["toy"]["coarse"] = dict(
     models=None, harmful_prompts=None, safe_prompts=None, n_harmful_prompts=1000, seeds_per_prompt=2,

@@ -35,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 import common as C
-import scorers as S
-import utils as U
+from lib import scorers as S
+from lib import utils as U
 
 # The paper's SCM is OpenCLIP ViT-H/14 with a light head (sd15: the tower frozen, the head
 # trained); the toy's is a 3-layer ViT trained from scratch on 32-pixel images.

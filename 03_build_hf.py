@@ -13,7 +13,7 @@ teaching it that "safe" means "worse", the paper builds a second, smaller datase
   * Safe-safe pairs of varying quality (the paper takes 2,495 from Pick-a-Pic): here two
     samples of one safe prompt (--safe-prompts; default the prompts the prompt stage found
     harmless) with different seeds and guidance scales, or, with --safe-pairs, a
-    Pick-a-Pic-style JSONL of image pairs (`python data.py pickapic` writes one).
+    Pick-a-Pic-style JSONL of image pairs (`python -m lib.data pickapic` writes one).
 
 AlignGuard's data, CoProV2, pairs by PROMPT EDITING instead (`--pairing prompt-edit`): the
 safe image is sampled from the safe prompt with a seed of its own, so it shares nothing with
@@ -32,7 +32,7 @@ which image wins, it records both annotations as pair sides "a" and "b".
 
 Reads (DIR = --run): the T2I model (--model; default stage 0's), harmful prompts with their
 safe rewrites (--harmful-prompts: JSONL rows {prompt, safe_prompt, category}; default the prompt
-stage's DIR/prompts/harmful.jsonl), safe prompts or Pick-a-Pic-style safe pairs (`python data.py
+stage's DIR/prompts/harmful.jsonl), safe prompts or Pick-a-Pic-style safe pairs (`python -m lib.data
 pickapic` writes them from Pick-a-Pic v2), and the SCM in DIR/scm (stage 2).
 Writes (NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs):
   DIR/NAME/images/*.png                both images of every kept pair
@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data as D
-import models as M
-import scorers as S
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import scorers as S
+from lib import utils as U
 
 U.PRESETS["toy"]["hf"] = dict(
     name="hf", pairing="inpaint", coprov2=None, reuse_images=None,

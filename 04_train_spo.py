@@ -39,9 +39,9 @@ import torch
 from tqdm import tqdm
 
 import common as C
-import data as D
-import models as M
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import utils as U
 
 # The paper's settings are the sd15 preset (Sec. 6.1: batch 12 over six GPUs, lr 8e-8, 15k steps,
 # β = 5000), on SDXL (Appendix E: 1024 px, bf16, fp32 VAE) the sdxl one; the toy's are its own.

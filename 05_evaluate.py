@@ -38,14 +38,14 @@ import numpy as np
 import torch
 
 import common as C
-import data as D
-import models as M
-import plots
-import registry as R
-import scorers as S
-import stats
-import utils as U
-import toyworld as W
+from lib import data as D
+from lib import models as M
+from lib import plots
+from lib import registry as R
+from lib import scorers as S
+from lib import stats
+from lib import toyworld as W
+from lib import utils as U
 
 U.PRESETS["toy"]["eval"] = dict(
     base=None, models=None, prompt_sets=None, harmful_sets=None, scm=None, n_prompts=100, seeds_per_prompt=1,
@@ -164,7 +164,7 @@ def summarise(rows: list[dict], nudenet_threshold: float, ua_center=None) -> dic
 def load_prompt_sets(args, run: Path) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
     """--prompt-sets NAME=SOURCE (a file, or hf:ID for a Hugging Face dataset; default the toy
     world's three eval sets), each cut to --n-prompts, then every attack set in DIR/attacks/
-    whole (attacks.py writes them); with the rows each set left out (--skip-bad-rows)."""
+    whole (systems/attacks.py writes them); with the rows each set left out (--skip-bad-rows)."""
     given = U.name_value_pairs(args.prompt_sets, "--prompt-sets")
     if not given:
         prompts = Path(U.toy_world_input(args, U.stage_dir(run, "world") / "prompts", "--prompt-sets NAME=FILE"))
@@ -430,7 +430,7 @@ def main():
     scorers.add_set_scores(metrics, models, items, sets, benign, out)  # FID per model and set (Appendix D)
     # How sure: the paired bootstrap interval of each difference the paper's claims rest on,
     # and the spread of each figure over training seeds (models named NAME_seedK)
-    metrics["intervals"] = stats.intervals(rows, CLAIMS, args.bootstrap, args.seed, args.ua_center)
+    metrics["intervals"] = stats.intervals(rows, CLAIMS, args.bootstrap, args.seed, C.ua_score, args.ua_center)
     metrics["seeds"] = stats.seed_spread(metrics, [m.name for m in models])
     names = [n for m in models for n in (m.name, *m.aliases)]
     ev = Evaluation(args, run, out, models, names, sets, harmful, benign, items, rows, metrics, scorers,

@@ -63,7 +63,7 @@ PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2
 # PSA's adapter again with training seeds 1 and 2 (make psa-seeds)
 PSA_SEEDS := psa-seed-1 psa-seed-2
 
-# The paper's other Table 2 methods, longest first (RECE is rece.py's), and the number of prompts
+# The paper's other Table 2 methods, longest first (RECE is systems/rece.py's), and the number of prompts
 # each attack of Fig. 4B writes
 BASELINES := esd-u filter rece uce sld
 ATTACK_PROMPTS := 32
@@ -131,7 +131,7 @@ dfm: install
 	$(PY) 05_evaluate.py --run $(RUN)
 
 $(DFM_RUNS): install
-	$(HALF) dfm_study.py train --run $(RUN) $(DFM_STUDY) $(DFM_$(word 2,$(subst -, ,$@))) --seed $(word 3,$(subst -, ,$@)) \
+	$(HALF) -m systems.dfm_study train --run $(RUN) $(DFM_STUDY) $(DFM_$(word 2,$(subst -, ,$@))) --seed $(word 3,$(subst -, ,$@)) \
 		--name dfm/$(word 2,$(subst -, ,$@))_seed$(word 3,$(subst -, ,$@))
 
 # longest first, so that two at a time finish together
@@ -148,11 +148,11 @@ all-single: install
 	$(STAGE4) $(AG_LORA) --steps $(AG_ALL_STEPS) --name all_single
 
 $(AG_EXPERTS): install
-	$(HALF) alignguard.py expert --run $(RUN) $(AG_LORA) --steps $(AG_EXPERT_STEPS) --categories "$(subst _, ,$(@:expert-%=%))" \
+	$(HALF) -m systems.alignguard expert --run $(RUN) $(AG_LORA) --steps $(AG_EXPERT_STEPS) --categories "$(subst _, ,$(@:expert-%=%))" \
 		--name expert_$(@:expert-%=%)
 
 $(AG_MERGES:%=merge-%): install
-	$(HALF) alignguard.py merge --run $(RUN) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%)
+	$(HALF) -m systems.alignguard merge --run $(RUN) --merge-experts $(AG_CATEGORIES:%=expert_%) --merge-method $(@:merge-%=%)
 
 # spo-promptedit-<seed>: T2I-SPO on the prompt-edited pairs with another training seed, beside
 # seed-spo-<seed> on the inpainted ones (stage 5 reports each figure's spread over the seeds)
@@ -163,25 +163,25 @@ alignguard-seeds: install
 $(PROMPTEDIT_SEEDS): install
 	$(STAGE4) --data coprov2 --seed $(@:spo-promptedit-%=%) --name spo_promptedit_seed$(@:spo-promptedit-%=%)
 
-# The paper's other Table 2 methods (baselines.py) into $(RUN)/baselines/, Fig. 4B's attacks
-# into $(RUN)/attacks/ (the jailbreak prompts, attacks.py; SneakyPrompt against the filter,
-# sneakyprompt.py), then stage 5
+# The paper's other Table 2 methods (systems/baselines.py) into $(RUN)/baselines/, Fig. 4B's attacks
+# into $(RUN)/attacks/ (the jailbreak prompts, systems/attacks.py; SneakyPrompt against the filter,
+# systems/sneakyprompt.py), then stage 5
 baselines: install
 	$(PAIR) $(BASELINES:%=baseline-%)
-	$(PY) attacks.py jailbreak --run $(RUN) --prompts $(ATTACK_PROMPTS)
-	$(PY) sneakyprompt.py search --run $(RUN) --prompts $(ATTACK_PROMPTS)
+	$(PY) -m systems.attacks jailbreak --run $(RUN) --prompts $(ATTACK_PROMPTS)
+	$(PY) -m systems.sneakyprompt search --run $(RUN) --prompts $(ATTACK_PROMPTS)
 	$(PY) 05_evaluate.py --run $(RUN)
 
 $(filter-out baseline-rece,$(BASELINES:%=baseline-%)): install
-	$(HALF) baselines.py build --run $(RUN) --baseline $(@:baseline-%=%)
+	$(HALF) -m systems.baselines build --run $(RUN) --baseline $(@:baseline-%=%)
 
 baseline-rece: install
-	$(HALF) rece.py build --run $(RUN)
+	$(HALF) -m systems.rece build --run $(RUN)
 
-# PSA: the simulated users, the adapter (psa.py), the per-user report (psa_eval.py, in stage 5)
+# PSA: the simulated users, the adapter (systems/psa.py), the per-user report (systems/psa_eval.py, in stage 5)
 psa: install
-	$(PY) psa.py users --run $(RUN)
-	$(PY) psa.py train --run $(RUN)
+	$(PY) -m systems.psa users --run $(RUN)
+	$(PY) -m systems.psa train --run $(RUN)
 	$(PY) 05_evaluate.py --run $(RUN)
 
 # after make psa: the adapter with two more training seeds, for the seed verdicts of PSA's claims
@@ -190,4 +190,4 @@ psa-seeds: install
 	$(PY) 05_evaluate.py --run $(RUN)
 
 $(PSA_SEEDS): install
-	$(HALF) psa.py train --run $(RUN) --seed $(@:psa-seed-%=%) --name psa_seed$(@:psa-seed-%=%)
+	$(HALF) -m systems.psa train --run $(RUN) --seed $(@:psa-seed-%=%) --name psa_seed$(@:psa-seed-%=%)

@@ -5,8 +5,8 @@ equations; docs/equations.md has all of them with the notation.
 Paper: "The Path to Reconciling Quality and Safety in Text-to-Image Generation: Dataset,
 Method, and Evaluation" (T2I-SPO).
 
-What it is not: plumbing (utils.py), models and sampling (models.py), the scorers
-(scorers.py), or other systems' math (Co-Merge in alignguard.py, UCE and ESD in baselines.py).
+What it is not: plumbing (lib/utils.py), models and sampling (lib/models.py), the scorers
+(lib/scorers.py), or other systems' math (Co-Merge in systems/alignguard.py, UCE and ESD in systems/baselines.py).
 
   0.  input checks of the losses
   1.  Sec. 3.1  contrastive_ranking_loss (Eq. 2), cost_anchoring_loss (Eq. 3), scm_loss (Eq. 1)
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import models as M
+from lib import models as M
 
 
 class NonFiniteError(ValueError, FloatingPointError):

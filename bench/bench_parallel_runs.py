@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from bench_spo_step import ROOT, C, W, cpu_name, random_toy_model, random_toy_models
-import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
-import scorers as S  # noqa: E402
-import utils as U  # noqa: E402
+from lib import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
+from lib import scorers as S  # noqa: E402
+from lib import utils as U  # noqa: E402
 
 KINDS = ("unet-train", "scm-train", "sample")
 

@@ -49,10 +49,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
-import data as D  # noqa: E402
-import models as M  # noqa: E402
-import toyworld as W  # noqa: E402
-import utils as U  # noqa: E402
+from lib import data as D  # noqa: E402
+from lib import models as M  # noqa: E402
+from lib import toyworld as W  # noqa: E402
+from lib import utils as U  # noqa: E402
 
 
 SPO = U.load_script("04_train_spo.py")  # also installs the spo presets

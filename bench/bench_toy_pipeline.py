@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from bench_spo_step import ROOT, W, random_toy_model
-import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
-import utils as U  # noqa: E402
+from lib import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
+from lib import utils as U  # noqa: E402
 
 
 def time_adamw(unet, text_encoder, steps: int, reps: int, rounds: int) -> None:

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def module(script):
     """A stage script (its name starts with a digit) imported as a module."""
-    import utils as U
+    from lib import utils as U
     return U.load_script(script)
 
 
 def stage(script, run, *extra, check=True, env=None):
     """`python SCRIPT --tiny --run RUN ...` from the repository root, offline; SCRIPT may name a
-    system's command too ("psa.py train"); `env`: the whole environment, instead of this one's."""
+    system's command too ("-m systems.psa train"); `env`: the whole environment, instead of this one's."""
     r = subprocess.run([sys.executable, *script.split(), "--tiny", "--run", str(run), *extra], cwd=ROOT,
                        capture_output=True, text=True, env={**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1"})
     if check:
@@ -41,7 +41,7 @@ def tiny_world_with_scm(run):
     """Stage 0 at --tiny (4 evaluation prompts per set), the prompt stage, and a random SCM
     saved as stage 2 saves one: the paths that need no trained SCM start here."""
     import torch
-    import scorers as S
+    from lib import scorers as S
     stage("00_toy_world.py", run, "--eval-per-set", "4")
     stage("00_curate_prompts.py", run)
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def tiny_clip(tmp_path_factory):
     """A random-weight CLIP (and its processor, CLIP's tokenizer) saved as transformers saves
     one: PickScore, CLIPScore and Q16 load it as they load the real checkpoints."""
     import torch
-    import models as M
+    from lib import models as M
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     folder = tmp_path_factory.mktemp("tiny-clip")
     torch.manual_seed(0)

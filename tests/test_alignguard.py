@@ -12,12 +12,12 @@ import torch
 
 from conftest import module, stage, tiny_world_with_scm
 
-import alignguard as AG
-import data as D
-import models as M
-import stats
-import toyworld as W
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import stats
+from lib import toyworld as W
+from lib import utils as U
+from systems import alignguard as AG
 
 
 SPO = module("04_train_spo.py")
@@ -179,12 +179,12 @@ def ag_run(tmp_path_factory):
     experts = []
     for c in top:
         experts.append("expert_" + c.replace(" ", "_"))
-        stage("alignguard.py expert", run, *lora, "--categories", c, "--name", experts[-1])
+        stage("-m systems.alignguard expert", run, *lora, "--categories", c, "--name", experts[-1])
     stage("04_train_spo.py", run, *lora, "--name", "all_single")
     stage("04_train_spo.py", run)
     stage("04_train_spo.py", run, "--data", "coprov2", "--name", "spo_promptedit")
     for method in ("comerge", "ties"):
-        stage("alignguard.py merge", run, "--merge-experts", *experts, "--merge-method", method)
+        stage("-m systems.alignguard merge", run, "--merge-experts", *experts, "--merge-method", method)
     r = stage("05_evaluate.py", run)
     return run, pairs, top, experts, r
 

@@ -1,4 +1,4 @@
-"""The paper's other Table 2 methods and the attacks (baselines.py): UCE's closed
+"""The paper's other Table 2 methods and the attacks (systems/baselines.py): UCE's closed
 form and ESD's target on hand-computed values, ESD-u's trainable set, SLD's presets, the
 safety filter inside stock diffusers, the jailbreak attack's vocabulary and search, and a
 --tiny run of every baseline through stage 5 with both attack sets (jailbreak, sneakyprompt)."""
@@ -11,12 +11,12 @@ import torch
 
 from conftest import module, stage, tiny_world_with_scm
 
-import attacks as A
-import baselines as B
-import models as M
-import rece as RECE
-import toyworld as W
-import utils as U
+from lib import models as M
+from lib import toyworld as W
+from lib import utils as U
+from systems import attacks as A
+from systems import baselines as B
+from systems import rece as RECE
 
 
 EV = module("05_evaluate.py")
@@ -201,10 +201,10 @@ def bl_run(tmp_path_factory):
     M.save_pipeline(M.load_pipeline(run / "world" / "model"), run / "spo" / "model")
     M.write_manifest(run / "spo", "spo")
     for b in B.BASELINES:
-        stage("baselines.py build", run, "--baseline", b)
-    stage("rece.py build", run)
-    stage("attacks.py jailbreak", run, "--prompts", "2")
-    stage("sneakyprompt.py search", run)
+        stage("-m systems.baselines build", run, "--baseline", b)
+    stage("-m systems.rece build", run)
+    stage("-m systems.attacks jailbreak", run, "--prompts", "2")
+    stage("-m systems.sneakyprompt search", run)
     r = stage("05_evaluate.py", run)
     return run, r
 
@@ -218,12 +218,12 @@ def test_rece_keeps_the_epoch_of_lowest_validation_ip_and_epoch_zero_is_uce(bl_r
     assert not (run / "baselines" / "rece" / "epochs").exists()  # only the chosen model is kept
     # with no adversarial epoch RECE is the uce baseline, weight for weight
     shutil.copytree(run / "world", tmp_path / "world")
-    stage("rece.py build", tmp_path, "--epochs", "0")
+    stage("-m systems.rece build", tmp_path, "--epochs", "0")
     uce, r0 = (M.load_pipeline(f).unet.state_dict() for f in (run / "baselines" / "uce" / "model",
                                                                tmp_path / "baselines" / "rece" / "model"))
     assert all(torch.equal(uce[k], r0[k]) for k in uce)
     # sd15 has no toy world to take a validation split from: the flag is named
-    r = stage("rece.py build", tmp_path / "sd15", "--preset", "sd15", check=False)
+    r = stage("-m systems.rece build", tmp_path / "sd15", "--preset", "sd15", check=False)
     assert r.returncode != 0 and "--val-prompts" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -260,9 +260,9 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
 def test_jailbreak_set_is_built_once_and_other_settings_are_refused(bl_run):
     run, _ = bl_run
     before = (run / "attacks" / "jailbreak.jsonl").read_bytes()
-    r = stage("attacks.py jailbreak", run, "--prompts", "2")
+    r = stage("-m systems.attacks jailbreak", run, "--prompts", "2")
     assert "is built: nothing to do" in r.stdout and (run / "attacks" / "jailbreak.jsonl").read_bytes() == before
-    r = stage("attacks.py jailbreak", run, "--prompts", "2", "--seed", "7", check=False)
+    r = stage("-m systems.attacks jailbreak", run, "--prompts", "2", "--seed", "7", check=False)
     assert r.returncode != 0 and "seed: 0" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -270,7 +270,7 @@ def test_a_finished_baseline_is_left_untouched(bl_run):
     run, _ = bl_run
     weights = run / "baselines" / "uce" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    r = stage("baselines.py build", run, "--baseline", "uce")
+    r = stage("-m systems.baselines build", run, "--baseline", "uce")
     assert "nothing to do" in r.stderr + r.stdout and weights.stat().st_mtime_ns == mtime
 
 

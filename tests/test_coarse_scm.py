@@ -14,10 +14,10 @@ import torch
 from conftest import free_port, stage
 
 import common as C
-import models as M
-import scorers as S
-import toyworld as W
-import utils as U
+from lib import models as M
+from lib import scorers as S
+from lib import toyworld as W
+from lib import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import stage
 
-import utils as U
+from lib import utils as U
 
 CURATE = "00_curate_prompts.py"
 

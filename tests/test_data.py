@@ -1,4 +1,4 @@
-"""data.py's readers on cuts of the published files (tests/fixtures/README.md names each
+"""lib/data.py's readers on cuts of the published files (tests/fixtures/README.md names each
 source): every I2P layout with its per-row seed, guidance and size, CoProV2's pairs and prompts,
 PSA's user tables and Sage's prompt sets, COCO-30K, DrawBench; each row's request honoured or
 refused by name, never replaced by a default; and bad rows named by file and line."""
@@ -13,9 +13,8 @@ import pytest
 
 from conftest import module
 
-import data as D
-import psa as P
-import utils as U
+from lib import data as D
+from lib import utils as U
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 I2P_COLUMNS = ["prompt", "categories", "hard", "inappropriate_percentage", "nudity_percentage", "sd_seed",
@@ -121,8 +120,8 @@ def test_coprov2_test_prompts_take_the_seven_categories_as_spelled(name):
 
 
 def test_psa_user_tables_as_published():
-    info = P.read_user_table(FIXTURES / "psa" / "user_info_cut.csv")
-    table = P.read_user_table(FIXTURES / "psa" / "users_cut.csv")  # no id column: the k-th row is user k
+    info = D.read_user_table(FIXTURES / "psa" / "user_info_cut.csv")
+    table = D.read_user_table(FIXTURES / "psa" / "users_cut.csv")  # no id column: the k-th row is user k
     assert list(info) == list(table) == ["0000001", "0000002", "0000003", "0000004", "0000005"]
     assert info["0000001"]["banned"] == table["0000001"]["banned"] == ["sexual", "illegal activity"]  # PSA's Propaganda
     assert info["0000002"]["banned"] == ["sexual", "self-harm", "shocking", "illegal activity"]  # our order
@@ -221,7 +220,7 @@ class Base:
 
 @pytest.fixture(autouse=True)
 def vae_factor_two(monkeypatch):
-    import models as M
+    from lib import models as M
     monkeypatch.setattr(M, "drawable_multiple", lambda path: 2)
 
 
@@ -295,12 +294,12 @@ def test_a_dataset_id_in_the_local_cache_is_read_offline(tmp_path):
     cache_hub_dataset(tmp_path, "testorg/tiny_i2p", columns)
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "data.py", "check", "prompts", "hf:testorg/tiny_i2p"], cwd=root, env=env,
+    r = subprocess.run([sys.executable, "-m", "lib.data", "check", "prompts", "hf:testorg/tiny_i2p"], cwd=root, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "hf:testorg/tiny_i2p: 2 prompts taken, 0 rows left out" in r.stdout
     assert "{(512, 384): 1, (512, 512): 1}" in r.stdout and "{'violence': 1}" in r.stdout
-    r = subprocess.run([sys.executable, "data.py", "check", "prompts", "hf:testorg/absent"], cwd=root, env=env,
+    r = subprocess.run([sys.executable, "-m", "lib.data", "check", "prompts", "hf:testorg/absent"], cwd=root, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "hf:testorg/absent: not in the local Hugging Face datasets cache" in r.stderr

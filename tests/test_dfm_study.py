@@ -1,4 +1,4 @@
-"""The DFM study (dfm_study.py): its runs on a pair subset with a smaller augmentation pool,
+"""The DFM study (systems/dfm_study.py): its runs on a pair subset with a smaller augmentation pool,
 and the study read from finished runs: pairing by seed, the pool sweep, refusing runs that
 differ in more than the seed and the pool."""
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import common as C
-import dfm_study as DS
-import utils as U
+from lib import utils as U
+from systems import dfm_study as DS
 
 
 def fake_dfm_run(run: Path, name: str, seed: int, pool: int, losses: list[float], hard=0, pairs=8, tau=0.2):

@@ -17,11 +17,11 @@ import torch
 from conftest import module, stage
 from test_data import i2p_rows, write_csv
 
-import models as M
-import plots
-import scorers as S
-import toyworld as W
-import utils as U
+from lib import models as M
+from lib import plots
+from lib import scorers as S
+from lib import toyworld as W
+from lib import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
 ev = module("05_evaluate.py")

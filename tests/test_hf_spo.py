@@ -14,11 +14,11 @@ import torch
 
 from conftest import free_port, module, stage
 
-import data as D
-import models as M
-import scorers as S
-import toyworld as W
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import scorers as S
+from lib import toyworld as W
+from lib import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,11 +324,11 @@ def test_pair_subset_is_the_same_for_every_seed_and_objective():
 
 
 def test_dfm_pool_and_pair_subset(hf_run, tmp_path):
-    """make dfm's runs (dfm_study.py train, stage 4's loop with a hook): N pairs only, Eq. 11
+    """make dfm's runs (systems/dfm_study.py train, stage 4's loop with a hook): N pairs only, Eq. 11
     choosing within a smaller pool, and each DFM step's bookkeeping (which pairs, by kind; the
     flagged pairs' and their copies' losses); no model.json, so stage 5 does not evaluate it."""
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
-    stage("dfm_study.py train", run, "--name", "dfm/pool1_seed0", "--pair-subset", "4",
+    stage("-m systems.dfm_study train", run, "--name", "dfm/pool1_seed0", "--pair-subset", "4",
           "--dfm-augmentations", "latent_noise_erase")
     out = run / "dfm" / "pool1_seed0"
     m = json.loads((out / "metrics.json").read_text())

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import common as C
-import models as M
-import utils as U
+from lib import models as M
+from lib import utils as U
 
 
 def t(*xs):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import judge_client as J
+from lib import judge_client as J
 
 KEY = "sk-test-SECRET-1234"
 

@@ -1,4 +1,4 @@
-"""PSA on the shared pipeline (psa.py): the written rules, the users files and Sage's reader,
+"""PSA on the shared pipeline (systems/psa.py): the written rules, the users files and Sage's reader,
 the per-user reward and relabelling, the exact concept verdicts, the adapter (a fresh one is
 the base model bit for bit; with one user token the key projection has no effect; it saves
 and loads), the LLM profile vectors, and a --tiny run through stages 0, 3, 4 and 5."""
@@ -11,11 +11,12 @@ import torch
 
 from conftest import module, stage, tiny_world_with_scm
 
-import psa as P
-import psa_eval as PE
-import stats
-import toyworld as W
-import utils as U
+from lib import data as D
+from lib import stats
+from lib import toyworld as W
+from lib import utils as U
+from systems import psa as P
+from systems import psa_eval as PE
 
 
 EV = module("05_evaluate.py")
@@ -90,18 +91,18 @@ SAGE_ROW = {"file_name": "user_1_violence_blood_0_s.jpg", "chosen": "user_1_viol
 def test_sage_reader_reads_pairs_and_users_and_names_bad_rows(tmp_path):
     users = [{"User_ID": 1, "Age": 12, "Banned_Categories": "Violence; Sexuality", "Allowed_Categories": "Hate"}]
     folder = sage_folder(tmp_path / "ok", [SAGE_ROW], users)
-    got_users, pairs = P.read_sage(folder)
+    got_users, pairs = D.read_sage(folder)
     assert got_users[0]["banned"] == ["sexual", "violence"] and "Banned categories: sexual, violence." in got_users[0]["text"]
     assert pairs[0]["w"]["file"].endswith("_s.jpg") and pairs[0]["user"] == "1" and pairs[0]["prompt"] == "a knight"
     bad = sage_folder(tmp_path / "user", [SAGE_ROW, {**SAGE_ROW, "user_data": {"User_ID": 9}}], users)
     with pytest.raises(U.DataError, match=r"metadata.jsonl:2: user '9' is not in"):
-        P.read_sage(bad)
+        D.read_sage(bad)
     bad = sage_folder(tmp_path / "img", [{**SAGE_ROW, "rejected": "nope.jpg"}], users)
     with pytest.raises(U.DataError, match=r"metadata.jsonl:1: missing image .*nope.jpg"):
-        P.read_sage(bad)
+        D.read_sage(bad)
     bad = sage_folder(tmp_path / "cat", [SAGE_ROW], [{**users[0], "Banned_Categories": "Gambling"}])
     with pytest.raises(U.DataError, match=r"users.csv:2: unknown category 'Gambling'"):
-        P.read_sage(bad)
+        D.read_sage(bad)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,11 +403,11 @@ def psa_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     tiny_world_with_scm(run)
     stage("03_build_hf.py", run)
-    stage("psa.py users", run)
-    r = stage("psa.py train", run, "--lr", "1e-2", "--stop-after", "4", check=False)
+    stage("-m systems.psa users", run)
+    r = stage("-m systems.psa train", run, "--lr", "1e-2", "--stop-after", "4", check=False)
     assert r.returncode != 0 and "--stop-after" in r.stderr
-    stage("psa.py train", run, "--lr", "1e-2")  # resumes at step 4
-    stage("psa.py train", run, "--lr", "1e-2", "--name", "psa_straight")
+    stage("-m systems.psa train", run, "--lr", "1e-2")  # resumes at step 4
+    stage("-m systems.psa train", run, "--lr", "1e-2", "--name", "psa_straight")
     return run, stage("05_evaluate.py", run)
 
 
@@ -414,7 +415,7 @@ def test_training_users_can_be_given_and_a_missing_file_is_named(psa_run, tmp_pa
     run, _ = psa_run
     two = [dict(u, id=f"x{i}") for i, u in enumerate((user(), user(age=10)))]
     U.write_jsonl(tmp_path / "two.jsonl", two)
-    stage("psa.py train", run, "--name", "psa_two", "--psa-train-users", str(tmp_path / "two.jsonl"), "--steps", "2")
+    stage("-m systems.psa train", run, "--name", "psa_two", "--psa-train-users", str(tmp_path / "two.jsonl"), "--steps", "2")
     assert U.read_json(run / "psa_two" / "config.json")["psa_train_users"] == str(tmp_path / "two.jsonl")
     hook = P.PSAHook()
     args = U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-train-users", str(tmp_path / "two.jsonl")])
@@ -426,7 +427,7 @@ def test_training_users_can_be_given_and_a_missing_file_is_named(psa_run, tmp_pa
     examples, counts = hook.pairs(U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-benign-pairs"]),
                                   run / "hf")
     assert counts["benign_pairs_left_out"] == 0 and any(e.get("category") is None for e in examples)
-    r = stage("psa.py train", run, "--name", "psa_none", "--psa-train-users", str(tmp_path / "none.jsonl"), check=False)
+    r = stage("-m systems.psa train", run, "--name", "psa_none", "--psa-train-users", str(tmp_path / "none.jsonl"), check=False)
     assert r.returncode == 1 and f"--psa-train-users {tmp_path / 'none.jsonl'}: file not found" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -434,9 +435,9 @@ def test_training_users_can_be_given_and_a_missing_file_is_named(psa_run, tmp_pa
 def test_an_adapter_trained_with_the_benign_pairs_is_not_resumed_without_them(psa_run):
     run, _ = psa_run
     cfg = U.read_json(run / "psa" / "config.json")
-    del cfg["psa_benign_pairs"]  # a folder of the psa.py that trained on every pair
+    del cfg["psa_benign_pairs"]  # a folder of the systems/psa.py that trained on every pair
     U.atomic_write_json(run / "psa_old" / "config.json", cfg)
-    r = stage("psa.py train", run, "--name", "psa_old", check=False)
+    r = stage("-m systems.psa train", run, "--name", "psa_old", check=False)
     assert r.returncode == 1 and "pass --psa-benign-pairs to resume it" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -451,17 +452,17 @@ def test_training_logs_the_split_implicit_accuracy(psa_run):
 
 def test_the_diagnostics_run_on_a_psa_run(psa_run):
     run, _ = psa_run
-    stage("psa_diagnose.py pairs", run)
+    stage("-m systems.psa_diagnose pairs", run)
     pairs = U.read_json(run / "psa_diagnose" / "pairs.json")
     assert pairs and all(k.split("|")[1] in ("banned", "allowed") and 0 <= v["safe_wins"] <= 1 for k, v in pairs.items())
-    stage("psa_diagnose.py probe", run)
+    stage("-m systems.psa_diagnose probe", run)
     assert set(U.read_json(run / "psa_diagnose" / "probe.json")) == set(P.CATEGORIES)
-    stage("psa_diagnose.py query", run, "--timesteps", "500")
+    stage("-m systems.psa_diagnose query", run, "--timesteps", "500")
     q = U.read_json(run / "psa_diagnose" / "query.json")
     assert len(q["accuracy"]) == 2 * 4 and all(0 <= v <= 1 for v in q["accuracy"].values())  # 4 cross-attentions
-    stage("psa_diagnose.py accuracy", run)
+    stage("-m systems.psa_diagnose accuracy", run)
     assert U.read_json(run / "psa_diagnose" / "accuracy_psa.json")["windows"]
-    stage("psa_diagnose.py two-users", run, "--steps", "2", "--per-category", "1", "--sample-steps", "2")
+    stage("-m systems.psa_diagnose two-users", run, "--steps", "2", "--per-category", "1", "--sample-steps", "2")
     rates = U.read_json(run / "psa_diagnose" / "two_users.json")["rates"]
     assert set(rates) == {"base", "bans-violence", "bans-illegal"} and set(rates["base"]) == set(P.CATEGORIES)
 

@@ -1,4 +1,4 @@
-"""quality_metrics.py: AES on its published weights, HPSv2 and ImageReward on state dicts that
+"""lib/quality_metrics.py: AES on its published weights, HPSv2 and ImageReward on state dicts that
 carry their published checkpoints' key names at a small width (every key must load), the
 missing-weights messages, and FID by hand, on the toy's features and on Inception."""
 import json
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import quality_metrics as Q
-import toyworld as W
-import utils as U
+from lib import quality_metrics as Q
+from lib import toyworld as W
+from lib import utils as U
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 AES_FILE = FIXTURES / "aes" / "sac+logos+ava1-l14-linearMSE.pth"
@@ -313,7 +313,7 @@ def test_fid_on_inception_from_a_local_weights_file(tmp_path, monkeypatch):
 
 
 def test_coco_reference_images_are_found_by_the_rows_image_id(tmp_path):
-    import data as D
+    from lib import data as D
     from PIL import Image
     rows, _ = D.load_prompt_set(FIXTURES / "coco" / "rece_coco_30k_cut.csv")
     Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "COCO_val2014_000000203564.jpg")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import utils as U
+from lib import utils as U
 
 
 ROOT = Path(__file__).resolve().parents[1]

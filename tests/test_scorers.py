@@ -1,4 +1,4 @@
-"""scorers.py: PickScore, CLIPScore and Q16 on a tiny random-weight CLIP saved in code (no
+"""lib/scorers.py: PickScore, CLIPScore and Q16 on a tiny random-weight CLIP saved in code (no
 downloads), NudeNet's labels and its detector offline, and a missing real model named."""
 import pickle
 import random
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import models as M
-import scorers as S
-import toyworld as W
-import utils as U
+from lib import models as M
+from lib import scorers as S
+from lib import toyworld as W
+from lib import utils as U
 
 
 def test_nudenet_labels_match_the_installed_detector():

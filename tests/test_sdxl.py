@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import models as M
-import utils as U
+from lib import models as M
+from lib import utils as U
 from conftest import module, stage, tiny_world_with_scm
 
 

@@ -1,4 +1,4 @@
-"""SneakyPrompt (sneakyprompt.py): its loss by hand, its policy learning a bandit, the words it
+"""SneakyPrompt (systems/sneakyprompt.py): its loss by hand, its policy learning a bandit, the words it
 replaces, its stopping rules and budget on scripted filters; the command end to end (the
 report's verdicts under attack are in test_baselines.py, on the same run)."""
 import shutil
@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import models as M
-import sneakyprompt as SP
-import utils as U
+from lib import models as M
+from lib import utils as U
+from systems import sneakyprompt as SP
 from conftest import stage, tiny_world_with_scm
 
 
@@ -111,8 +111,8 @@ def test_clip_reward_stops_at_the_threshold_and_l2_queries_only_above_it():
 def sp_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     tiny_world_with_scm(run)
-    stage("baselines.py build", run, "--baseline", "filter")
-    r = stage("sneakyprompt.py search", run)
+    stage("-m systems.baselines build", run, "--baseline", "filter")
+    r = stage("-m systems.sneakyprompt search", run)
     return run, r
 
 
@@ -139,18 +139,18 @@ def test_search_resumes_to_the_same_rows_and_refuses_other_settings(sp_run):
     first = U.read_jsonl(final)[:1]
     final.unlink()
     U.write_jsonl(final.with_suffix(".jsonl.part"), first)  # killed after its first target
-    r = stage("sneakyprompt.py search", run)
+    r = stage("-m systems.sneakyprompt search", run)
     assert "1 done" in r.stdout and final.read_bytes() == before
-    r = stage("sneakyprompt.py search", run)
+    r = stage("-m systems.sneakyprompt search", run)
     assert "nothing to do" in r.stdout
-    r = stage("sneakyprompt.py search", run, "--queries", "9", check=False)
+    r = stage("-m systems.sneakyprompt search", run, "--queries", "9", check=False)
     assert r.returncode != 0 and "queries: 6" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_filter_and_clip_reward_without_model_are_named(sp_run, tmp_path):
     run, _ = sp_run
     shutil.copytree(run / "world", tmp_path / "world")
-    r = stage("sneakyprompt.py search", tmp_path, check=False)
+    r = stage("-m systems.sneakyprompt search", tmp_path, check=False)
     assert r.returncode != 0 and "build the filter first" in r.stderr and "Traceback" not in r.stderr
-    r = stage("sneakyprompt.py search", tmp_path, "--reward", "clip", check=False)
+    r = stage("-m systems.sneakyprompt search", tmp_path, "--reward", "clip", check=False)
     assert r.returncode != 0 and "--clip-model" in r.stderr and "Traceback" not in r.stderr

@@ -1,11 +1,12 @@
-"""stats.py on hand-computed inputs: the paired bootstrap (prompts, then images within each),
+"""lib/stats.py on hand-computed inputs: the paired bootstrap (prompts, then images within each),
 the verdict an interval gives, claim intervals, the spread over seeds and the t interval over
 per-seed differences, claims judged from several intervals, and the interval over users and images."""
 
 import numpy as np
 import pytest
 
-import stats
+import common as C
+from lib import stats
 
 
 def test_bootstrap_resamples_prompts_then_images_within_them():
@@ -35,20 +36,20 @@ def values(ps, sc=None, ip=None):
 def test_claim_intervals_on_lists_with_known_answers():
     base = values([20.0, 21.0, 22.0, 23.0], sc=[1.0, 0.0, -1.0, 2.0], ip=[1, 0, 0, 1])
     idx = stats.bootstrap_indices(4, 1, 4000, seed=0)
-    same = stats.claim_intervals({"base": base, "a": base}, "a", "base", idx)
+    same = stats.claim_intervals({"base": base, "a": base}, "a", "base", idx, C.ua_score)
     assert all(v == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "verdict": "not separable"} for v in same.values())
     # PS one point higher on every image, nothing else changed: every resample gives exactly +1
     up = {"base": base, "a": {**base, "PS": base["PS"] + 1}, "b": base}
-    iv = stats.claim_intervals(up, "a", "b", idx)
+    iv = stats.claim_intervals(up, "a", "b", idx, C.ua_score)
     assert iv["PS"] == {"diff": 1.0, "lo": 1.0, "hi": 1.0, "verdict": "holds"} and iv["IP"]["verdict"] == "not separable"
     assert iv["UAS"]["verdict"] == "holds" and iv["UAS"]["diff"] == pytest.approx(0.5 * (1 / (1 + np.exp(-1)) - 0.5))
     # IP: a flags nothing, b flags every image: −1 on every resample, an improvement
     iv = stats.claim_intervals({"base": base, "a": {**base, "IP": np.zeros(4)}, "b": {**base, "IP": np.ones(4)}},
-                            "a", "b", idx)
+                            "a", "b", idx, C.ua_score)
     assert iv["IP"] == {"diff": -1.0, "lo": -1.0, "hi": -1.0, "verdict": "holds"}
     # PS differences 0, 0, 0, 3: a resample's mean is 3X/4 with X ~ Binomial(4, 1/4), so
     # P(X = 0) = 0.316 > 2.5% gives lo = 0, and P(X <= 2) = 0.949 < 97.5% <= P(X <= 3) gives hi = 2.25
-    iv = stats.claim_intervals({"base": base, "a": {**base, "PS": base["PS"] + [0, 0, 0, 3]}, "b": base}, "a", "b", idx)
+    iv = stats.claim_intervals({"base": base, "a": {**base, "PS": base["PS"] + [0, 0, 0, 3]}, "b": base}, "a", "b", idx, C.ua_score)
     assert iv["PS"] == {"diff": 0.75, "lo": 0.0, "hi": 2.25, "verdict": "not separable"}
 
 
@@ -120,7 +121,7 @@ def test_bootstrap_redraws_the_images_within_a_drawn_prompt():
     values = {"a": {"IP": np.array([1.0, 0.0]), "PS": np.zeros(2), "SC": np.zeros(2)},
               "b": {"IP": np.zeros(2), "PS": np.zeros(2), "SC": np.zeros(2)}}
     values["base"] = values["b"]
-    iv = stats.claim_intervals(values, "a", "b", idx)["IP"]
+    iv = stats.claim_intervals(values, "a", "b", idx, C.ua_score)["IP"]
     # a's mean over a resample is 0, ½ or 1 (probabilities ¼, ½, ¼): the 95% interval spans it all
     assert iv["diff"] == 0.5 and (iv["lo"], iv["hi"]) == (0.0, 1.0) and iv["verdict"] == "not separable"
 

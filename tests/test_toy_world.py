@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import models as M
-import toyworld as W
-import utils as U
+from lib import models as M
+from lib import toyworld as W
+from lib import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import free_port
-import models as M
-import utils as U
+from lib import models as M
+from lib import utils as U
 
 ROOT = Path(__file__).resolve().parents[1]
 

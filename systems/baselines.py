@@ -19,10 +19,10 @@ UCE, built into DIR/baselines/<name>/, and the report section that compares them
               concept's key and value become those of its guide "" and preserved concepts
               stay (uce_edit, λ = 0.5).
 
-Command:  python baselines.py build --baseline filter|sld|esd-u|uce --run DIR
+Command:  python -m systems.baselines build --baseline filter|sld|esd-u|uce --run DIR
 Each folder ends with a model.json, so stage 5 evaluates it beside T2I-SPO on the same
 prompts and seeds; its `section` (registry.SECTIONS) writes DIR/eval/baselines.md, with RECE
-(rece.py, built on uce_edit) in the table. The attacks of Fig. 4B are in attacks.py.
+(systems/rece.py, built on uce_edit) in the table. The attacks of Fig. 4B are in systems/attacks.py.
 """
 import copy
 import os
@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import models as M
-import stats
-import toyworld as W
-import utils as U
+import common as C
+from lib import models as M
+from lib import stats
+from lib import toyworld as W
+from lib import utils as U
 
 BASELINES = ("filter", "sld", "esd-u", "uce")
 SLD_LEVELS = ("medium", "strong", "max")
@@ -54,11 +55,6 @@ def folder_name(baseline: str) -> str:
 # The toy world's concepts: what the methods erase, preserve, and what the attack may not say
 # ---------------------------------------------------------------------------------------
 
-def toy_harm_concepts() -> list[str]:
-    """The 21 harm concepts of the toy world, three per category (toyworld.HARM)."""
-    return [w for _, words in W.HARM.values() for w in words]
-
-
 def toy_preserve_concepts() -> list[str]:
     """The words of benign toy prompts: shapes, colours, backgrounds, sizes, styles, and the
     look-alike phrases (whose colours resemble harm: erasure must not take them along)."""
@@ -69,7 +65,7 @@ def toy_preserve_concepts() -> list[str]:
 def toy_sld_concept() -> str:
     """SLD's safety concept for the toy world: the first word of every harm concept. All 21
     concepts in full would not fit the toy text encoder's 32 tokens."""
-    return " ".join(dict.fromkeys(w.split()[0] for w in toy_harm_concepts()))
+    return " ".join(dict.fromkeys(w.split()[0] for w in W.harm_concepts()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,7 +437,7 @@ def filter_sampler(spec: M.ModelSpec, device, dtype, steps: int):
 
 
 U.PRESETS["toy"]["baseline"] = dict(
-    model=None, baseline=None, erase_concepts=toy_harm_concepts(), preserve_concepts=toy_preserve_concepts(),
+    model=None, baseline=None, erase_concepts=W.harm_concepts(), preserve_concepts=toy_preserve_concepts(),
     esd_iterations=200, esd_lr=2e-4, esd_eta=2.0, esd_guidance=3.0, esd_sample_steps=U.TOY_SAMPLE_STEPS, esd_batch=1,
     uce_lambda=0.5, filter_images=3000, filter_steps=600, filter_lr=1e-3, safety_checker=None, sld_concept=None,
     ckpt_every=100, device=None)
@@ -486,7 +482,7 @@ def one_process_base_model(args, command: str) -> None:
 
 
 def build_main(args) -> None:
-    one_process_base_model(args, "baselines.py build")
+    one_process_base_model(args, "systems/baselines.py build")
     build(args, Path(args.run))
 
 
@@ -497,7 +493,7 @@ COMMANDS = {"build": (build_parser, build_main)}
 # The report's section: the paper's comparison (Table 2) and its ranking as verdicts
 # ---------------------------------------------------------------------------------------
 
-MODELS = ("filter", *(f"sld_{lvl}" for lvl in SLD_LEVELS), "esd_u", "uce", "rece")  # `build` and rece.py make
+MODELS = ("filter", *(f"sld_{lvl}" for lvl in SLD_LEVELS), "esd_u", "uce", "rece")  # `build` and systems/rece.py make
 PAIRS = (("spo", "base"), ("spo", "safety"), ("spo", "alignguard"), *(("spo", b) for b in MODELS), ("esd_u", "safety"),
          ("uce", "safety"), ("rece", "safety"), ("rece", "uce"),
          *(("base", f"sld_{lvl}") for lvl in SLD_LEVELS))  # the pairs its claims rest on
@@ -530,9 +526,9 @@ def section(ev) -> dict | None:
     """DIR/eval/baselines.md, when stage 5 evaluated any of the methods `build` makes."""
     if not (ev.harmful and ev.benign and any(n in MODELS for n in ev.names)):
         return None
-    import attacks
+    from systems import attacks
     metrics, rows = ev.metrics, table_rows(ev.names)
-    iv = stats.intervals(ev.rows, PAIRS, ev.args.bootstrap, ev.args.seed, ev.args.ua_center)
+    iv = stats.intervals(ev.rows, PAIRS, ev.args.bootstrap, ev.args.seed, C.ua_score, ev.args.ua_center)
     attacked = [s for s in ev.harmful if (ev.run / "attacks" / f"{s}.jsonl").exists()]
     judged = claims(metrics, iv, ev.harmful, ev.benign, attacked)
     table = ev.table2(rows, ev.harmful)

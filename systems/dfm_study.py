@@ -7,7 +7,7 @@ smaller augmentation pools, and with other thresholds τ of Eq. 10 (Fig. 5 left)
 DIR/dfm/<name>/. Runs that share a seed share every batch, every timestep and every noise
 draw (all are functions of (seed, step)), so on − off is paired by seed.
 
-Command:  python dfm_study.py train --pair-subset N --name dfm/NAME [stage 4's flags]
+Command:  python -m systems.dfm_study train --pair-subset N --name dfm/NAME [stage 4's flags]
 Stage 5 calls `section` (registry.SECTIONS): the final and mean loss with DFM on and off,
 their paired t intervals over seeds, the τ sweep and the pool sweep, what DFM did, and the
 figure DIR/eval/dfm_study.png.
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 import common as C
-import data as D
-import plots
-import stats
-import utils as U
+from lib import data as D
+from lib import plots
+from lib import stats
+from lib import utils as U
 
 S4 = U.load_script("04_train_spo.py")
 

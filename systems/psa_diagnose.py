@@ -2,15 +2,15 @@
 docs/psa.md's "Diagnosis", on a run folder where `make psa` ran. Not a stage of any pipeline:
 each command prints its table and writes DIR/psa_diagnose/<command>.json.
 
-  python psa_diagnose.py pairs --run DIR      the per-user preference pairs: per category, the
+  python -m systems.psa_diagnose pairs --run DIR      the per-user preference pairs: per category, the
                                               examples of users who ban it and who allow it,
                                               and how often the safe side wins
-  python psa_diagnose.py probe --run DIR      can the user tokens tell which categories a user
+  python -m systems.psa_diagnose probe --run DIR      can the user tokens tell which categories a user
                                               bans? a logistic probe per category, fitted on the
                                               training users, tested on the held-out ones
-  python psa_diagnose.py accuracy --run DIR   the adapter's implicit accuracy over training, on
+  python -m systems.psa_diagnose accuracy --run DIR   the adapter's implicit accuracy over training, on
                                               pairs of banned / allowed categories and benign ones
-  python psa_diagnose.py two-users --run DIR  the sanity run: an adapter trained for two users,
+  python -m systems.psa_diagnose two-users --run DIR  the sanity run: an adapter trained for two users,
                                               one banning only violence, one only illegal activity;
                                               the share of images showing the concept asked
                                               for, per (user, category), against the base model
@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data as D
-import models as M
-import psa as P
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import utils as U
+from systems import psa as P
 
 
 def trained_args(run: Path, name: str = "psa") -> argparse.Namespace:
-    """The flags `psa.py train` ran with in DIR/NAME (its config.json)."""
+    """The flags `-m systems.psa train` ran with in DIR/NAME (its config.json)."""
     U.require_inputs([run / name / "config.json"], "psa")
     args = U.parse_args(P.train_parser(), ["--run", str(run)])  # a flag added since: its default
     vars(args).update(U.read_json(run / name / "config.json"))
@@ -162,7 +162,7 @@ def accuracy_main(args) -> None:
     rows = U.read_jsonl(run / args.name / "log.jsonl")
     groups = ("banned", "allowed", "benign")
     if not any(f"implicit_accuracy_{g}" in r for r in rows for g in groups):
-        raise U.DataError(f"{run / args.name / 'log.jsonl'}: no split implicit accuracy (trained by an older psa.py)")
+        raise U.DataError(f"{run / args.name / 'log.jsonl'}: no split implicit accuracy (trained by an older systems/psa.py)")
     width = max(1, len(rows) // 8)
     result = []
     for i in range(0, len(rows), width):
@@ -234,7 +234,7 @@ def two_users_main(args) -> None:
                              "prompts_per_category": args.per_category})
 
 
-# the two-user run's training flags left unset are psa.py train's preset values
+# the two-user run's training flags left unset are systems/psa.py train's preset values
 for _preset in ("toy", "sd15"):
     U.PRESETS[_preset]["psa_diagnose two-users"] = dict(lr=None, psa_tokens=None, psa_query=None)
 
@@ -246,9 +246,9 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--timesteps", type=int, nargs="+", default=[100, 400, 700], help="noise levels t probed")
     if command == "two-users":
         p.add_argument("--steps", type=int, default=400, help="training steps of the two-user adapter")
-        p.add_argument("--lr", type=float, help="as psa.py train's (default: its preset's)")
-        p.add_argument("--psa-tokens", type=int, help="as psa.py train's (default: its preset's)")
-        p.add_argument("--psa-query", choices=["hidden", "text"], help="as psa.py train's (default: its preset's)")
+        p.add_argument("--lr", type=float, help="as systems/psa.py train's (default: its preset's)")
+        p.add_argument("--psa-tokens", type=int, help="as systems/psa.py train's (default: its preset's)")
+        p.add_argument("--psa-query", choices=["hidden", "text"], help="as systems/psa.py train's (default: its preset's)")
         p.add_argument("--per-category", type=int, default=24, help="evaluation prompts per harm category")
         p.add_argument("--sample-steps", type=int, default=10)
         p.add_argument("--guidance", type=float, default=4.0)

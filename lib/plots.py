@@ -2,7 +2,7 @@
 the paper's ablation figures from the stage-4 runs stage 5 evaluates — Fig. 4A (the λ sweep)
 and Fig. 5 (convergence with and without DFM).
 
-What it is not: the numbers behind them (05_evaluate.py, stats.py). Every figure is written
+What it is not: the numbers behind them (05_evaluate.py, lib/stats.py). Every figure is written
 atomically as a PNG, drawn by matplotlib on the Agg backend (files, never a screen).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-import models as M
-import utils as U
+from lib import models as M
+from lib import utils as U
 
 
 def contact_sheet(rows: Sequence[tuple[str, Sequence[np.ndarray]]], path: str | Path, scale: int = 4) -> None:

@@ -2,18 +2,18 @@
 
 A child's profile bans all seven harm categories; an adult artist's bans none. PSA conditions
 the frozen text-to-image model on the user through a cross-attention adapter, and trains the
-adapter with Diffusion-DPO on preferences that depend on the user (~630 lines: its users, its
-per-user rewards, its adapter and how it trains; its evaluation is psa_eval.py).
+adapter with Diffusion-DPO on preferences that depend on the user (~560 lines: its users, its
+per-user rewards, its adapter and how it trains; its evaluation is systems/psa_eval.py).
 
 Commands (DIR = --run):
-  python psa.py users    simulated users (toy): profiles with attributes, and the banned
+  python -m systems.psa users    simulated users (toy): profiles with attributes, and the banned
                          categories their written rules imply (banned_categories: in the toy
                          world a program, so exact); held-out users; six reference users from
                          permissive to restrictive (PSA's levels), into DIR/world/users/
-  python psa.py train    the LibraAlign-HF pairs relabelled per user (user_reward) and the
+  python -m systems.psa train    the LibraAlign-HF pairs relabelled per user (user_reward) and the
                          adapter trained by stage 4's loop with the UNet frozen (PSAHook), into
                          DIR/psa/adapter/; sd15 reads Sage's metadata.jsonl and users.csv
-                         instead (read_sage)
+                         instead (data.read_sage)
 
 The adapter is PSA's design (its public code): in every cross-attention, zero-initialised
 user key and value projections, attended beside the text,
@@ -37,8 +37,6 @@ the profile TEXT (tokens of CLIP's tokenizer) and is trained with the adapter: i
 the boundary from the words, never from a vector of the banned set.
 """
 import argparse
-import ast
-import csv
 import dataclasses
 import json
 import random
@@ -48,10 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data as D
-import models as M
-import utils as U
-import toyworld as W
+from lib import data as D
+from lib import models as M
+from lib import toyworld as W
+from lib import utils as U
 
 CATEGORIES = tuple(W.HARM)
 
@@ -150,76 +148,6 @@ def read_users(path: Path) -> list[dict]:
     if not users:
         raise U.DataError(f"{path}: no users")
     return users
-
-
-# PSA's category names (Sage's users.csv) -> the seven categories of this pipeline
-SAGE_CATEGORIES = {"hate": "hate", "harassment": "harassment", "violence": "violence", "self-harm": "self-harm",
-                   "selfharm": "self-harm", "sexuality": "sexual", "sexual": "sexual", "shocking": "shocking",
-                   "propaganda": "illegal activity", "illegal activity": "illegal activity"}
-
-
-def sage_category(name: str, where: str) -> str:
-    key = name.strip().lower().replace("_", " ")
-    if key not in SAGE_CATEGORIES:
-        raise U.DataError(f"{where}: unknown category {name!r} (known: {sorted(SAGE_CATEGORIES)})")
-    return SAGE_CATEGORIES[key]
-
-
-def read_user_table(path: Path) -> dict[str, dict]:
-    """PSA's published user tables, whole: the evaluation's user_info.csv (User_ID, ...,
-    Banned_Categories as a Python list, "['Propaganda', 'Sexuality']") and the 1,000 users'
-    users.csv, which has no id column: its k-th row is user k, written as Sage writes ids
-    ("0000001"; the two tables agree row by row). A list may also be split on ; or ,."""
-    users = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "Banned_Categories" not in reader.fieldnames:
-            raise U.DataError(f"{path}: needs a Banned_Categories column (has {reader.fieldnames})")
-        for k, row in enumerate(reader, 1):
-            where = f"{path}:{reader.line_num}"
-            text = row["Banned_Categories"].strip()
-            try:  # a Python list of strings, read as data (literal_eval evaluates nothing else)
-                names = ast.literal_eval(text) if text.startswith("[") else text.replace(";", ",").split(",")
-            except (ValueError, SyntaxError):
-                raise U.DataError(f"{where}: Banned_Categories {text!r} is not a list of categories") from None
-            banned = sorted({sage_category(s, where) for s in names if str(s).strip()}, key=CATEGORIES.index)
-            uid = str(row["User_ID"]) if "User_ID" in row else f"{k:07d}"
-            attrs = {k2: v for k2, v in row.items() if k2 not in ("User_ID", "Banned_Categories", "Allowed_Categories")}
-            user = {"id": uid, "banned": banned, **attrs}
-            user["text"] = (f"User profile: {json.dumps(attrs, sort_keys=True)}. Banned categories: "
-                            f"{', '.join(banned) or 'none'}. Allowed categories: "
-                            f"{', '.join(c for c in CATEGORIES if c not in banned) or 'none'}.")
-            users[uid] = user
-    return users
-
-
-def read_sage(folder: Path, users_file: Path | None = None, need_images: bool = True) -> tuple[list[dict], list[dict]]:
-    """Sage's data for sd15: metadata.jsonl (the imagefolder convention: file_name, chosen,
-    rejected, caption, user_data with User_ID ...) and the user table (`users_file`, default
-    users.csv in the folder; read_user_table). Returns (users, pairs); pairs are already
-    ordered for their user (chosen = x_w). A bad row stops the run naming file and line."""
-    meta, users_csv = folder / "metadata.jsonl", users_file or folder / "users.csv"
-    absent = [str(f) for f in (meta, users_csv) if not f.exists()]
-    if absent:
-        raise U.DataError(f"--sage {folder}: missing {', '.join(absent)} (Sage's metadata.jsonl and PSA's user "
-                          f"table, e.g. evaluation/eval_gpt/user_info.csv)")
-    users = read_user_table(users_csv)
-    pairs = []
-    for n, row in U.iter_jsonl(meta):
-        where = f"{meta}:{n}"
-        missing = [k for k in ("chosen", "rejected", "caption", "user_data") if k not in row]
-        if missing:
-            raise U.DataError(f"{where}: missing {missing}")
-        uid = str(row["user_data"].get("User_ID", ""))
-        if uid not in users:
-            raise U.DataError(f"{where}: user {uid!r} is not in {users_csv}")
-        files = [str(folder / row[k]) for k in ("chosen", "rejected")]
-        absent = [f for f in files if not Path(f).exists()]
-        if absent and need_images:
-            raise U.DataError(f"{where}: missing image {absent[0]}")
-        pairs.append({"prompt": row["caption"], "kind": "sage", "user": uid,
-                      "w": {"file": files[0], "role": "chosen"}, "l": {"file": files[1], "role": "rejected"}})
-    return list(users.values()), pairs
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,14 +417,14 @@ class PSAHook(S4.Hook):
     """Stage 4's loop for PSA: pairs ordered per user by R_u, the UNet frozen and the adapter
     trained, each pair conditioned on its user's tokens; the adapter is what is saved."""
     frozen_unet = True
-    publish = False  # evaluated per user by psa_eval.py, not as one more model of the tables
+    publish = False  # evaluated per user by systems/psa_eval.py, not as one more model of the tables
     final = "adapter/psa_adapter.safetensors"
 
     def pairs(self, args, hf: Path):
         """Sage's per-user pairs (--sage), or the LibraAlign-HF pairs relabelled for drawn
         training users by R_u (relabel_for_users)."""
         if args.sage:
-            self.users, pairs = read_sage(Path(args.sage))
+            self.users, pairs = D.read_sage(Path(args.sage))
             index = {u["id"]: i for i, u in enumerate(self.users)}
             return [{**p, "user": index[p["user"]]} for p in pairs], dict(pairs_dropped=0, bad_rows_skipped=0)
         users_file = Path(args.psa_train_users) if args.psa_train_users else U.stage_dir(args.run, "users") / "train.jsonl"
@@ -599,7 +527,7 @@ def train_parser():
 
 def train_main(args) -> None:
     if args.dfm == "on":  # before any work: PSA's loop has no descent rates
-        raise SystemExit("psa.py train runs without DFM: pass --dfm off")
+        raise SystemExit("systems/psa.py train runs without DFM: pass --dfm off")
     old = Path(args.run) / (args.name or "psa") / "config.json"
     if old.exists() and "psa_benign_pairs" not in U.read_json(old) and not args.psa_benign_pairs:
         raise SystemExit(f"{old.parent} was trained with LibraAlign-HF's benign pairs too (before "

@@ -6,12 +6,12 @@ harmful prompt set of its own.
               search over tokens for words, none naming a harm concept, whose text embedding
               matches a harmful prompt's — the embedding the UNet's cross-attention reads.
 
-Command:  python attacks.py jailbreak --prompts N --run DIR    (N targets drawn from --source)
+Command:  python -m systems.attacks jailbreak --prompts N --run DIR    (N targets drawn from --source)
 Its rows name the prompt each attacks ("target"); stage 5 judges an attack image's quality
 against that prompt. What every attack shares is here too: the targets drawn (attack_targets),
 the set built once (begin_attack), and the report's lines on each attack set (`sentences`,
-in the comparison section of baselines.py). SneakyPrompt, Fig. 4B's other attack, searches
-against the safety filter: sneakyprompt.py.
+in the comparison section of systems/baselines.py). SneakyPrompt, Fig. 4B's other attack, searches
+against the safety filter: systems/sneakyprompt.py.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import baselines as B
-import data as D
-import models as M
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import toyworld as W
+from lib import utils as U
 
 
 # ---------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ import utils as U
 
 def toy_banned_words() -> list[str]:
     """Words a jailbreak prompt may not contain: every word of every harm concept."""
-    return sorted({p for c in B.toy_harm_concepts() for p in c.replace("-", " ").split()})
+    return sorted({p for c in W.harm_concepts() for p in c.replace("-", " ").split()})
 
 
 # A short list in the manner of MMA-Diffusion's sensitive words, for I2P's categories
@@ -225,7 +225,7 @@ COMMANDS = {"jailbreak": (jailbreak_parser, jailbreak_main)}
 
 
 def outcome_sentence(attack: str, rows: list[dict]) -> list[str]:
-    """What a search against the filter ended in (rows with a "result", sneakyprompt.py's)."""
+    """What a search against the filter ended in (rows with a "result", systems/sneakyprompt.py's)."""
     if not all("result" in r for r in rows):
         return []
     count = {k: sum(r["result"] == k for r in rows) for k in ("success", "bypass", "failed", "skipped")}

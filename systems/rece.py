@@ -6,14 +6,14 @@ would look for), and erases c′ with UCE too. Every epoch's model is kept; the 
 lowest IP on a validation split of harmful prompts (never the evaluation prompts) is RECE.
 
   epoch 0     UCE: every cross-attention to_k and to_v edited (baselines.uce_edit), exactly as
-              `baselines.py build --baseline uce` edits them
+              `-m systems.baselines build --baseline uce` edits them
   epoch k     c′ = adversarial_embedding(c, W′, W), then W′ ← uce_edit(W′, c′ → ""), with RECE's
               λ = 0.1, erase scale 1, preserve scale 0.1
 
-Command:  python rece.py build --run DIR    -> DIR/baselines/rece/ (model/, epochs.json,
+Command:  python -m systems.rece build --run DIR    -> DIR/baselines/rece/ (model/, epochs.json,
           model.json); stage 5 evaluates it beside the others, and baselines.section reports it.
 
-What it is not: UCE's closed form (baselines.uce_edit), the Table 2 section (baselines.py).
+What it is not: UCE's closed form (baselines.uce_edit), the Table 2 section (systems/baselines.py).
 """
 import os
 import shutil
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-import baselines as B
-import data as D
-import models as M
-import scorers as S
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import scorers as S
+from lib import toyworld as W
+from lib import utils as U
+from systems import baselines as B
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def run_build(args) -> None:
 # ---------------------------------------------------------------------------------------
 
 U.PRESETS["toy"]["rece"] = dict(
-    model=None, erase_concepts=B.toy_harm_concepts(), preserve_concepts=B.toy_preserve_concepts(), uce_lambda=0.5,
+    model=None, erase_concepts=W.harm_concepts(), preserve_concepts=B.toy_preserve_concepts(), uce_lambda=0.5,
     epochs=3, adv_lambda=0.1, rece_lambda=0.1, preserve_scale=0.1, val_prompts=None, val_n=64,
     sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, batch_size=64, device=None)
 U.PRESETS["sd15"]["rece"] = dict(
@@ -153,7 +154,7 @@ U.TINY["rece"] = dict(epochs=1, val_n=4, sample_steps=3)
 def build_parser():
     p = U.stage_parser("rece", "RECE: UCE, then adversarial embeddings erased epoch by epoch")
     p.add_argument("--model", help="the base model (default: the stage-0 model)")
-    p.add_argument("--erase-concepts", nargs="+", help="the concepts to erase (as baselines.py's uce)")
+    p.add_argument("--erase-concepts", nargs="+", help="the concepts to erase (as systems/baselines.py's uce)")
     p.add_argument("--preserve-concepts", nargs="*", help="the concepts whose keys and values must stay")
     p.add_argument("--uce-lambda", type=float, help="epoch 0's λ (the uce baseline's)")
     p.add_argument("--epochs", type=int, help="adversarial epochs after UCE (RECE: 3 for nudity)")
@@ -171,7 +172,7 @@ def build_parser():
 
 
 def build_main(args) -> None:
-    B.one_process_base_model(args, "rece.py build")
+    B.one_process_base_model(args, "systems/rece.py build")
     run_build(args)
 
 

@@ -6,41 +6,41 @@ What it is not: the code of any entry (each lives in its system's file).
 """
 import importlib
 
-import utils
+from lib import utils
 
 # How to draw images from each kind of model folder (model.json's "kind"): the function takes
 # (ModelSpec, device, dtype, sampler steps) and returns (pipeline, extra call arguments).
 LOADERS = {
-    "pipeline": "models:pipeline_sampler",      # a stock pipeline folder, or base + LoRA
-    "sld": "baselines:sld_sampler",             # Safe Latent Diffusion's recipe on the base model
-    "filter": "baselines:filter_sampler",       # the base model behind SD's safety checker
+    "pipeline": "lib.models:pipeline_sampler",         # a stock pipeline folder, or base + LoRA
+    "sld": "systems.baselines:sld_sampler",       # Safe Latent Diffusion's recipe on the base model
+    "filter": "systems.baselines:filter_sampler",    # the base model behind SD's safety checker
 }
 
 # Per-image scores beyond SC, PS and IP, in Table 5's order: column -> (the stage-5 flag naming
 # its weights, which turns it on; the scorer's class, built as cls.from_args(args, device) and
 # called as scorer(images, prompts) -> [N]). Each is averaged per prompt set into metrics.json.
 EXTRA_SCORES = {
-    "HPS": ("hps_model", "quality_metrics:HPSv2"),
-    "ImageReward": ("imagereward_model", "quality_metrics:ImageReward"),
-    "AES": ("aes_model", "quality_metrics:Aesthetic"),
-    "CLIPScore": ("clip_model", "scorers:ClipScore"),
+    "HPS": ("hps_model", "lib.quality_metrics:HPSv2"),
+    "ImageReward": ("imagereward_model", "lib.quality_metrics:ImageReward"),
+    "AES": ("aes_model", "lib.quality_metrics:Aesthetic"),
+    "CLIPScore": ("clip_model", "lib.scorers:ClipScore"),
 }
 
 # Scores of a model's whole image set on a prompt set: column -> (flag, class built the same
 # way, with covers(set, rows, benign) -> bool and measure(set, rows, {model: items}, DIR/eval)
 # -> {model: value}). Shown in Appendix D's table.
 SET_SCORES = {
-    "FID": ("fid_reference", "quality_metrics:Fid"),
+    "FID": ("fid_reference", "lib.quality_metrics:Fid"),
 }
 
 # The report's sections by other systems, in the report's order: each function takes stage 5's
 # Evaluation and returns a Section (its Markdown, its figures for DIR/eval/<name>.json, a table
 # for the console) or None when its models are not in the run.
 SECTIONS = (
-    "alignguard:section",      # AlignGuard: IP per category, its experts, its merges, its claims
-    "baselines:section",       # the paper's Table 2 comparison, and the attacks (Fig. 4B)
-    "psa_eval:section",        # PSA: safety per user
-    "dfm_study:section",       # Fig. 5 where descent rates can show (make dfm)
+    "systems.alignguard:section",      # AlignGuard: IP per category, its experts, its merges, its claims
+    "systems.baselines:section",       # the paper's Table 2 comparison, and the attacks (Fig. 4B)
+    "systems.psa_eval:section",        # PSA: safety per user
+    "systems.dfm_study:section",       # Fig. 5 where descent rates can show (make dfm)
 )
 
 

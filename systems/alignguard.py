@@ -7,9 +7,9 @@ attention projection. Its merge, "Co-Merge", is described in prose only ("for ea
 keep the most active expert's values"); the formula below is our exact reading of it.
 
 Commands (DIR = --run):
-  python alignguard.py expert --categories C [stage 4's flags]   one expert: stage 4's loop on
+  python -m systems.alignguard expert --categories C [stage 4's flags]   one expert: stage 4's loop on
                                the pairs of categories C only, into DIR/<--name>/
-  python alignguard.py merge --experts NAME... --method M         the experts as one LoRA, into
+  python -m systems.alignguard merge --experts NAME... --method M         the experts as one LoRA, into
                                DIR/alignguard/M/ (model/, lora/, model.json: merge_M)
 Stage 5 calls `section` (registry.SECTIONS): IP per category, each expert's specificity,
 AlignGuard's claims as interval verdicts, and, where Table 2's erasure methods were built in the
@@ -25,11 +25,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-import data as D
-import models as M
-import stats
-import toyworld as W
-import utils as U
+import common as C
+from lib import data as D
+from lib import models as M
+from lib import stats
+from lib import toyworld as W
+from lib import utils as U
 
 S4 = U.load_script("04_train_spo.py")  # the training loop the experts run through
 CATEGORIES = tuple(W.HARM)  # the seven harm categories (I2P's, the toy world's, CoProV2's)
@@ -168,7 +169,7 @@ def merge_main(args) -> None:
     `pipe.load_lora_weights` reads) and fused into a stock pipeline DIR/NAME/model/."""
     t0 = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("alignguard.py merge runs in one process: start it with python, not torchrun")
+        raise SystemExit("systems/alignguard.py merge runs in one process: start it with python, not torchrun")
     run = Path(args.run)
     args.model = args.model or U.toy_world_input(args, U.stage_dir(run, "world") / "model", "--model")
     out = run / (args.name or f"alignguard/{args.merge_method}")
@@ -325,7 +326,7 @@ def scalability(ev) -> dict | None:
     cats = sorted({r["set"] for r in rows if r["set"] not in ev.benign})
     models = ["alignguard", *erasers]
     iv = stats.intervals(rows, [(m, "base") for m in models] + [("alignguard", m) for m in erasers],
-                         ev.args.bootstrap, ev.args.seed, ev.args.ua_center)
+                         ev.args.bootstrap, ev.args.seed, C.ua_score, ev.args.ua_center)
     erased = {m: [c for c in cats if iv[f"{m}-base"][c]["IP"]["verdict"] == "holds"] for m in models}
     specs = [(f"AlignGuard's merged experts erase every category at least as well as {m} erasing all seven at once, "
               f"at no lower quality", "alignguard", m,
@@ -356,7 +357,7 @@ def section(ev) -> dict | None:
     if not ev.harmful or not any(n.startswith(("expert_", "merge_")) or n == "all_single" for n in ev.names):
         return None
     args, metrics = ev.args, ev.metrics
-    iv = stats.intervals(ev.rows, PAIRS, args.bootstrap, args.seed, args.ua_center)
+    iv = stats.intervals(ev.rows, PAIRS, args.bootstrap, args.seed, C.ua_score, args.ua_center)
     spec = expert_specificity(metrics, ev.harmful[0])
     judged = claims(metrics, iv, ev.harmful, ev.benign)
     lines, console = [], []

@@ -18,8 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-import common as C
-import utils as U
+from lib import utils as U
 
 BETTER = {"IP": -1.0, "PS": 1.0, "UAS": 1.0}   # the sign of an improvement in each metric
 
@@ -71,7 +70,7 @@ def grid_interval(d: np.ndarray, n_boot: int, seed: int, better: float, margin: 
 
 
 def claim_intervals(values: dict[str, dict[str, np.ndarray]], a: str, b: str, idx: np.ndarray,
-                    ua_center=None) -> dict[str, dict]:
+                    ua_score, ua_center=None) -> dict[str, dict]:
     """{metric: {diff, lo, hi, verdict}} for a − b on one prompt set, metric in IP, PS, UAS.
     `values[model][k]` holds the per-image "IP" flags, "PS" and "SC" in the same image order
     for every model; UAS is Eq. 12 on each resample's means, its centres the base model's
@@ -82,7 +81,7 @@ def claim_intervals(values: dict[str, dict[str, np.ndarray]], a: str, b: str, id
     def diffs(sample):
         ma, mb, base = means(a, sample), means(b, sample), means("base", sample)
         centre = ua_center or (base["PS"], base["SC"])
-        uas = {m: C.ua_score(x["PS"], x["SC"], *centre) for m, x in (("a", ma), ("b", mb))}
+        uas = {m: ua_score(x["PS"], x["SC"], *centre) for m, x in (("a", ma), ("b", mb))}
         return {"IP": ma["IP"] - mb["IP"], "PS": ma["PS"] - mb["PS"], "UAS": uas["a"] - uas["b"]}
 
     point, boot = diffs(np.arange(idx.shape[1])), diffs(idx)
@@ -93,7 +92,7 @@ def claim_intervals(values: dict[str, dict[str, np.ndarray]], a: str, b: str, id
     return out
 
 
-def intervals(rows: list[dict], claims, n_boot: int, seed: int, ua_center=None) -> dict:
+def intervals(rows: list[dict], claims, n_boot: int, seed: int, ua_score, ua_center=None) -> dict:
     """{"<a>-<b>": {set: {metric: {diff, lo, hi, verdict}}}} for each (a, b) of `claims` whose
     two models were evaluated (scores.jsonl rows); one resample plan per prompt set, the same
     whoever asks, so every system's intervals rest on the same resamples."""
@@ -117,7 +116,7 @@ def intervals(rows: list[dict], claims, n_boot: int, seed: int, ua_center=None) 
                          for k, src in (("IP", "inappropriate"), ("PS", "PS"), ("SC", "SC"))}
         idx = bootstrap_indices(len(keys) // per_prompt, per_prompt, n_boot, seed + zlib.crc32(s.encode()))
         for a, b in claims:
-            out.setdefault(f"{a}-{b}", {})[s] = claim_intervals(values, a, b, idx, ua_center)
+            out.setdefault(f"{a}-{b}", {})[s] = claim_intervals(values, a, b, idx, ua_score, ua_center)
     return out
 
 

@@ -1,7 +1,7 @@
 """Text-to-image models as stock diffusers objects (~585 lines): loading, sampling, latents,
 LoRA files, the model folders stage 5 finds, and the image cache every evaluation shares.
 
-What it is not: training (04_train_spo.py), what is measured on an image (scorers.py).
+What it is not: training (04_train_spo.py), what is measured on an image (lib/scorers.py).
 
   1. Loading: from_pretrained_or_exit, clip_tokenizer, sample_dtype, load_pipeline, save_pipeline
   2. Images and latents: load_image, encode_images, generate, to_uint8
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import registry as R
-import utils as U
+from lib import registry as R
+from lib import utils as U
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""Data files as the pipeline reads them (~360 lines): prompt sets, LibraAlign-HF pairs,
-CoProV2 and Pick-a-Pic-style pairs. Each reader takes a file whole and names the file and
-row of whatever it cannot use; what a row asks for (seed, guidance, size) is honoured or
-refused, never replaced by a default.
+"""Data files as the pipeline reads them (~435 lines): prompt sets, LibraAlign-HF pairs,
+CoProV2, Pick-a-Pic-style pairs, PSA's user tables and Sage. Each reader takes a file whole and
+names the file and row of whatever it cannot use; what a row asks for (seed, guidance, size) is
+honoured or refused, never replaced by a default.
 
-What it is not: writing (utils.py's atomic writes), or the stages that build the data.
+What it is not: writing (lib/utils.py's atomic writes), or the stages that build the data.
 """
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import json
@@ -14,7 +15,7 @@ import math
 import re
 from pathlib import Path
 
-import utils as U
+from lib import utils as U
 
 
 # ----------------------------------------------------------------------------------------
@@ -24,7 +25,7 @@ import utils as U
 # The seven harm categories (I2P's names; the toy world's and CoProV2's are the same seven),
 # under every spelling the published files use: I2P, CoProV2 ("Harrasment", "Illegal
 # Activity"), PSA and Sage ("Sexuality", "Self-Harm"; PSA's "Propaganda" takes the seventh
-# place, as psa.py reads it).
+# place, as systems/psa.py reads it).
 HARM_CATEGORIES = ("sexual", "violence", "hate", "harassment", "self-harm", "shocking", "illegal activity")
 CATEGORY_SPELLINGS = {**{c: c for c in HARM_CATEGORIES}, "harrasment": "harassment", "sexuality": "sexual",
                       "selfharm": "self-harm", "self harm": "self-harm", "propaganda": "illegal activity",
@@ -274,9 +275,79 @@ def read_safe_pairs(path: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
-# `python data.py check KIND SOURCE`: a whole published file through its reader, and what the
+# `python -m lib.data check KIND SOURCE`: a whole published file through its reader, and what the
 # reader did with every row (taken, or left out and why)
 # ----------------------------------------------------------------------------------------
+
+# PSA's category names (Sage's users.csv) -> the seven categories of this pipeline
+SAGE_CATEGORIES = {"hate": "hate", "harassment": "harassment", "violence": "violence", "self-harm": "self-harm",
+                   "selfharm": "self-harm", "sexuality": "sexual", "sexual": "sexual", "shocking": "shocking",
+                   "propaganda": "illegal activity", "illegal activity": "illegal activity"}
+
+
+def sage_category(name: str, where: str) -> str:
+    key = name.strip().lower().replace("_", " ")
+    if key not in SAGE_CATEGORIES:
+        raise U.DataError(f"{where}: unknown category {name!r} (known: {sorted(SAGE_CATEGORIES)})")
+    return SAGE_CATEGORIES[key]
+
+
+def read_user_table(path: Path) -> dict[str, dict]:
+    """PSA's published user tables, whole: the evaluation's user_info.csv (User_ID, ...,
+    Banned_Categories as a Python list, "['Propaganda', 'Sexuality']") and the 1,000 users'
+    users.csv, which has no id column: its k-th row is user k, written as Sage writes ids
+    ("0000001"; the two tables agree row by row). A list may also be split on ; or ,."""
+    users = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "Banned_Categories" not in reader.fieldnames:
+            raise U.DataError(f"{path}: needs a Banned_Categories column (has {reader.fieldnames})")
+        for k, row in enumerate(reader, 1):
+            where = f"{path}:{reader.line_num}"
+            text = row["Banned_Categories"].strip()
+            try:  # a Python list of strings, read as data (literal_eval evaluates nothing else)
+                names = ast.literal_eval(text) if text.startswith("[") else text.replace(";", ",").split(",")
+            except (ValueError, SyntaxError):
+                raise U.DataError(f"{where}: Banned_Categories {text!r} is not a list of categories") from None
+            banned = sorted({sage_category(s, where) for s in names if str(s).strip()}, key=HARM_CATEGORIES.index)
+            uid = str(row["User_ID"]) if "User_ID" in row else f"{k:07d}"
+            attrs = {k2: v for k2, v in row.items() if k2 not in ("User_ID", "Banned_Categories", "Allowed_Categories")}
+            user = {"id": uid, "banned": banned, **attrs}
+            user["text"] = (f"User profile: {json.dumps(attrs, sort_keys=True)}. Banned categories: "
+                            f"{', '.join(banned) or 'none'}. Allowed categories: "
+                            f"{', '.join(c for c in HARM_CATEGORIES if c not in banned) or 'none'}.")
+            users[uid] = user
+    return users
+
+
+def read_sage(folder: Path, users_file: Path | None = None, need_images: bool = True) -> tuple[list[dict], list[dict]]:
+    """Sage's data for sd15: metadata.jsonl (the imagefolder convention: file_name, chosen,
+    rejected, caption, user_data with User_ID ...) and the user table (`users_file`, default
+    users.csv in the folder; read_user_table). Returns (users, pairs); pairs are already
+    ordered for their user (chosen = x_w). A bad row stops the run naming file and line."""
+    meta, users_csv = folder / "metadata.jsonl", users_file or folder / "users.csv"
+    absent = [str(f) for f in (meta, users_csv) if not f.exists()]
+    if absent:
+        raise U.DataError(f"--sage {folder}: missing {', '.join(absent)} (Sage's metadata.jsonl and PSA's user "
+                          f"table, e.g. evaluation/eval_gpt/user_info.csv)")
+    users = read_user_table(users_csv)
+    pairs = []
+    for n, row in U.iter_jsonl(meta):
+        where = f"{meta}:{n}"
+        missing = [k for k in ("chosen", "rejected", "caption", "user_data") if k not in row]
+        if missing:
+            raise U.DataError(f"{where}: missing {missing}")
+        uid = str(row["user_data"].get("User_ID", ""))
+        if uid not in users:
+            raise U.DataError(f"{where}: user {uid!r} is not in {users_csv}")
+        files = [str(folder / row[k]) for k in ("chosen", "rejected")]
+        absent = [f for f in files if not Path(f).exists()]
+        if absent and need_images:
+            raise U.DataError(f"{where}: missing image {absent[0]}")
+        pairs.append({"prompt": row["caption"], "kind": "sage", "user": uid,
+                      "w": {"file": files[0], "role": "chosen"}, "l": {"file": files[1], "role": "rejected"}})
+    return list(users.values()), pairs
+
 
 def check(kind: str, source: str, users: str | None = None) -> list[str]:
     """The report lines of one file (or hf:ID, or Sage's folder) read whole by its reader."""
@@ -298,12 +369,11 @@ def check(kind: str, source: str, users: str | None = None) -> list[str]:
                 f"categories", f"  categories: {dict(cats)}",
                 f"  images not beside the CSV yet: {absent} of {2 * len(pairs)} (stage 3 needs them)"]
     if kind in ("users", "sage"):
-        import psa as P
         if kind == "users":
-            table = P.read_user_table(Path(source))
+            table = read_user_table(Path(source))
             return [f"{source}: {len(table)} users", "  banned, per category: "
                     + str(dict(Counter(c for u in table.values() for c in u["banned"])))]
-        found, pairs = P.read_sage(Path(source), Path(users) if users else None, need_images=False)
+        found, pairs = read_sage(Path(source), Path(users) if users else None, need_images=False)
         return [f"{source}: {len(pairs)} per-user pairs of {len({p['user'] for p in pairs})} users "
                 f"({len(found)} in the user table)"]
     if kind == "safe-pairs":

@@ -2,7 +2,7 @@
 reward, the CLIP-family scores, Q16 and NudeNet, and `Scorers`, which gives every image stage 5
 draws its row of scores.jsonl.
 
-What it is not: the means over images and the tables (05_evaluate.py), statistics (stats.py).
+What it is not: the means over images and the tables (05_evaluate.py), statistics (lib/stats.py).
 
   1. Judges of stages 1 and 3: make_judge (the toy world's exact judge, or an OpenAI-compatible one)
   2. The Safety Cost Model C(x) (paper Sec. 3.1): SafetyCostModel, save_scm, load_scm
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import models as M
-import registry as R
-import utils as U
-from toyworld import IMAGE_SIZE as TOY_IMAGE_SIZE
+from lib import models as M
+from lib import registry as R
+from lib import utils as U
+from lib.toyworld import IMAGE_SIZE as TOY_IMAGE_SIZE
 
 
 # Stage 5's flags of these judges and rewards (registry.add_module_flags adds them with these presets)
@@ -45,7 +45,7 @@ EVAL_PRESETS = {
 
 
 def add_flags(p) -> None:
-    g = p.add_argument_group("IP's judge, PS's reward and CLIPScore (scorers.py)")
+    g = p.add_argument_group("IP's judge, PS's reward and CLIPScore (lib/scorers.py)")
     g.add_argument("--quality", choices=["toy", "pickscore"], help="PS: the quality reward")
     g.add_argument("--pickscore-model")
     g.add_argument("--pickscore-processor")
@@ -67,10 +67,10 @@ def make_judge(name: str, model: str = "gpt-4o", base_url: str | None = None, ti
     """--judge toy (the toy world's exact judge) or --judge openai (judge_client.OpenAIJudge;
     key from OPENAI_API_KEY, never logged)."""
     if name == "toy":
-        from toyworld import ToyJudge
+        from lib.toyworld import ToyJudge
         return ToyJudge()
     if name == "openai":
-        from judge_client import OpenAIJudge
+        from lib.judge_client import OpenAIJudge
         return OpenAIJudge(model=model, base_url=base_url, timeout=timeout, max_retries=retries)
     raise ValueError(f"unknown judge {name!r}: choose toy or openai")
 
@@ -331,7 +331,7 @@ class Q16(ClipScorer):
 def make_quality_reward(name: str, device="cpu", model: str | None = None, processor: str | None = None):
     """--quality toy (default for the toy preset) or --quality pickscore (sd15)."""
     if name == "toy":
-        from toyworld import ToyQuality
+        from lib.toyworld import ToyQuality
         return ToyQuality()
     if name == "pickscore":
         kw = {k: v for k, v in (("model", model), ("processor", processor)) if v}
@@ -344,7 +344,7 @@ def make_quality_reward(name: str, device="cpu", model: str | None = None, proce
 
 def toy_inappropriate(image) -> bool:
     """The toy IP judge: the 4-level rubric's severity >= 1 (toyworld.toy_judge)."""
-    from toyworld import toy_judge
+    from lib.toyworld import toy_judge
     return toy_judge(image) >= 1
 
 

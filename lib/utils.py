@@ -1,8 +1,8 @@
 """Plumbing every script shares (~560 lines): the command line and its presets, seeding and
 logging, torch.distributed, files written atomically, checkpoints, and the small report helpers.
 
-What it is not: the paper's equations (common.py), models and sampling (models.py), what is
-measured on an image (scorers.py), statistics (stats.py), data readers (data.py).
+What it is not: the paper's equations (common.py), models and sampling (lib/models.py), what is
+measured on an image (lib/scorers.py), statistics (lib/stats.py), data readers (lib/data.py).
 
   1. Presets and command lines: PRESETS, TINY, stage_parser, parse_args, save_config, run_stage,
      run_commands (the systems' `python FILE.py COMMAND ...`), load_script
@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 
 
 class DataError(ValueError):
@@ -65,8 +65,8 @@ STAGES = {  # stage key -> (script, folder under --run)
     "coprov2": ("03_build_hf.py --pairing prompt-edit --name coprov2 --reuse-images hf", "coprov2"),
     "spo": ("04_train_spo.py", "spo"),
     "safety": ("04_train_spo.py --objective safety", "safety"),
-    "users": ("psa.py users", "world/users"),
-    "psa": ("psa.py train", "psa"),
+    "users": ("systems/psa.py users", "world/users"),
+    "psa": ("systems/psa.py train", "psa"),
     "eval": ("05_evaluate.py", "eval"),
 }
 
@@ -194,7 +194,7 @@ def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = Tru
 def run_stage(main) -> None:
     """Run a stage's main(): an error the user can cause (bad or missing data, an unreachable
     judge, a non-finite loss) ends in one message and exit status 1, with no traceback."""
-    from judge_client import JudgeError
+    from lib.judge_client import JudgeError
     try:
         main()
     except (DataError, JudgeError, FloatingPointError) as e:

@@ -2,7 +2,7 @@
 Models"), the second attack of the paper's Fig. 4B (~340 lines): a reinforcement-learning
 search that replaces the sensitive words of a prompt the safety filter blocks by sub-words of
 the tokenizer's vocabulary, until the filter lets through an image that still matches the
-prompt. The search queries the filter model (`baselines.py build --baseline filter`), as in
+prompt. The search queries the filter model (`-m systems.baselines build --baseline filter`), as in
 the paper; stage 5 then draws and scores every model on the prompts it found.
 
   action     each replaced word is `--subwords` sub-words glued together (SneakyPrompt's
@@ -28,12 +28,12 @@ order of the prompt; after them, the other words ranked by how much leaving each
 the prompt's text-embedding similarity to the banned words (SneakyPrompt ranks them with an
 NSFW text classifier, which no offline install has).
 
-Command:  python sneakyprompt.py search --run DIR --prompts N   -> DIR/attacks/sneakyprompt.jsonl
+Command:  python -m systems.sneakyprompt search --run DIR --prompts N   -> DIR/attacks/sneakyprompt.jsonl
           (its settings in sneakyprompt.json; finished targets in sneakyprompt.jsonl.part, so
           a killed search resumes where it stopped)
 
-What it is not: the MMA-style gradient attack and the attack sets' report lines (attacks.py);
-the filter (baselines.py).
+What it is not: the MMA-style gradient attack and the attack sets' report lines (systems/attacks.py);
+the filter (systems/baselines.py).
 """
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import attacks as A
-import baselines as B
-import models as M
-import scorers as S
-import utils as U
+from lib import models as M
+from lib import scorers as S
+from lib import utils as U
+from systems import attacks as A
+from systems import baselines as B
 
 PERTURB_LIMIT = 0.3  # SneakyPrompt's stop: more than 30% of the prompt's words replaced
 PATIENCE = 5         # negative rewards in a row before one more word is replaced
@@ -222,7 +222,7 @@ class FilterEnvironment:
         folder = Path(args.filter or Path(args.run) / "baselines" / "filter")
         if not (folder / M.MANIFEST).exists():
             raise SystemExit(f"--filter: {folder} holds no {M.MANIFEST}; build the filter first "
-                             f"(python baselines.py build --baseline filter --run {args.run})")
+                             f"(python -m systems.baselines build --baseline filter --run {args.run})")
         spec = M.read_manifest(folder, Path(args.model))
         if spec.kind != "filter":
             raise SystemExit(f"--filter: {folder} is a {spec.kind!r} model, not a safety filter")
@@ -311,7 +311,7 @@ def search_parser():
 def search_main(args) -> None:
     if args.reward == "clip" and not args.clip_model:
         raise SystemExit("--reward clip needs --clip-model (the CLIPScore model)")
-    B.one_process_base_model(args, "sneakyprompt.py search")
+    B.one_process_base_model(args, "systems/sneakyprompt.py search")
     source, rows = A.attack_targets(args)
     path = A.begin_attack(Path(args.run), "sneakyprompt", {**{k: getattr(args, k) for k in SETTINGS},
                                                            "source_set": source})

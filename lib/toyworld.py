@@ -72,6 +72,12 @@ class Scene(dict):
     prompts, position and slots (the order of blob slots)."""
 
 
+def harm_concepts() -> list[str]:
+    """The 21 harm concepts, three per category: what the erasure baselines erase and what
+    an attack may not say."""
+    return [w for _, words in HARM.values() for w in words]
+
+
 def random_scene(rng: random.Random, kind: str) -> Scene:
     """kind: 'benign' (no style or a plain style), 'lookalike' (a look-alike style) or
     'harmful' (a harm concept at severity 1-3, any style)."""

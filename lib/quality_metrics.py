@@ -9,7 +9,7 @@ project's (timm 0.6, pytest 7, an import transformers 5 removed), so the archite
 built here and every published key is checked to load: a missing or unexpected key stops
 the load, naming it.
 
-What it is not: PickScore, CLIPScore and the judges (scorers.py), the tables (05_evaluate.py).
+What it is not: PickScore, CLIPScore and the judges (lib/scorers.py), the tables (05_evaluate.py).
 
   1. Published weights: a local file or one in the Hugging Face cache, loaded without running code
   2. AES (LAION aesthetic predictor v2) and the reward head it shares with ImageReward
@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-import scorers as S
-import utils as U
+from lib import scorers as S
+from lib import utils as U
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -54,7 +54,7 @@ PUBLISHED = {  # where each weights file is published, for the message when it i
 
 
 def add_flags(p) -> None:
-    g = p.add_argument_group("Table 5's preference scores and Appendix D's FID (quality_metrics.py)")
+    g = p.add_argument_group("Table 5's preference scores and Appendix D's FID (lib/quality_metrics.py)")
     g.add_argument("--hps-model", help="HPSv2 checkpoint: a file, or OWNER/REPO/FILE in the Hugging Face cache "
                                        "(sd15: xswu/HPSv2/HPS_v2.1_compressed.pt; default toy: none)")
     g.add_argument("--hps-arch", help="its OpenCLIP architecture: a name (ViT-H-14) or a model-config JSON file")
@@ -307,7 +307,7 @@ class ImageReward:
     def __init__(self, weights: str, tokenizer: str = "bert-base-uncased", device="cpu", batch_size: int = 16):
         from torchvision import transforms as T
         from transformers import BertTokenizer
-        import models as M
+        from lib import models as M
         path = published_file(weights, "--imagereward-model")
         published = load_weights(path, "--imagereward-model")
         vision, text = imagereward_configs(published)
@@ -353,11 +353,11 @@ class ToyFeatures(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from toyworld import TOY_FEATURES
+        from lib.toyworld import TOY_FEATURES
         self.num_features = TOY_FEATURES
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from toyworld import toy_features
+        from lib.toyworld import toy_features
         arrays = images.permute(0, 2, 3, 1).cpu().numpy()
         return torch.from_numpy(np.stack([toy_features(a) for a in arrays])).to(images.device)
 
@@ -426,7 +426,7 @@ class Fid:
         set of other prompts has no render to compare with: said, and left without FID)."""
         if name in self.folders or not (self.toy and benign):
             return name in self.folders
-        from toyworld import prompt_to_scene
+        from lib.toyworld import prompt_to_scene
         try:
             for row in rows:
                 prompt_to_scene(row["prompt"])
@@ -442,7 +442,7 @@ class Fid:
         if name in self.folders:
             paths = [coco_image(Path(self.folders[name]), row) for row in rows]  # all found before any is read
             return (centre_square(U.load_png(p), side) for p in paths)
-        from toyworld import reference_render
+        from lib.toyworld import reference_render
         return (reference_render(it["prompt"], it["seed"]) for it in items)
 
     def _update(self, metric, images: Iterator[np.ndarray], real: bool) -> None:

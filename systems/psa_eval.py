@@ -1,5 +1,5 @@
 """PSA's evaluation (~420 lines): safety per user, the section stage 5 writes into
-DIR/eval/psa.md when PSA's adapter (DIR/psa/, `psa.py train`) is in the run.
+DIR/eval/psa.md when PSA's adapter (DIR/psa/, `-m systems.psa train`) is in the run.
 
 Each reference user (PSA's levels 0-5, banning 0, 2, 4, 4, 5 and 7 categories) and the first
 --psa-users seen (training) and held-out users get images of the first --psa-prompts-per-
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data as D
-import models as M
-import psa as P
-import stats
-import toyworld as W
-import utils as U
+from lib import data as D
+from lib import models as M
+from lib import stats
+from lib import toyworld as W
+from lib import utils as U
+from systems import psa as P
 
 # Stage 5's flags of this section (registry.add_module_flags adds them with these presets)
 EVAL_PRESETS = {
@@ -47,12 +47,12 @@ EVAL_PRESETS = {
 
 
 def add_flags(p) -> None:
-    g = p.add_argument_group("PSA's per-user evaluation (psa_eval.py), when DIR/psa/ holds its adapter")
+    g = p.add_argument_group("PSA's per-user evaluation (systems/psa_eval.py), when DIR/psa/ holds its adapter")
     g.add_argument("--psa-users", type=int, help="seen (training) and held-out users evaluated, each")
     g.add_argument("--psa-prompts-per-category", type=int, help="harmful prompts per category for each user")
     g.add_argument("--psa-benign", type=int, help="benign prompts for each user")
     g.add_argument("--psa-quality-floor", type=float, help="the PS an image needs to PASS")
-    g.add_argument("--psa-llm", help="sd15: the LLM embedding profile texts (as psa.py train's)")
+    g.add_argument("--psa-llm", help="sd15: the LLM embedding profile texts (as systems/psa.py train's)")
     g.add_argument("--psa-judge-model", help="sd15: the judge model answering PSA's JSON fields")
     g.add_argument("--psa-judge-base-url", help="sd15: its OpenAI-compatible endpoint (default: OpenAI's)")
 
@@ -119,7 +119,7 @@ SEED_RUNS = ("psa_seed1", "psa_seed2")  # make psa-seeds: the adapter again with
 
 
 def psa_folders(run: Path) -> dict[str, Path]:
-    """{name: DIR/name} of the finished adapters: psa (`psa.py train`) and its seed runs (none
+    """{name: DIR/name} of the finished adapters: psa (`-m systems.psa train`) and its seed runs (none
     without psa: the seed verdicts compare the seeds with it)."""
     done = lambda f: (f / "metrics.json").exists() and (f / "adapter" / "psa_adapter.safetensors").exists()
     return {n: run / n for n in ("psa", *SEED_RUNS) if done(run / n)} if done(run / "psa") else {}
@@ -226,7 +226,7 @@ class PersonalJudge:
         self.args, self.out, self.unusable = args, out, 0
         self.judge, self.cache, self.path = None, {}, out / "personal_judge.jsonl"
         if args.ip_judge != "toy":
-            import judge_client as J
+            from lib import judge_client as J
             self.judge = J.OpenAIJudge(model=args.psa_judge_model, base_url=args.psa_judge_base_url)
             self.cache = {r["key"]: r["answer"] for r in U.read_jsonl(self.path)} if self.path.exists() else {}
 
