@@ -1,19 +1,21 @@
-"""The paper's equations, in the paper's order (~450 lines): each function's docstring writes
-out its equation and the lines below it compute exactly that. The paper's text lost its
-equations; docs/equations.md has all of them with the notation.
+"""The paper's equations, in the paper's order. Each docstring writes an equation as the paper
+does, then the form the lines below it compute, and the step from one to the other where
+they differ. docs/equations.md has the notation in one table.
 
 Paper: "The Path to Reconciling Quality and Safety in Text-to-Image Generation: Dataset,
 Method, and Evaluation" (T2I-SPO).
 
 What it is not: plumbing (lib/utils.py), models and sampling (lib/models.py), the scorers
-(lib/scorers.py), or other systems' math (Co-Merge in systems/alignguard.py, UCE and ESD in systems/baselines.py).
+(lib/scorers.py), or other systems' math (Co-Merge in systems/alignguard.py, UCE and ESD in
+systems/baselines.py).
 
   0.  input checks of the losses
   1.  Sec. 3.1  contrastive_ranking_loss (Eq. 2), cost_anchoring_loss (Eq. 3), scm_loss (Eq. 1)
-  2.  Sec. 4.1  denoising_errors, diffusion_dpo_loss (Eq. 5), dpo_pair_losses (Eq. 5 on a batch)
+  2.  Sec. 4.1  DPO (Eq. 4, not computed); denoising_errors, diffusion_dpo_loss (Eq. 5),
+                dpo_pair_losses (Eq. 5 on a batch; Eq. 9 on relabelled pairs)
   3.  Sec. 4.2  composite_reward (Eq. 6), preference_probability (Eq. 7), relabel_pairs (Eq. 8)
-  4.  Sec. 4.3  DescentRateQueue (Eq. 10); the augmentation pool, per_sample_grads,
-                choose_augmentation and dfm_augmented_copies (Eq. 11)
+  4.  Sec. 4.3  DescentRateQueue (Eq. 10); the augmentation pool; choose_augmentation (Eq. 11
+                for one pair, as the paper writes it) and dfm_augmented_copies (Eq. 11 batched)
   5.  Sec. 5    ua_score (Eq. 12)
 """
 from __future__ import annotations
@@ -58,17 +60,19 @@ def _check_signs(**signs: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# 1.  Sec. 3.1 — the Safety Cost Model objective (Eqs. 1-3)
+# 1.  Sec. 3.1 — the Safety Cost Model objective (Eqs. 1-3). In each, the paper's E over the
+# training pairs (or images) is computed as the mean over one batch.
 # ----------------------------------------------------------------------------------------
 
 def contrastive_ranking_loss(cost_w: torch.Tensor, cost_l: torch.Tensor,
                              sign_w: torch.Tensor, sign_l: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, the cost-model loss of Safe RLHF; `x_w` is the MORE harmful image.
+    """Eq. 2, the cost-model loss of Safe RLHF; `x_w` is the MORE harmful image of the pair:
 
-        L_CR = -E[ log σ(C(x_w) - C(x_l)) + log σ(s_w·C(x_w)) + log σ(s_l·C(x_l)) ]
+        L_CR = −E_{(x_w, x_l)}[ log σ(C(x_w) − C(x_l)) + log σ(s_w·C(x_w)) + log σ(s_l·C(x_l)) ]
 
-    The first term ranks the pair; the other two push harmful costs (s=+1) above 0 and safe
-    costs (s=-1) below 0, which gives the cost an absolute zero point.
+    The first term ranks the pair. The sign terms anchor the scale (Sec. 3.1): they push
+    harmful costs (s = +1) above 0 and safe costs (s = −1) below 0, so the sign of a cost
+    alone says harmful or safe.
     """
     _check_same_1d(cost_w=cost_w, cost_l=cost_l, sign_w=sign_w, sign_l=sign_l)
     _check_signs(sign_w=sign_w, sign_l=sign_l)
@@ -77,12 +81,18 @@ def contrastive_ranking_loss(cost_w: torch.Tensor, cost_l: torch.Tensor,
     return -(rank + sign_terms).mean()
 
 
-def cost_anchoring_loss(cost: torch.Tensor, sign: torch.Tensor, mu_safe: float | torch.Tensor) -> torch.Tensor:
-    """Eq. 3: L_CA = E_{x: s=-1}[ (C(x) - μ_safe)² ], over the safe images of the batch.
+def cost_anchoring_loss(cost: torch.Tensor, sign: torch.Tensor,
+                        mu_safe: float | torch.Tensor) -> torch.Tensor:
+    """Eq. 3, over the safe images:
 
-    μ_safe is a constant within the step (the mean cost of a held pool of verified safe
-    images, refreshed without gradient). A batch without safe images contributes 0, still
-    attached to the graph so that `.backward()` on a sum of losses works unchanged.
+        L_CA = E_{x: s=−1}[ (C(x) − μ_safe)² ]
+
+    Why (Sec. 3.1): with L_CR alone the costs of safe images vary a lot, and the alignment
+    that penalises cost then over-penalises imperceptible risks in safe images; L_CA pulls
+    every safe cost toward one anchor. μ_safe, the mean cost of a pool of verified safe
+    images, is a constant within the step (stage 2 refreshes it without gradient). A batch
+    without safe images contributes 0, still attached to the graph, so that `.backward()` on a
+    sum of losses works unchanged.
     """
     _check_same_1d(cost=cost, sign=sign)
     _check_signs(sign=sign)
@@ -95,9 +105,10 @@ def cost_anchoring_loss(cost: torch.Tensor, sign: torch.Tensor, mu_safe: float |
     return ((cost[safe] - mu) ** 2).mean()
 
 
-def scm_loss(cost_w: torch.Tensor, cost_l: torch.Tensor, sign_w: torch.Tensor, sign_l: torch.Tensor,
-             mu_safe: float | torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """Eq. 1: L_SCM = L_CR + γ·L_CA.
+def scm_loss(cost_w: torch.Tensor, cost_l: torch.Tensor, sign_w: torch.Tensor,
+             sign_l: torch.Tensor, mu_safe: float | torch.Tensor,
+             gamma: float = 1.0) -> torch.Tensor:
+    """Eq. 1:  L_SCM = L_CR + γ·L_CA  (the paper gives no value for γ; 1 by default).
 
     The anchoring term sees every safe image of the batch, whichever side of a pair it is on.
     """
@@ -107,16 +118,31 @@ def scm_loss(cost_w: torch.Tensor, cost_l: torch.Tensor, sign_w: torch.Tensor, s
 
 
 # ----------------------------------------------------------------------------------------
-# 2.  Sec. 4.1 — Diffusion-DPO (Wallace et al.), the loss T2I-SPO optimises (Eqs. 5, 9)
+# 2.  Sec. 4.1 — DPO and Diffusion-DPO (Eqs. 4, 5; Eq. 9 is Eq. 5 on relabelled pairs)
+#
+# Eq. 4 (DPO, Rafailov et al.) is written with the policy's likelihood of an image:
+#
+#     L_DPO = −E_{(c, x_w, x_l)}[ log σ( β·log π_θ(x_w|c)/π_ref(x_w|c)
+#                                       − β·log π_θ(x_l|c)/π_ref(x_l|c) ) ]
+#
+# It is not computed: a diffusion model's likelihood of an image is intractable. Diffusion-DPO
+# replaces it by its evidence lower bound, a sum of denoising errors, which gives Eq. 5, the
+# loss trained here.
 # ----------------------------------------------------------------------------------------
 
-def denoising_errors(net, noise_scheduler, z0, t, noise, emb, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """The mse(·) of Eq. 5, per image: ‖target − net(x_t, c, t)‖² averaged over latent
-    elements, in fp32, where x_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε is the forward process at step t and
-    the target is ε (or the velocity, for a v-prediction scheduler)."""
+def denoising_errors(net, noise_scheduler, z0, t, noise, emb,
+                     autocast=contextlib.nullcontext) -> torch.Tensor:
+    """err(x) of Eq. 5 per image, in fp32: the MEAN over latent elements of the squared error,
+
+        err(x) = ‖ε − net(x_t, c, t)‖² / d,    x_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε,
+
+    with d the number of latent elements (C·h·w) and x_t the forward process at step t. The
+    target is ε, or the velocity for a v-prediction scheduler."""
     x_t = noise_scheduler.add_noise(z0, noise, t)
-    target = noise_scheduler.get_velocity(z0, noise, t) if noise_scheduler.config.prediction_type == "v_prediction" \
-        else noise
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(z0, noise, t)
+    else:
+        target = noise
     with autocast():
         pred = net(x_t.to(net.dtype), t, emb.to(net.dtype)).sample
     return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
@@ -125,26 +151,45 @@ def denoising_errors(net, noise_scheduler, z0, t, noise, emb, autocast=contextli
 def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor,
                        ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
                        beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 5 (and Eq. 9 on relabelled pairs). Inputs are per-pair mean squared denoising
-    errors `[B]`, computed with the SAME timestep and noise for winner and loser:
+    """Eq. 5, Diffusion-DPO (Wallace et al.). The paper writes, for t ∼ U(0, T) and the noised
+    latents x_t^w ∼ q(x_t^w | x_0^w), x_t^l ∼ q(x_t^l | x_0^l):
 
-        Δ_θ   = err_θ(x_w) - err_θ(x_l),   Δ_ref = err_ref(x_w) - err_ref(x_l)
-        L_DPO = -E log σ( -β/2 · (Δ_θ - Δ_ref) )
+        L(θ) = −E_{(c, x_0^w, x_0^l) ∼ D, t, x_t^w, x_t^l} log σ( −β·T·ω(λ_t) · (
+                     ‖ε^w − ε_θ(x_t^w, c, t)‖² − ‖ε^w − ε_ref(x_t^w, c, t)‖²
+                   − ( ‖ε^l − ε_θ(x_t^l, c, t)‖² − ‖ε^l − ε_ref(x_t^l, c, t)‖² ) ) )
 
-    The paper's T·ω(λ_t) is folded into β. The ½ follows the authors' public code and diffusers'
-    SDXL example; diffusers' SD-1.5 example drops it, so there β means twice as much. Returns
-    (mean loss, per-pair loss); the per-pair losses feed the DFM descent-rate queues (Eq. 10).
+    This function computes, from the per-pair errors err of `denoising_errors` ([B] each):
+
+        Δ_θ = err_θ(x_w) − err_θ(x_l),    Δ_ref = err_ref(x_w) − err_ref(x_l)
+        L   = mean over the batch of  −log σ( −β/2 · (Δ_θ − Δ_ref) )
+
+    From the first to the second:
+      1. E is the mean over a batch of pairs, one draw of t and ε per pair; winner and loser
+         share both (ε^w = ε^l = ε), as in the Diffusion-DPO authors' code.
+      2. The squared error is a mean over the d latent elements, not a sum: ‖·‖² = d·err.
+      3. T·ω(λ_t) is the same for every t (the authors' code weights no timestep), so the
+         paper's β·T·ω(λ_t)·d is one constant, written β/2 here (β/2 = β_paper·T·ω·d): this β
+         carries the ½ as in the authors' code (`-0.5 * beta_dpo`, β = 5000 for SD-1.5), and
+         T·ω(λ_t) and d are folded into it. diffusers' SD-1.5 example drops the ½, so there
+         β means twice as much.
+    The reference is frozen (its errors get no gradient). Returns (mean loss, per-pair loss);
+    the per-pair losses feed the DFM's queues (Eq. 10).
     """
-    _check_same_1d(model_err_w=model_err_w, model_err_l=model_err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
+    _check_same_1d(model_err_w=model_err_w, model_err_l=model_err_l,
+                   ref_err_w=ref_err_w, ref_err_l=ref_err_l)
     delta_theta = model_err_w - model_err_l
-    delta_ref = (ref_err_w - ref_err_l).detach()  # the reference is frozen
+    delta_ref = (ref_err_w - ref_err_l).detach()
     per_pair = -F.logsigmoid(-0.5 * beta * (delta_theta - delta_ref))
     return per_pair.mean(), per_pair
 
 
 @contextlib.contextmanager
-def reference_mode(unet):
-    """The LoRA reference: the policy's UNet with its adapters disabled (no second copy)."""
+def reference_net(unet, ref):
+    """ε_ref of Eq. 5: the frozen `ref`, or, for a LoRA policy (ref None), the policy's UNet
+    with its adapters disabled, which is the base model without a second copy of it."""
+    if ref is not None:
+        yield ref
+        return
     unet.disable_adapters()
     try:
         yield unet
@@ -154,12 +199,20 @@ def reference_mode(unet):
 
 def dpo_pair_losses(unet, ref, noise_scheduler, z_w, z_l, emb, t, noise, beta: float,
                     autocast=contextlib.nullcontext):
-    """Eq. 5 on a batch of pairs: per-pair losses, with Δ_θ and Δ_ref for logging. Winner and
-    loser are noised with the same t and ε and go through the policy in ONE forward of 2b
-    samples; `ref` is the frozen reference UNet, or None for a LoRA policy (adapters off)."""
-    args = (noise_scheduler, torch.cat([z_w, z_l]), torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([emb, emb]))
+    """Eq. 5 on a batch of pairs, and so Eq. 9, the T2I-SPO loss, on pairs from `relabel_pairs`.
+    The paper derives Eq. 9 from Eq. 8 as Diffusion-DPO derives Eq. 5 from Eq. 4:
+
+        L_SPO(θ) = −E_{(c, x_0^w, x_0^l) ∼ D_SPO, t, x_t^w, x_t^l} log σ( −β·T·ω(λ_t) · ( … ) )
+
+    with ( … ) the four squared errors of Eq. 5; it is computed as Eq. 5 is (see
+    `diffusion_dpo_loss`). Returns the per-pair losses, with Δ_θ and Δ_ref for logging.
+
+    Winner and loser are noised with the same t and ε and go through the policy in ONE
+    forward of 2b samples (and through the reference in one more, without gradient)."""
+    args = (noise_scheduler, torch.cat([z_w, z_l]), torch.cat([t, t]), torch.cat([noise, noise]),
+            torch.cat([emb, emb]))
     err_w, err_l = denoising_errors(unet, *args, autocast).chunk(2)
-    with torch.no_grad(), (reference_mode(unet) if ref is None else contextlib.nullcontext(ref)) as r:
+    with torch.no_grad(), reference_net(unet, ref) as r:
         ref_w, ref_l = denoising_errors(r, *args, autocast).chunk(2)
     _, per_pair = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta)
     return per_pair, (err_w - err_l).detach(), (ref_w - ref_l).detach()
@@ -170,12 +223,15 @@ def dpo_pair_losses(unet, ref, noise_scheduler, z_w, z_l, emb, t, noise, beta: f
 # ----------------------------------------------------------------------------------------
 
 def composite_reward(quality, cost, lam: float):
-    """Eq. 6: R(x, c) = r(x, c) - λ·C(x), elementwise (floats, arrays or tensors)."""
+    """Eq. 6:  R(x, c) = r(x, c) − λ·C(x), elementwise (floats, arrays or tensors).
+
+    Why (Sec. 4.2): one reward that weighs quality against safety, so a pair is ordered by
+    both at once and safety is not bought with quality (the zero-sum trade-off)."""
     return quality - lam * cost
 
 
 def preference_probability(reward_1, reward_2):
-    """Eq. 7 (Bradley–Terry): p(x_1 ≻ x_2 | c) = σ(R(x_1, c) - R(x_2, c)), elementwise."""
+    """Eq. 7 (Bradley–Terry):  p(x_1 ≻ x_2 | c) = σ(R(x_1, c) − R(x_2, c)), elementwise."""
     diff = reward_1 - reward_2
     if isinstance(diff, torch.Tensor):
         return torch.sigmoid(diff)
@@ -185,12 +241,21 @@ def preference_probability(reward_1, reward_2):
 def _sigmoid(x):
     """Numerically stable logistic function for floats and numpy arrays."""
     x = np.asarray(x, dtype=np.float64)
-    out = np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+    e = np.exp(-np.abs(x))
+    out = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     return float(out) if out.ndim == 0 else out
 
 
-def relabel_pairs(pairs: Iterable[dict], lam: float, margin: float = 0.0) -> tuple[list[dict], int]:
-    """Eq. 8: re-order every pair by the composite reward of Eq. 6.
+def relabel_pairs(pairs: Iterable[dict], lam: float,
+                  margin: float = 0.0) -> tuple[list[dict], int]:
+    """Eq. 8. The paper relabels every pair by R (Eq. 6), the higher-R image as x_w, giving
+    the safety-constrained set D_SPO, and writes Eq. 4's objective over it:
+
+        L(θ) = −E_{(c, x_w, x_l) ∼ D_SPO}[ log σ( β·log π_θ(x_w|c)/π_ref(x_w|c)
+                                                − β·log π_θ(x_l|c)/π_ref(x_l|c) ) ]
+
+    This function computes the relabelling, D_SPO; the objective over it is trained in its
+    diffusion form, Eq. 9 (`dpo_pair_losses` on these pairs), as Eq. 4 is trained as Eq. 5.
 
     Each input record holds two images under keys "a" and "b", each a dict with at least
     numeric "quality" (r) and "cost" (C). The output record keeps every other key and
@@ -198,7 +263,7 @@ def relabel_pairs(pairs: Iterable[dict], lam: float, margin: float = 0.0) -> tup
     Bradley–Terry probability p(x_w ≻ x_l | c) of Eq. 7 (above ½ by construction).
 
     A pair is dropped (and counted) when |ΔR| < margin, or when ΔR == 0, since an exact tie
-    names no winner (public Diffusion-DPO drops ties too). Safety-only DPO is R = -C; a huge
+    names no winner (public Diffusion-DPO drops ties too). Safety-only DPO is R = −C; a huge
     λ gives the same ordering. Non-finite annotations raise ValueError naming the pair.
     """
     if margin < 0:
@@ -208,9 +273,11 @@ def relabel_pairs(pairs: Iterable[dict], lam: float, margin: float = 0.0) -> tup
         name = pair.get("id", f"#{i}")
         try:
             a, b = pair["a"], pair["b"]
-            qa, ca, qb, cb = (float(a["quality"]), float(a["cost"]), float(b["quality"]), float(b["cost"]))
+            qa, ca = float(a["quality"]), float(a["cost"])
+            qb, cb = float(b["quality"]), float(b["cost"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"pair {name}: needs a/b with numeric quality and cost ({e!r})") from None
+            raise ValueError(
+                f"pair {name}: needs a/b with numeric quality and cost ({e!r})") from None
         if not all(math.isfinite(v) for v in (qa, ca, qb, cb)):
             raise ValueError(f"pair {name}: non-finite quality/cost annotation")
         ra, rb = composite_reward(qa, ca, lam), composite_reward(qb, cb, lam)
@@ -219,26 +286,31 @@ def relabel_pairs(pairs: Iterable[dict], lam: float, margin: float = 0.0) -> tup
             continue
         (w, rw), (l, rl) = ((a, ra), (b, rb)) if ra > rb else ((b, rb), (a, ra))
         rec = {k: v for k, v in pair.items() if k not in ("a", "b")}
-        rec.update(w=w, l=l, reward_w=rw, reward_l=rl, p_w=preference_probability(rw, rl))  # Eq. 7: p > ½
+        rec.update(w=w, l=l, reward_w=rw, reward_l=rl, p_w=preference_probability(rw, rl))
         out.append(rec)
     return out, dropped
 
 
 # ----------------------------------------------------------------------------------------
-# 4.  Sec. 4.3 — the Dynamic Focusing Mechanism (Eqs. 10-11)
+# 4.  Sec. 4.3 — the Dynamic Focusing Mechanism (Eqs. 10-11). Why (Sec. 4.3): as training
+# goes on, some pairs' losses lag far behind, which the paper puts down to conflicts between
+# update directions; the DFM finds them (Eq. 10) and trains each on the augmented copy that
+# turns its gradient the most (Eq. 11).
 # ----------------------------------------------------------------------------------------
 
 class DescentRateQueue:
     """Eq. 10: per-pair loss queues and the "hard pair" rule of the DFM.
 
     Each pair id keeps its last K per-sample losses L^(1..K), oldest first, appended every
-    time the pair is trained on. Its average descent rate is
+    time the pair is trained on. Its average descent rate, as the paper writes it and as
+    `rate` computes it, is
 
-        v_i = 1/(K-1) · Σ_{k=2..K} (L^(k-1) - L^(k))     ( = (L^(1) - L^(K)) / (K-1) )
+        v_i = 1/(K−1) · Σ_{k=2..K} (L^(k−1) − L^(k))     ( = (L^(1) − L^(K)) / (K−1) )
 
-    and v̄ is the mean of v_i over the pairs of the current batch whose queue is full. A pair
-    is hard once v_i < τ·v̄ on `patience` consecutive visits. Under DDP every rank must call
-    `update` with the GLOBAL batch (all-gathered ids and losses) so the queues stay identical.
+    and v̄ is the mean of v_i over the pairs of the current batch whose queue is full. The
+    paper calls a pair hard when v_i stays below τ·v̄; here that is on `patience` consecutive
+    visits (the paper gives no count). Under DDP every rank must call `update` with the GLOBAL
+    batch (all-gathered ids and losses) so the queues stay identical.
     """
 
     def __init__(self, k: int = 5, tau: float = 0.2, patience: int = 2):
@@ -253,12 +325,13 @@ class DescentRateQueue:
         q = self.queues.get(pid)
         if q is None or len(q) < self.k:
             return None
-        # v_i = 1/(K-1) · Σ_{k=2..K} (L^(k-1) - L^(k))
         return sum(q[j - 1] - q[j] for j in range(1, self.k)) / (self.k - 1)
 
     def update(self, ids: Sequence, losses) -> list:
         """Append one loss per id (one training visit each) and return the ids now hard."""
-        losses = [float(x) for x in (losses.tolist() if isinstance(losses, torch.Tensor) else losses)]
+        if isinstance(losses, torch.Tensor):
+            losses = losses.tolist()
+        losses = [float(x) for x in losses]
         if len(ids) != len(losses):
             raise ValueError(f"{len(ids)} ids but {len(losses)} losses")
         if len(set(ids)) != len(ids):
@@ -271,13 +344,13 @@ class DescentRateQueue:
         full = [v for v in rates.values() if v is not None]
         if not full:
             return []
-        # v̄ = mean of v_i over THIS batch's pairs whose queue is full (not every queue kept)
+        # v̄ is the paper's "batch average rate": THIS batch's full queues, not every queue kept
         v_bar = sum(full) / len(full)
         hard = []
         for pid in ids:
             v = rates[pid]
-            # slow on this visit: v_i < τ·v̄; hard after `patience` slow visits in a row
-            self.streak[pid] = self.streak.get(pid, 0) + 1 if v is not None and v < self.tau * v_bar else 0
+            slow = v is not None and v < self.tau * v_bar
+            self.streak[pid] = self.streak.get(pid, 0) + 1 if slow else 0
             if self.streak[pid] >= self.patience:
                 hard.append(pid)
         return hard
@@ -298,21 +371,7 @@ def _hashable(x):
     return tuple(x) if isinstance(x, list) else x
 
 
-def choose_augmentation(grad: torch.Tensor, aug_grads) -> int:
-    """Eq. 11: a* = argmax_a (1 - cos(g_i, g_i^a)), the augmentation that turns a hard
-    pair's gradient the most. `grad` is [D]; `aug_grads` is [A, D] or a list of A [D] tensors.
-    """
-    g_aug = torch.stack(list(aug_grads)) if not isinstance(aug_grads, torch.Tensor) else aug_grads
-    if grad.ndim != 1 or g_aug.ndim != 2 or g_aug.shape[1] != grad.shape[0] or g_aug.shape[0] == 0:
-        raise ValueError(f"expected grad [D] and aug_grads [A, D], got {tuple(grad.shape)} and {tuple(g_aug.shape)}")
-    if not (torch.isfinite(grad).all() and torch.isfinite(g_aug).all()):
-        raise ValueError("gradient contains NaN or inf")
-    # 1 − cos(g_i, g_i^a) for every a in the pool; a* is its argmax
-    change = 1.0 - F.cosine_similarity(g_aug, grad.unsqueeze(0).expand_as(g_aug), dim=1)
-    return int(torch.argmax(change))
-
-
-# The augmentation pool of Eq. 11 (Sec. 4.3): four members, each applied to both images of
+# The augmentation pool A of Eq. 11 (Sec. 4.3): four members, each applied to both images of
 # a pair with one draw of its parameters, so the pair's preference is unchanged.
 AUGMENTATIONS = ("sharpen", "color_jitter", "latent_noise_erase", "frequency_compensation")
 
@@ -350,37 +409,25 @@ def latent_noise_erase(z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     z = z + 0.1 * torch.randn(z.shape[1:], generator=g).to(z)
     h, w = z.shape[-2:]
     ph, pw = max(1, h // 4), max(1, w // 4)
-    y0, x0 = (torch.randint(h - ph + 1, (1,), generator=g).item(), torch.randint(w - pw + 1, (1,), generator=g).item())
+    y0 = torch.randint(h - ph + 1, (1,), generator=g).item()
+    x0 = torch.randint(w - pw + 1, (1,), generator=g).item()
     z = z.clone()
     z[..., y0:y0 + ph, x0:x0 + pw] = 0
     return z
 
 
-def augment(name: str, pair: dict, z: torch.Tensor, vae, size: int, g: torch.Generator) -> torch.Tensor:
+PIXEL_AUGMENTATIONS = {"sharpen": sharpen, "color_jitter": color_jitter,
+                       "frequency_compensation": frequency_compensation}
+
+
+def augment(name: str, pair: dict, z: torch.Tensor, vae, size: int,
+            g: torch.Generator) -> torch.Tensor:
     """Both images of a pair [2, C, h, w] (winner, loser) under one augmentation with shared
     parameters: pixel-space ones decode nothing — they start from the PNGs and re-encode."""
     if name == "latent_noise_erase":
         return latent_noise_erase(z, g)
     pixels = torch.stack([M.load_image(pair[s]["file"], size) for s in ("w", "l")])
-    fn = {"sharpen": sharpen, "color_jitter": color_jitter, "frequency_compensation": frequency_compensation}[name]
-    return M.encode_images(vae, fn(pixels, g)).to(z)
-
-
-def per_sample_grads(module, inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """[N, P] gradients of a Conv2d or Linear layer's weight and bias, one row per sample,
-    from the layer's input and the gradient at its output (both [N, ...]) of ONE backward.
-    Exact because each sample's loss depends on its own rows only (no batch statistics)."""
-    if isinstance(module, torch.nn.Conv2d):
-        gw = torch.stack([torch.nn.grad.conv2d_weight(inputs[i:i + 1], module.weight.shape, grad_out[i:i + 1],
-                                                    module.stride, module.padding, module.dilation, module.groups)
-                        for i in range(len(inputs))])
-        gb = grad_out.sum(dim=(2, 3))
-    elif isinstance(module, torch.nn.Linear):
-        gw = torch.einsum("n...o,n...i->noi", grad_out, inputs)
-        gb = grad_out.reshape(len(grad_out), -1, grad_out.shape[-1]).sum(1)
-    else:
-        raise TypeError(f"DFM gradients need Conv2d or Linear modules, got {type(module).__name__}")
-    return torch.cat([gw.flatten(1), (gb if module.bias is not None else gb[:, :0])], dim=1).float()
+    return M.encode_images(vae, PIXEL_AUGMENTATIONS[name](pixels, g)).to(z)
 
 
 @dataclasses.dataclass
@@ -395,45 +442,129 @@ class HardPair:
     generator: torch.Generator  # draws the augmentations' parameters
 
 
+def choose_augmentation(unet, ref, noise_scheduler, modules, hard: HardPair, vae, size: int,
+                        beta: float, pool: Sequence[str] = AUGMENTATIONS
+                        ) -> tuple[int, torch.Tensor]:
+    """Eq. 11 for ONE hard pair i, as the paper writes it:
+
+        a* = argmax_{a ∈ A} ( 1 − cos(g_i, g_i^a) )
+
+    g_i is the gradient of the pair's loss (Eq. 5) with respect to the weights and biases of
+    `modules`; g_i^a is the same after augmentation a, applied to both images, at the same t
+    and ε. Returns a* (an index into `pool`) and the scores 1 − cos(g_i, g_i^a), one per a.
+    This is the reference for `dfm_augmented_copies`, which training runs and which gives the
+    same choice and scores for all hard pairs at once (tests/test_losses.py)."""
+    params = [p for m in modules for p in (m.weight, m.bias) if p is not None]
+
+    def grad(z):
+        loss, _, _ = dpo_pair_losses(unet, ref, noise_scheduler, z[:1], z[1:], hard.emb, hard.t,
+                                     hard.noise, beta)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss.sum(), params)])
+
+    g_i = grad(hard.z)
+    scores = []
+    for a in pool:
+        g_a = grad(augment(a, hard.pair, hard.z, vae, size, hard.generator))
+        scores.append(1.0 - F.cosine_similarity(g_i, g_a, dim=0))
+    scores = torch.stack(scores)
+    return int(torch.argmax(scores)), scores
+
+
 def dfm_augmented_copies(unet, noise_scheduler, modules, hard: list[HardPair], vae, size: int,
                          autocast=contextlib.nullcontext, pool: Sequence[str] = AUGMENTATIONS
                          ) -> list[tuple[str, torch.Tensor]]:
-    """Eq. 11 for all hard pairs at once:
+    """Eq. 11 for all hard pairs at once: a* = argmax_{a ∈ A} (1 − cos(g_i, g_i^a)) for each.
 
-        a* = argmax_{a ∈ A} (1 − cos(g_i, g_i^a))
-
-    A is `pool` (--dfm-augmentations; the paper's four by default). Every pair and its
-    augmentations go through ONE forward, and one backward reaches
-    the named `modules` (--dfm-modules, by default the output convolution); the gradient of
-    each variant over those modules' weights is then read off per sample (per_sample_grads).
-    Since ∂L_DPO/∂θ = β/2·σ(·)·∂Δ_θ/∂θ, a positive multiple of ∂Δ_θ/∂θ, the cosine needs
-    neither the reference network nor β. Returns, per hard pair, (chosen name, latents)."""
-    n = 1 + len(pool)
+    A is `pool` (--dfm-augmentations; the paper's four by default), and the gradients are over
+    the weights of `modules` (--dfm-modules, by default the output convolution; the paper does
+    not say which). Returns, per hard pair, (chosen name, its augmented latents [2, C, h, w]).
+    """
     variants = [torch.stack([h.z] + [augment(a, h.pair, h.z, vae, size, h.generator) for a in pool])
-                for h in hard]                                                   # H x [n, 2, C, h, w]
-    zz = torch.cat(variants)
+                for h in hard]
+    scores = augmentation_scores(unet, noise_scheduler, modules, hard, variants, autocast)
+    picks = [int(torch.argmax(s)) for s in scores]
+    return [(pool[a], v[1 + a]) for a, v in zip(picks, variants)]
 
-    def repeat(field):  # a field of each hard pair, once per variant, for the winners then the losers
+
+def augmentation_scores(unet, noise_scheduler, modules, hard: list[HardPair], variants,
+                        autocast=contextlib.nullcontext) -> torch.Tensor:
+    """[H, A]: 1 − cos(g_i, g_i^a) for every hard pair i and augmentation a, from ONE forward of
+    every pair's variants (`variants[i]`: [1 + A, 2, C, h, w], the original then its A copies)
+    and ONE backward that stops at the outputs of `modules`; `choose_augmentation` computes the
+    same for one pair from full gradients.
+
+    Two steps make it cheap without changing the cosine:
+      - ∂L/∂θ = β/2·σ(β/2·(Δ_θ − Δ_ref))·∂Δ_θ/∂θ (Eq. 5) is a positive multiple of ∂Δ_θ/∂θ,
+        and a cosine ignores positive factors, so g_i is taken as ∂Δ_θ/∂θ: no reference
+        network, no β.
+      - Each sample's gradient over a layer's weights is read off from that layer's input and
+        the gradient at its output (`per_sample_grads`), exact because no sample's output
+        depends on another's (no batch statistics in the UNet).
+    """
+    n = len(variants[0])
+    zz = torch.cat(variants)
+    rows = len(zz)
+
+    def repeat(field):
+        # Pair i's t, ε and prompt once per variant, so that each copy is scored at its
+        # original's t and ε (Eq. 11) and only the augmentation differs; then the whole
+        # column twice, because the forward below holds all winners then all losers, and a
+        # pair's winner and loser share t and ε (Eq. 5).
         x = torch.cat([getattr(h, field).expand(n, *getattr(h, field).shape[1:]) for h in hard])
         return torch.cat([x, x])
 
     seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0], o))) for m in modules]
+
+    def keep(module, inputs, output):
+        # per_sample_grads needs each module's input; the backward stops at its output
+        seen[module] = (inputs[0], output)
+
+    hooks = [m.register_forward_hook(keep) for m in modules]
     try:
-        err = denoising_errors(unet, noise_scheduler, torch.cat([zz[:, 0], zz[:, 1]]), repeat("t"), repeat("noise"),
-                               repeat("emb"), autocast)
+        err = denoising_errors(unet, noise_scheduler, torch.cat([zz[:, 0], zz[:, 1]]), repeat("t"),
+                               repeat("noise"), repeat("emb"), autocast)
     finally:
         for h in hooks:
             h.remove()
-    delta = err[:len(zz)] - err[len(zz):]                                        # Δ_θ of every variant
+    delta = err[:rows] - err[rows:]
     grad_out = torch.autograd.grad(delta.sum(), [seen[m][1] for m in modules])
-    g = torch.cat([per_sample_grads(m, seen[m][0].detach(), go) for m, go in zip(modules, grad_out)], dim=1)
-    g = g[:len(zz)] + g[len(zz):]                                                # winner + loser rows
-    picks = []
+    per_module = [per_sample_grads(m, seen[m][0].detach(), go) for m, go in zip(modules, grad_out)]
+    g = torch.cat(per_module, dim=1)
+    # The forward held the winners in rows [0, rows) and the losers in [rows, 2·rows), so row r
+    # is winner r's share of the weights' gradient and row rows + r loser r's. We differentiated
+    # delta.sum(), in which err_l enters with a minus sign: autograd sent that sign into the
+    # losers' output gradients, and per_sample_grads is linear in them, so loser r's row is
+    # −∂err_l/∂θ. Winner plus loser is then ∂(err_w − err_l)/∂θ = ∂Δ_θ/∂θ, variant r's gradient
+    # as a pair (without the sign, the sum would be the gradient of err_w + err_l instead).
+    g = g[:rows] + g[rows:]
+    if not torch.isfinite(g).all():
+        raise NonFiniteError("a DFM gradient contains NaN or inf")
+    scores = []
     for i in range(len(hard)):
-        a = choose_augmentation(g[i * n], g[i * n + 1:(i + 1) * n])
-        picks.append((pool[a], variants[i][1 + a]))
-    return picks
+        # pair i's rows, in `variants[i]`'s order: its original at i·n, then its copies, whose
+        # row i·n + 1 + a belongs to pool member a
+        g_i, g_aug = g[i * n], g[i * n + 1:(i + 1) * n]
+        scores.append(1.0 - F.cosine_similarity(g_aug, g_i.unsqueeze(0).expand_as(g_aug), dim=1))
+    return torch.stack(scores)
+
+
+def per_sample_grads(module, inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """[N, P] gradients of a Conv2d or Linear layer's weight and bias, one row per sample,
+    from the layer's input and the gradient at its output (both [N, ...]) of ONE backward.
+    Exact because each sample's loss depends on its own rows only (no batch statistics)."""
+    if isinstance(module, torch.nn.Conv2d):
+        gw = torch.stack([
+            torch.nn.grad.conv2d_weight(inputs[i:i + 1], module.weight.shape, grad_out[i:i + 1],
+                                        module.stride, module.padding, module.dilation,
+                                        module.groups)
+            for i in range(len(inputs))])
+        gb = grad_out.sum(dim=(2, 3))
+    elif isinstance(module, torch.nn.Linear):
+        gw = torch.einsum("n...o,n...i->noi", grad_out, inputs)
+        gb = grad_out.reshape(len(grad_out), -1, grad_out.shape[-1]).sum(1)
+    else:
+        raise TypeError(f"DFM gradients need Conv2d or Linear modules, got {type(module).__name__}")
+    return torch.cat([gw.flatten(1), (gb if module.bias is not None else gb[:, :0])], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,10 +572,15 @@ def dfm_augmented_copies(unet, noise_scheduler, modules, hard: list[HardPair], v
 # ----------------------------------------------------------------------------------------
 
 def ua_score(ps, sc, mu_ps: float = 19.31, mu_sc: float = -2.62):
-    """Eq. 12: UAS = ½·σ(PS - μ_PS) + ½·σ(-(SC - μ_SC)).
+    """Eq. 12:  UAS = ½·σ(PS − μ_PS) + ½·σ(−(SC − μ_SC)), on floats, arrays or tensors.
 
-    μ_PS and μ_SC are the mean PickScore and mean safety cost of the UNALIGNED model on the
-    same prompts (19.31 and -2.62 for SD-1.5 in the paper). Floats, arrays or tensors.
+    Why (Sec. 5): a harmful/safe verdict neither grades harm nor shows what safety cost in
+    quality; one score of both does. In the paper μ_PS and μ_SC are fixed numbers, the mean
+    PickScore (19.31) and safety cost (−2.62) of an unaligned model, SD-1.5, "a neutral
+    performance baseline"; they are the defaults here. Its Table 2 uses them for every prompt
+    set, so SD-1.5's own rows score 0.302, 0.328 and 0.696, not 0.5. Centring each prompt set
+    on the base model's means on that set is this project's choice (stage 5's default, which
+    scores the base 0.5 everywhere); stage 5's --ua-center passes fixed centres instead.
     """
     if isinstance(ps, torch.Tensor) or isinstance(sc, torch.Tensor):
         ps, sc = torch.as_tensor(ps), torch.as_tensor(sc)

@@ -350,27 +350,6 @@ def test_descent_rate_rejects_bad_input():
         C.DescentRateQueue(k=1)
 
 
-# ---------------------------------------------------------------- Eq. 11 augmentation choice
-
-def test_choose_augmentation_picks_largest_direction_change():
-    g = t(1.0, 0.0)
-    candidates = [t(2.0, 0.0),      # cos 1   -> change 0
-                  t(0.0, 1.0),      # cos 0   -> change 1
-                  t(-1.0, 1.0),     # cos -1/√2 -> change 1.707 (largest)
-                  t(1.0, 1.0)]      # cos 1/√2 -> change 0.293
-    assert C.choose_augmentation(g, candidates) == 2
-    assert C.choose_augmentation(g, torch.stack(candidates[:2])) == 1
-    # it is the direction that counts, not the magnitude
-    assert C.choose_augmentation(g, [t(-0.001, 0.0), t(100.0, 1.0)]) == 0
-
-
-def test_choose_augmentation_rejects_bad_shapes():
-    with pytest.raises(ValueError):
-        C.choose_augmentation(t(1.0, 0.0), [t(1.0, 0.0, 0.0)])
-    with pytest.raises(ValueError, match="NaN"):
-        C.choose_augmentation(t(1.0, float("nan")), [t(1.0, 0.0)])
-
-
 # ---------------------------------------------------------------- Eq. 12 UAScore
 
 def test_ua_score_reproduces_paper_rows():
@@ -506,13 +485,13 @@ def test_per_sample_grads_match_autograd_one_sample_at_a_time():
             assert torch.allclose(rows[i], torch.cat([gw.flatten(), gb.flatten()]), atol=1e-5)
 
 
-def test_dfm_choice_is_eq11_on_full_dpo_gradients(tmp_path):
-    """The batched, reference-free choice equals Eq. 11 computed the slow way: each variant
-    in its own forward, the full DPO loss (with the reference), autograd over conv_out."""
+def dfm_world(tmp_path):
+    """A policy UNet, a reference that differs from it, a tiny VAE and three hard pairs (PNG
+    files, their latents, a prompt embedding, t, ε and the seed of their augmentations)."""
     from diffusers import AutoencoderKL
     unet, sched = tiny_unet()
     ref = tiny_unet()[0].requires_grad_(False)
-    with torch.no_grad():  # a reference that differs from the policy
+    with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(0)
@@ -527,21 +506,38 @@ def test_dfm_choice_is_eq11_on_full_dpo_gradients(tmp_path):
             U.save_png(pair[s]["file"], rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
         z = M.encode_images(vae, torch.stack([M.load_image(pair[s]["file"], 8) for s in "wl"]))
         hard.append((pair, z, emb, torch.tensor([10 + 40 * i]), torch.randn(1, 4, 4, 4), i))
-    gen = lambda seed: torch.Generator().manual_seed(seed)
-    picks = C.dfm_augmented_copies(unet, sched, [unet.conv_out], [C.HardPair(*h[:5], gen(h[5])) for h in hard], vae, 8)
+    return unet, sched, ref, vae, hard
+
+
+def hard_pairs(hard):
+    return [C.HardPair(*h[:5], torch.Generator().manual_seed(h[5])) for h in hard]
+
+
+def test_eq11_one_pair_reference_equals_the_batched_form(tmp_path):
+    """choose_augmentation (Eq. 11 as the paper writes it: one pair, full DPO gradients with the
+    reference network and β) against the batched, reference-free form that training runs: the
+    same choice, the same latents and the same 1 − cos scores. Over two modules, a Conv2d with
+    a bias and a Linear without one."""
+    unet, sched, ref, vae, hard = dfm_world(tmp_path)
+    modules = [unet.conv_out, unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k]
+    assert modules[1].bias is None
+    picks = C.dfm_augmented_copies(unet, sched, modules, hard_pairs(hard), vae, 8)
+    variants = [torch.stack([h.z] + [C.augment(a, h.pair, h.z, vae, 8, h.generator) for a in C.AUGMENTATIONS])
+                for h in hard_pairs(hard)]
+    batched = C.augmentation_scores(unet, sched, modules, hard_pairs(hard), variants)
+    assert batched.shape == (3, len(C.AUGMENTATIONS))
+    for i, h in enumerate(hard_pairs(hard)):
+        a, scores = C.choose_augmentation(unet, ref, sched, modules, h, vae, 8, 500.0)
+        assert picks[i][0] == C.AUGMENTATIONS[a] and torch.equal(picks[i][1], variants[i][1 + a])
+        torch.testing.assert_close(scores, batched[i], atol=1e-5, rtol=1e-4)
+        assert scores.max() - scores.min() > 1e-3  # the pool members do turn the gradient apart
+
+
+def test_dfm_smaller_pool_chooses_among_its_own_members(tmp_path):
+    """--dfm-augmentations: a pool of one always chooses it, with the latents it draws."""
+    unet, sched, _, vae, hard = dfm_world(tmp_path)
+    picks = C.dfm_augmented_copies(unet, sched, [unet.conv_out], hard_pairs(hard), vae, 8,
+                                   pool=("latent_noise_erase",))
     for (pair, z, e, t, noise, seed), (a, z_aug) in zip(hard, picks):
-        g = gen(seed)
-        variants = [z] + [C.augment(name, pair, z, vae, 8, g) for name in C.AUGMENTATIONS]
-        grads = []
-        for v in variants:
-            loss, _, _ = C.dpo_pair_losses(unet, ref, sched, v[:1], v[1:], e, t, noise, 500.0)
-            gw, gb = torch.autograd.grad(loss.sum(), [unet.conv_out.weight, unet.conv_out.bias])
-            grads.append(torch.cat([gw.flatten(), gb.flatten()]))
-        a_idx = C.choose_augmentation(grads[0], grads[1:])
-        assert a == C.AUGMENTATIONS[a_idx] and torch.equal(z_aug, variants[1 + a_idx])
-    # a smaller pool (--dfm-augmentations) chooses among its own members only
-    pool = ("latent_noise_erase",)
-    picks = C.dfm_augmented_copies(unet, sched, [unet.conv_out], [C.HardPair(*h[:5], gen(h[5])) for h in hard], vae, 8,
-                                   pool=pool)
-    for (pair, z, e, t, noise, seed), (a, z_aug) in zip(hard, picks):
-        assert a == "latent_noise_erase" and torch.equal(z_aug, C.latent_noise_erase(z, gen(seed)))
+        assert a == "latent_noise_erase"
+        assert torch.equal(z_aug, C.latent_noise_erase(z, torch.Generator().manual_seed(seed)))
