@@ -43,7 +43,8 @@ class DataError(ValueError):
 
 # Per preset, per stage: the defaults of that stage's flags; `--tiny` lays TINY on top.
 # parse_args installs them before parsing, so `--help` shows the preset's values and an
-# explicit flag always wins. Each stage's issue fills its own entries.
+# explicit flag always wins. Each stage script (and each system in systems/) fills its own
+# entries when it is imported.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "toy": {},
     "sd15": {},
@@ -51,9 +52,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 PRESET_PARENT = {"sdxl": "sd15"}  # a stage a preset gives no values of its own takes its parent's
 TINY: dict[str, dict[str, Any]] = {}
-# Every toy stage samples with 10 DDIM steps (and guidance 4): on the stage-0 model, 10 steps
-# give the harmful rate and toy quality of 20 within noise at less than half the time
-# (docs/results.md, "Sampling steps"); SD-1.5 keeps the usual 30-50.
+# The toy's own choice: every toy stage samples with 10 DDIM steps at guidance 4. On the stage-0
+# model 10 steps give the harmful rate and toy quality of 20 within noise in less than half the
+# time (docs/results.md, "Sampling steps"), and stages 1, 3 and 5 draw about 6,000 images per
+# `make toy`. Guidance 4 is the toy's own setting too; no comparison with other scales is recorded.
+# SD-1.5 evaluates with 50 steps at guidance 7.5, as AlignGuard's inference.py
+# (Visualignment/SafetyDPO) and RECE's validation do; its data stages 1 and 3 draw with 30
+# steps, this reproduction's own number, not a peer's.
 TOY_SAMPLE_STEPS = 10
 
 STAGES = {  # stage key -> (script, folder under --run)
