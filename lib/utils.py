@@ -70,8 +70,8 @@ STAGES = {  # stage key -> (script, folder under --run)
     "coprov2": ("03_build_hf.py --pairing prompt-edit --name coprov2 --reuse-images hf", "coprov2"),
     "spo": ("04_train_spo.py", "spo"),
     "safety": ("04_train_spo.py --objective safety", "safety"),
-    "users": ("systems/psa.py users", "world/users"),
-    "psa": ("systems/psa.py train", "psa"),
+    "users": ("-m systems.psa users", "world/users"),
+    "psa": ("-m systems.psa train", "psa"),
     "eval": ("05_evaluate.py", "eval"),
 }
 
