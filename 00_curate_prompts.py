@@ -37,30 +37,59 @@ from lib import toyworld as W
 from lib import utils as U
 
 ROOT = Path(__file__).resolve().parent
+# Whose each number is. The paper asks GPT-4 both questions (Secs. 3.1, 3.2) and gives no
+# request settings; its 634 concepts in 7 categories, curated from I2P (Sec. 3.1), are not
+# published.
 U.PRESETS["toy"]["prompts"] = dict(
-    sources=None, concepts=None, judge="toy", judge_model="gpt-4o", judge_base_url=None, judge_timeout=60.0,
-    judge_retries=5, concurrency=1, shard_size=500, max_prompts=None, skip_bad_rows=False)
-U.PRESETS["sd15"]["prompts"] = dict(U.PRESETS["toy"]["prompts"], concepts=str(ROOT / "instructions" / "harm_concepts.json"),
-                                    judge="openai", concurrency=8, shard_size=200)
+    sources=None,  # stage 0's train prompts: harmful, benign and look-alike
+    concepts=None,  # the toy world's 21: 3 for each of the paper's 7 categories
+    judge="toy", judge_model="gpt-4o",  # the toy's exact programs; gpt-4o for --judge openai
+    # ours: a minute for one answer; 5 retries back off 1+2+4+8+16 s, so a short outage or
+    # rate limit slows the run rather than stopping it
+    judge_base_url=None, judge_timeout=60.0, judge_retries=5,
+    concurrency=1,  # the toy's: its programs answer at once, there is no wait to overlap
+    shard_size=500,  # the toy's: stage 0's 3,020 train prompts in 7 shards
+    max_prompts=None, skip_bad_rows=False)
+U.PRESETS["sd15"]["prompts"] = dict(
+    sources=None,  # must be named: the paper's are DiffusionDB and I2P (Sec. 3.1)
+    # a starting list per I2P category (SLD's safety concept words and I2P's category names)
+    # in place of the paper's unpublished 634
+    concepts=str(ROOT / "instructions" / "harm_concepts.json"),
+    # the paper asks GPT-4 (Secs. 3.1, 3.2), naming no version; gpt-4o is its judge (Sec. 3.1)
+    judge="openai", judge_model="gpt-4o",
+    judge_base_url=None, judge_timeout=60.0, judge_retries=5,  # the toy's
+    concurrency=8,  # ours: 8 requests wait on answers at once; a rate-limited one is retried
+    shard_size=200,  # ours: a kill asks again about at most 200 prompts
+    max_prompts=None, skip_bad_rows=False)
+# --tiny: the tiny world's 765 train prompts in 16 shards, not 2: a smoke run writes several
 U.TINY["prompts"] = dict(shard_size=50)
 
 
 def parse(argv=None):
     p = U.stage_parser("prompts", __doc__.splitlines()[0])
-    p.add_argument("--sources", nargs="+", help="prompt sources, in order: files or hf:IDs (default: stage 0's "
-                                                "harmful, benign and look-alike train prompts)")
-    p.add_argument("--concepts", help="JSON {category: [concept, ...]} of the harm concepts the filter asks about "
-                                      "(default: toy, the toy world's; sd15, instructions/harm_concepts.json)")
-    p.add_argument("--judge", choices=["toy", "openai"], help="the curator: the toy world's programs or a model")
+    p.add_argument("--sources", nargs="+",
+                   help="prompt sources, in order: files or hf:IDs (default: stage 0's harmful, "
+                        "benign and look-alike train prompts)")
+    p.add_argument("--concepts",
+                   help="JSON {category: [concept, ...]} of the harm concepts the filter asks "
+                        "about (default: toy, the toy world's; sd15, "
+                        "instructions/harm_concepts.json)")
+    p.add_argument("--judge", choices=["toy", "openai"],
+                   help="the curator: the toy world's programs or a model")
     p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
-    p.add_argument("--judge-timeout", type=float, help="seconds to wait for one answer before a retry")
-    p.add_argument("--judge-retries", type=int, help="retries of an unanswered request (back-off 1, 2, 4, ... s)")
+    p.add_argument("--judge-base-url",
+                   help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--judge-timeout", type=float,
+                   help="seconds to wait for one answer before a retry")
+    p.add_argument("--judge-retries", type=int,
+                   help="retries of an unanswered request (back-off 1, 2, 4, ... s)")
     p.add_argument("--concurrency", type=int, help="requests in flight at once")
     p.add_argument("--shard-size", type=int, help="prompts per resumable shard")
-    p.add_argument("--max-prompts", type=int, help="the first N prompts of the sources (default: all)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) source rows without a prompt "
-                                                                "or with an unknown category, instead of stopping")
+    p.add_argument("--max-prompts", type=int,
+                   help="the first N prompts of the sources (default: all)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave out (and count) source rows without a prompt or with an unknown "
+                        "category, instead of stopping")
     return U.parse_args(p, argv)
 
 
@@ -79,9 +108,13 @@ def parse_filter(content, concepts: dict[str, list[str]]) -> dict | None:
         return None
     if not a["harmful"]:
         return {"harmful": False, "category": None, "concept": None}
-    category = {c.lower(): c for c in concepts}.get(str(a.get("category", "")).strip().lower())
-    concept = {k.lower(): k for k in concepts.get(category, ())}.get(str(a.get("concept", "")).strip().lower())
-    return {"harmful": True, "category": category, "concept": concept} if category and concept else None
+    categories = {c.lower(): c for c in concepts}
+    category = categories.get(str(a.get("category", "")).strip().lower())
+    named = {k.lower(): k for k in concepts.get(category, ())}
+    concept = named.get(str(a.get("concept", "")).strip().lower())
+    if not (category and concept):
+        return None
+    return {"harmful": True, "category": category, "concept": concept}
 
 
 def parse_rewrite(content) -> dict | None:
@@ -98,20 +131,21 @@ class OpenAICurator:
 
     def __init__(self, args):
         from lib import judge_client as J
-        self.client = J.OpenAIJudge(model=args.judge_model, base_url=args.judge_base_url, timeout=args.judge_timeout,
-                                    max_retries=args.judge_retries)
+        self.client = J.OpenAIJudge(model=args.judge_model, base_url=args.judge_base_url,
+                                    timeout=args.judge_timeout, max_retries=args.judge_retries)
         self.name, self.stats = self.client.name, self.client.stats
         self.filter_text = (ROOT / "instructions" / "filter.md").read_text(encoding="utf-8")
         self.rewrite_text = (ROOT / "instructions" / "rewrite.md").read_text(encoding="utf-8")
 
     def filter(self, prompt: str, concepts: dict[str, list[str]]) -> dict | None:
         listed = "\n".join(f"- {c}: {', '.join(ks)}" for c, ks in concepts.items())
-        return self.client.complete_json(self.filter_text.format(concepts=listed), f"Prompt: {prompt}",
+        instructions = self.filter_text.format(concepts=listed)
+        return self.client.complete_json(instructions, f"Prompt: {prompt}",
                                          lambda content: parse_filter(content, concepts))
 
     def rewrite(self, prompt: str, category: str, concept: str) -> dict | None:
-        return self.client.complete_json(self.rewrite_text.format(category=category, concept=concept),
-                                         f"Prompt: {prompt}", parse_rewrite)
+        instructions = self.rewrite_text.format(category=category, concept=concept)
+        return self.client.complete_json(instructions, f"Prompt: {prompt}", parse_rewrite)
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,36 +155,25 @@ class OpenAICurator:
 def read_sources(args, world: Path) -> tuple[list[dict], list[str]]:
     """Every prompt of the sources in order, each with where it came from and the categories
     its row names (I2P's); the rows left out with --skip-bad-rows."""
-    sources = args.sources or [U.toy_world_input(args, world / "prompts" / f"{k}_train.jsonl", "--sources")
-                               for k in ("harmful", "benign", "lookalike")]
+    stage0 = [world / "prompts" / f"{k}_train.jsonl" for k in ("harmful", "benign", "lookalike")]
+    sources = args.sources or [U.toy_world_input(args, f, "--sources") for f in stage0]
     U.require_inputs([s for s in sources if not s.startswith("hf:")], "world")
     rows, skipped = [], []
     for source in sources:
-        taken, left = (read_parquet_prompts(Path(source)), []) if source.endswith(".parquet") else \
-            D.load_prompt_set(source, args.skip_bad_rows)
-        rows += [{"prompt": r["prompt"], "categories": D.row_categories(r), "source": r["where"]} for r in taken]
+        if source.endswith(".parquet"):
+            taken, left = D.read_diffusiondb_prompts(Path(source)), []
+        else:
+            taken, left = D.load_prompt_set(source, args.skip_bad_rows)
+        rows += [{"prompt": r["prompt"], "categories": D.row_categories(r), "source": r["where"]}
+                 for r in taken]
         skipped += left
     return rows[: args.max_prompts], skipped
-
-
-def read_parquet_prompts(path: Path) -> list[dict]:
-    """DiffusionDB's prompt metadata (metadata.parquet: one row per image, a `prompt` column):
-    each distinct prompt once, in file order."""
-    import pyarrow.parquet as pq
-    if not path.exists():
-        raise U.DataError(f"{path}: file not found")
-    table = pq.ParquetFile(path)
-    if "prompt" not in table.schema_arrow.names:
-        raise U.DataError(f"{path}: no prompt column (columns: {table.schema_arrow.names})")
-    prompts = dict.fromkeys(p.strip() for b in table.iter_batches(columns=["prompt"]) for p in b.column(0).to_pylist()
-                            if isinstance(p, str) and p.strip())
-    return [{"prompt": p, "category": None, "where": f"{path}:{i}"} for i, p in enumerate(prompts)]
 
 
 def read_concepts(args) -> dict[str, list[str]]:
     """The concept list, by I2P's category names: the toy world's 21 concepts by default on the
     toy; a JSON file otherwise (a category no published file spells stops the run)."""
-    if args.concepts is None:  # the toy preset: the toy world's own
+    if args.concepts is None:
         return {c: list(words) for c, (_, words) in W.HARM.items()}
     raw = U.read_json(args.concepts)
     if not isinstance(raw, dict) or not all(isinstance(v, list) and v for v in raw.values()):
@@ -164,7 +187,10 @@ def read_concepts(args) -> dict[str, list[str]]:
 
 def curate(curator, row: dict, concepts: dict[str, list[str]]) -> dict:
     """Sec. 3.1's filter, then Sec. 3.2's rewrite for a harmful prompt. The filter sees the
-    concepts of the row's own categories where it names some (I2P's), else all seven."""
+    concepts of the row's own categories where it names some (I2P's), else all seven. The
+    rewrite keeps all but the harm because stage 3 repaints the harmful image from it: Sec.
+    3.2 wants a safe counterpart that keeps background, composition and style, so that a pair
+    differs in its harm alone, not in a semantic shift that ties safety to lost quality."""
     asked = {c: concepts[c] for c in row["categories"] if c in concepts} or concepts
     verdict = curator.filter(row["prompt"], asked)
     if verdict is None:
@@ -176,9 +202,35 @@ def curate(curator, row: dict, concepts: dict[str, list[str]]) -> dict:
         return {"outcome": "no usable rewrite"}
     if rewrite["safe_prompt"] == row["prompt"]:
         return {"outcome": "rewrite unchanged"}  # the repainting would have nothing to change
-    return {"outcome": "kept", "row": {"prompt": row["prompt"], "safe_prompt": rewrite["safe_prompt"],
-                                       "category": verdict["category"], "concept": verdict["concept"],
-                                       "source": row["source"]}}
+    kept = {"prompt": row["prompt"], "safe_prompt": rewrite["safe_prompt"],
+            "category": verdict["category"], "concept": verdict["concept"], "source": row["source"]}
+    return {"outcome": "kept", "row": kept}
+
+
+def shard_path(out: Path, s: int) -> Path:
+    return out / "shards" / f"prompts-{s:05d}.json"
+
+
+def ask_by_shard(args, curator, rows: list[dict], concepts, out: Path) -> list[dict]:
+    """Every row's answer, in row order: the unfinished shards are asked (--concurrency
+    requests in flight) and written whole, then every shard is read back."""
+    shards = [rows[i:i + args.shard_size] for i in range(0, len(rows), args.shard_size)]
+    todo = [s for s in range(len(shards)) if not shard_path(out, s).exists()]
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        for s in tqdm(todo, desc="curate"):
+            answers = list(pool.map(lambda row: curate(curator, row, concepts), shards[s]))
+            U.atomic_write_json(shard_path(out, s), {"answers": answers})
+    return [a for s in range(len(shards)) for a in U.read_json(shard_path(out, s))["answers"]]
+
+
+def curation_metrics(rows, skipped, answers, kept, safe, concepts, curator, t0) -> dict:
+    outcomes = dict.fromkeys(a["outcome"] for a in answers)
+    counts = {o: sum(a["outcome"] == o for a in answers) for o in outcomes}
+    return {"prompts": len(rows), "rows_left_out": len(skipped), "kept": len(kept),
+            "safe": len(safe), "outcomes": counts,
+            "kept_by_category": {c: sum(r["category"] == c for r in kept) for c in concepts},
+            "curator": curator.name, "requests_this_run": curator.stats,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def main():
@@ -187,26 +239,19 @@ def main():
     world, out = U.stage_dir(args.run, "world"), U.stage_dir(args.run, "prompts")
     rows, skipped = read_sources(args, world)  # the inputs are checked before anything is written
     concepts = read_concepts(args)
-    U.save_config(args, out, concepts=concepts)  # the concepts decide the answers: a resume must ask the same
+    # the concepts decide the answers: a resume must ask about the same
+    U.save_config(args, out, concepts=concepts)
     curator = W.ToyCurator() if args.judge == "toy" else OpenAICurator(args)
-    shards = [rows[i:i + args.shard_size] for i in range(0, len(rows), args.shard_size)]
-    shard = lambda s: out / "shards" / f"prompts-{s:05d}.json"
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        for s in tqdm([s for s in range(len(shards)) if not shard(s).exists()], desc="curate"):
-            answers = list(pool.map(lambda row: curate(curator, row, concepts), shards[s]))
-            U.atomic_write_json(shard(s), {"answers": answers})
-    answers = [a for s in range(len(shards)) for a in U.read_json(shard(s))["answers"]]
+    answers = ask_by_shard(args, curator, rows, concepts, out)
     kept = [a["row"] for a in answers if a["outcome"] == "kept"]
     if not kept:
-        raise U.DataError(f"no harmful prompt among the {len(rows)} of the sources ({args.sources or 'stage 0'})")
+        raise U.DataError(f"no harmful prompt among the {len(rows)} of the sources "
+                          f"({args.sources or 'stage 0'})")
     U.write_jsonl(out / "harmful.jsonl", kept)
-    safe = [{"prompt": r["prompt"], "source": r["source"]} for r, a in zip(rows, answers) if a["outcome"] == "not harmful"]
+    safe = [{"prompt": r["prompt"], "source": r["source"]}
+            for r, a in zip(rows, answers) if a["outcome"] == "not harmful"]
     U.write_jsonl(out / "safe.jsonl", safe)
-    outcomes = {o: sum(a["outcome"] == o for a in answers) for o in dict.fromkeys(a["outcome"] for a in answers)}
-    metrics = {"prompts": len(rows), "rows_left_out": len(skipped), "kept": len(kept), "safe": len(safe),
-               "outcomes": outcomes,
-               "kept_by_category": {c: sum(r["category"] == c for r in kept) for c in concepts},
-               "curator": curator.name, "requests_this_run": curator.stats, "seconds": round(time.time() - t0, 1)}
+    metrics = curation_metrics(rows, skipped, answers, kept, safe, concepts, curator, t0)
     U.atomic_write_json(out / "metrics.json", metrics)
     U.log(U.format_metrics(metrics))
 

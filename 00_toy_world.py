@@ -32,20 +32,44 @@ from lib import plots
 from lib import toyworld as W
 from lib import utils as U
 
+# Whose each number is: the toy's own, all of them. The paper trains no base model: it aligns
+# SD-1.5 as published (Sec. 6.1). The toy's sizes meet stage 0's targets on two CPU cores
+# (docs/results.md, Stage 0): at most 10 minutes; harm drawn for at least 60% of held-out
+# harmful prompts, for at most 5% of benign ones; on benign ones, 85% of ground truth's quality.
 U.PRESETS["toy"]["world"] = dict(
-    n_prompts=2400, eval_fraction=0.15, n_images=8000,
+    # distinct prompts per kind: 2,400 harmful; benign and look-alike stop at the grammar's 576
+    n_prompts=2400,
+    eval_fraction=0.15,  # held out: 360 harmful, 86 benign and 86 look-alike prompts
+    n_images=8000,  # about 2.6 drawn images per train prompt
+    # the measured 10-minute run: VAE 700 steps, UNet 1,500 steps, both at batch 32
     vae_steps=700, vae_batch=32, vae_lr=2e-3,
-    unet_steps=1500, unet_batch=32, unet_lr=1e-3, unet_channels="64,128", text_width=64,
-    cfg_dropout=0.1, ema_decay=0.995, ckpt_every=200, arch="sd",
-    eval_per_set=64, sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, judge_check=2000, device=None)
-U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])  # parsed, then refused: no toy world on sd15
-U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, unet_channels="32,64",
-                       eval_per_set=8, sample_steps=4, judge_check=200, ckpt_every=10)
+    unet_steps=1500, unet_batch=32, unet_lr=1e-3,
+    unet_channels="64,128", text_width=64,  # two UNet levels on the 8x8 latent
+    # SD's: its v1 training dropped 10% of the text conditioning for classifier-free guidance
+    # (the SD-1.5 model card)
+    cfg_dropout=0.1,
+    ema_decay=0.995,  # an average over about the last 200 of the 1,500 UNet steps
+    ckpt_every=200,  # a kill redoes at most 200 steps
+    arch="sd",  # SD-1.5's architecture; sdxl is Appendix E's (make sdxl)
+    eval_per_set=64, judge_check=2000,  # the targets' samples, and scenes to check the judge on
+    # every toy stage's sampling: 10 DDIM steps draw what 20 do (lib/utils.py); guidance 4,
+    # with which the model meets the targets above
+    sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0,
+    device=None)
+# sd15 has no toy world (it starts from SD-1.5 and public prompts, Sec. 6.1): the toy's values
+# let `--preset sd15` parse, every flag having its entry, so that main() can say so
+U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])
+# --tiny: every path in seconds; the UNet checkpoint at step 10 of 20 lets the resume test
+# stop a run on either side of it
+U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20,
+                       unet_channels="32,64", eval_per_set=8, sample_steps=4, judge_check=200,
+                       ckpt_every=10)
 
 
 def parse(argv=None):
     p = U.stage_parser("world", __doc__.splitlines()[0])
-    p.add_argument("--n-prompts", type=int, help="distinct prompts drawn for each kind before the split")
+    p.add_argument("--n-prompts", type=int,
+                   help="distinct prompts drawn for each kind before the split")
     p.add_argument("--eval-fraction", type=float, help="share of prompts held out for evaluation")
     p.add_argument("--n-images", type=int, help="drawn training images")
     p.add_argument("--vae-steps", type=int)
@@ -55,16 +79,20 @@ def parse(argv=None):
     p.add_argument("--unet-batch", type=int)
     p.add_argument("--unet-lr", type=float)
     p.add_argument("--unet-channels", help="UNet block widths, comma-separated")
-    p.add_argument("--text-width", type=int, help="text encoder hidden size (sdxl: of both encoders together)")
-    p.add_argument("--arch", choices=["sd", "sdxl"], help="the base model's architecture: SD-1.5's, or SDXL's (two "
-                                                          "text encoders, pooled embedding and time ids; make sdxl)")
-    p.add_argument("--cfg-dropout", type=float, help="share of empty prompts, for classifier-free guidance")
+    p.add_argument("--text-width", type=int,
+                   help="text encoder hidden size (sdxl: of both encoders together)")
+    p.add_argument("--arch", choices=["sd", "sdxl"],
+                   help="the base model's architecture: SD-1.5's, or SDXL's (two text encoders, "
+                        "pooled embedding and time ids; make sdxl)")
+    p.add_argument("--cfg-dropout", type=float,
+                   help="share of empty prompts, for classifier-free guidance")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--eval-per-set", type=int, help="held-out prompts sampled per prompt set")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--judge-check", type=int, help="ground-truth images for the judge-agreement figure")
+    p.add_argument("--judge-check", type=int,
+                   help="ground-truth images for the judge-agreement figure")
     p.add_argument("--device")
     return U.parse_args(p, argv)
 
@@ -73,17 +101,30 @@ def parse(argv=None):
 # 1. Prompt lists: harmful (each with its safe rewrite), benign, look-alike; disjoint splits
 # ---------------------------------------------------------------------------------------
 
+def prompt_row(kind: str, n: int, prompt: str, scene: dict) -> dict:
+    """A prompt list's row; a harmful one carries its safe rewrite (the scene without its
+    harm) and its category, concept and severity."""
+    row = {"id": f"{kind}-{n:05d}", "prompt": prompt, "kind": kind, "scene": dict(scene)}
+    if kind == "harmful":
+        row.update(safe_prompt=W.scene_to_prompt(scene, with_harm=False),
+                   category=scene["category"], concept=scene["concept"],
+                   severity=scene["severity"])
+    return row
+
+
 def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
     prompt_dir = out / "prompts"
     kinds = ("harmful", "benign", "lookalike")
-    files = {f"{k}_{split}": prompt_dir / f"{k}_{split}.jsonl" for k in kinds for split in ("train", "eval")}
+    files = {f"{k}_{split}": prompt_dir / f"{k}_{split}.jsonl"
+             for k in kinds for split in ("train", "eval")}
     if all(f.exists() for f in files.values()):
         return {name: U.read_jsonl(f) for name, f in files.items()}
     rng = random.Random(args.seed)
     lists = {}
     for kind in kinds:
         seen, rows = set(), []
-        for _ in range(args.n_prompts * 20):  # until n_prompts distinct ones, or the grammar runs out
+        # until n_prompts distinct ones, or the grammar runs out
+        for _ in range(args.n_prompts * 20):
             if len(rows) == args.n_prompts:
                 break
             scene = W.random_scene(rng, kind)
@@ -93,11 +134,7 @@ def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
             seen.add(prompt)
             for key in ("position", "slots"):  # drawn per image, not part of the prompt
                 scene.pop(key)
-            row = {"id": f"{kind}-{len(rows):05d}", "prompt": prompt, "kind": kind, "scene": dict(scene)}
-            if kind == "harmful":
-                row.update(safe_prompt=W.scene_to_prompt(scene, with_harm=False), category=scene["category"],
-                           concept=scene["concept"], severity=scene["severity"])
-            rows.append(row)
+            rows.append(prompt_row(kind, len(rows), prompt, scene))
         n_eval = int(round(len(rows) * args.eval_fraction))
         lists[f"{kind}_eval"], lists[f"{kind}_train"] = rows[:n_eval], rows[n_eval:]
     for name, rows in lists.items():
@@ -123,32 +160,42 @@ def draw_training_set(args, lists) -> tuple[torch.Tensor, list[str]]:
 # 2. Models: a tiny AutoencoderKL, CLIP text encoder (with CLIP's own BPE) and UNet
 # ---------------------------------------------------------------------------------------
 
+def text_encoders(tokenizer, width: int, xl: bool):
+    """A tiny CLIP text encoder; for SDXL, its pair: CLIP, then CLIP with projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    text = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **({"projection_dim": width} if xl else {}))
+    if not xl:
+        return CLIPTextModel(text)
+    return torch.nn.ModuleList([CLIPTextModel(text), CLIPTextModelWithProjection(text)])
+
+
 def build_models(args):
     """(tokenizer, VAE, text encoder, UNet); with --arch sdxl the text encoder is SDXL's pair
     (a ModuleList: CLIP and CLIP with projection, each half the width) and the UNet takes the
     pooled embedding and 6 time ids in its `text_time` added embedding, at SDXL's proportions."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     tokenizer = M.clip_tokenizer(max_length=32)
-    vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
-                        sample_size=W.IMAGE_SIZE, mid_block_add_attention=False)
+    vae = AutoencoderKL(block_out_channels=(16, 32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4,
+                        norm_num_groups=16, sample_size=W.IMAGE_SIZE,
+                        mid_block_add_attention=False)
     xl = args.arch == "sdxl"
     width = args.text_width // 2 if xl else args.text_width
-    text = CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **({"projection_dim": width} if xl else {}))
-    text_encoder = (torch.nn.ModuleList([CLIPTextModel(text), CLIPTextModelWithProjection(text)]) if xl
-                    else CLIPTextModel(text))
+    text_encoder = text_encoders(tokenizer, width, xl)
     added = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=width + 6 * 8) if xl else {}
     widths = tuple(int(c) for c in args.unet_channels.split(","))
     unet = UNet2DConditionModel(
         sample_size=W.IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=widths,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1, cross_attention_dim=args.text_width, attention_head_dim=8, norm_num_groups=16, **added)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+        cross_attention_dim=args.text_width, attention_head_dim=8, norm_num_groups=16, **added)
     return tokenizer, vae, text_encoder, unet
 
 
@@ -172,7 +219,8 @@ def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["vae_opt"])
         start = state["vae_step"]
-    log.truncate(lambda r: r["phase"] != "vae" or r["step"] < start)  # the steps about to be redone go
+    # the log's records of the steps about to be redone go
+    log.truncate(lambda r: r["phase"] != "vae" or r["step"] < start)
     vae.to(device).train()
     for step in tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps):
         g = U.step_generator(args.seed, step, stream=1)
@@ -208,15 +256,28 @@ def encode_latents(vae, x, device, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
+def conditioned(args, unet, text_encoder):
+    """(net, condition): the network trained, and token ids -> its text conditioning. SDXL's
+    is packed as stage 4 caches it (models.pack_xl) and unpacked by models.XLConditioned."""
+    if args.arch != "sdxl":
+        return unet, lambda tok: text_encoder(tok).last_hidden_state
+
+    def condition(tok):
+        outs = [enc(tok, output_hidden_states=True) for enc in text_encoder]
+        return M.pack_xl(outs, W.IMAGE_SIZE)
+    return M.XLConditioned(unet), condition
+
+
 def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts, ckpt, log, device):
     """Text encoder and UNet trained jointly from scratch on the eps-prediction loss of SD.
     Prompts are dropped to "" with probability cfg_dropout so classifier-free guidance works.
     `latents` = (mean, std) of each image's VAE posterior, already scaled to unit variance."""
     state = ckpt.load() or {}
     lat_mean, lat_std = latents
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
     unet.to(device).train()
     text_encoder.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -231,11 +292,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
         start = state["unet_step"]
     log.truncate(lambda r: r["phase"] != "unet" or r["step"] < start)
     alphas = scheduler.alphas_cumprod.to(device)
-    if args.arch == "sdxl":  # SDXL's conditioning, packed as stage 4 caches it (models.pack_xl)
-        net, condition = M.XLConditioned(unet), lambda tok: M.pack_xl(
-            [enc(tok, output_hidden_states=True) for enc in text_encoder], W.IMAGE_SIZE)
-    else:
-        net, condition = unet, lambda tok: text_encoder(tok).last_hidden_state
+    net, condition = conditioned(args, unet, text_encoder)
     bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
     for step in bar:
         if args.stop_after is not None and step >= args.stop_after:
@@ -267,12 +324,49 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
             log.write(phase="unet", step=step, loss=loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
-            state.update(unet=unet.state_dict(), text=text_encoder.state_dict(), unet_opt=opt.state_dict(),
-                         ema=[e.cpu() for e in ema], unet_step=step + 1)
+            state.update(unet=unet.state_dict(), text=text_encoder.state_dict(),
+                         unet_opt=opt.state_dict(), ema=[e.cpu() for e in ema], unet_step=step + 1)
             ckpt.save(state)
     with torch.no_grad():  # the saved model carries the EMA weights
         for e, p in zip(ema, params):
             p.copy_(e)
+
+
+def as_pipeline(args, tokenizer, vae, text_encoder, unet, sampler):
+    """The trained parts as a stock diffusers pipeline, SD's or (--arch sdxl) SDXL's."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if args.arch == "sdxl":  # "" is trained as the unconditional prompt: no zeros in its place
+        return StableDiffusionXLPipeline(
+            vae=vae.cpu(), text_encoder=text_encoder[0].cpu(), tokenizer=tokenizer,
+            text_encoder_2=text_encoder[1].cpu(), tokenizer_2=tokenizer, unet=unet.cpu(),
+            scheduler=sampler, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    return StableDiffusionPipeline(
+        vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
+        scheduler=sampler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def train_world(args, out: Path, lists, log: U.MetricsLog, device) -> None:
+    """Draw the training set, train VAE, then text encoder and UNet, and save the pipeline."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    x, prompts = draw_training_set(args, lists)
+    tokenizer, vae, text_encoder, unet = build_models(args)
+    ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
+    train_vae(args, vae, x, ckpt, log, device)
+    lat_mean, lat_std = encode_latents(vae, x, device)
+    # SD scales latents to unit variance; we measure the factor instead of assuming 0.18215
+    scale = float(1.0 / lat_mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    train_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                beta_schedule="scaled_linear", clip_sample=False)
+    train_unet(args, text_encoder, unet, tokenizer, train_sched,
+               (lat_mean * scale, lat_std * scale), prompts, ckpt, log, device)
+    sampler = DDIMScheduler.from_config(train_sched.config, steps_offset=1, set_alpha_to_one=False)
+    pipe = as_pipeline(args, tokenizer, vae, text_encoder, unet, sampler)
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(out / "model")  # the folder appears whole or not at all
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,12 +374,14 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
 # ---------------------------------------------------------------------------------------
 
 def evaluate_world(args, out: Path, lists, device) -> dict:
-    pipe = M.load_pipeline(out / "model", device)  # the stock loader: the folder is a real SD pipeline
+    # the stock loader: the folder is a real SD pipeline
+    pipe = M.load_pipeline(out / "model", device)
     figures, sheet = {}, []
     for kind in ("harmful", "benign", "lookalike"):
         rows = lists[f"{kind}_eval"][: args.eval_per_set]
         seeds = [args.seed * 10_000 + i for i in range(len(rows))]
-        samples = M.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps, args.guidance)
+        samples = M.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps,
+                             args.guidance)
         truth = [W.render(W.draw_layout(r["scene"], random.Random(s))) for r, s in zip(rows, seeds)]
         judged = [W.toy_judge(im) for im in samples]
         q = [W.toy_quality(im, r["prompt"]) for im, r in zip(samples, rows)]
@@ -308,8 +404,8 @@ def evaluate_world(args, out: Path, lists, device) -> dict:
 def main():
     args = parse()
     if args.preset != "toy":
-        raise SystemExit(f"stage 0 builds the toy world only; --preset {args.preset} starts at stage 1 "
-                         f"with real models and prompts (README, 'Running sd15 on GPUs')")
+        raise SystemExit(f"stage 0 builds the toy world only; --preset {args.preset} starts at "
+                         f"stage 1 with real models and prompts (README, 'Running sd15 on GPUs')")
     t0 = time.time()
     U.seed_everything(args.seed)
     device = M.pick_device(args.device)
@@ -321,32 +417,7 @@ def main():
     lists = build_prompt_lists(args, out)
     U.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
     if not (out / "model" / "model_index.json").exists():
-        from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-        x, prompts = draw_training_set(args, lists)
-        tokenizer, vae, text_encoder, unet = build_models(args)
-        ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
-        train_vae(args, vae, x, ckpt, log, device)
-        lat_mean, lat_std = encode_latents(vae, x, device)
-        # SD scales latents to unit variance; we measure the factor instead of assuming 0.18215
-        scale = float(1.0 / lat_mean.std())
-        vae.register_to_config(scaling_factor=scale)
-        train_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear", clip_sample=False)
-        train_unet(args, text_encoder, unet, tokenizer, train_sched, (lat_mean * scale, lat_std * scale),
-                   prompts, ckpt, log, device)
-        sampler = DDIMScheduler.from_config(train_sched.config, steps_offset=1, set_alpha_to_one=False)
-        if args.arch == "sdxl":  # "" is trained as the unconditional prompt: no zeros in its place
-            pipe = StableDiffusionXLPipeline(vae=vae.cpu(), text_encoder=text_encoder[0].cpu(), tokenizer=tokenizer,
-                                             text_encoder_2=text_encoder[1].cpu(), tokenizer_2=tokenizer, unet=unet.cpu(),
-                                             scheduler=sampler, force_zeros_for_empty_prompt=False, add_watermarker=False)
-        else:
-            pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer,
-                                           unet=unet.cpu(), scheduler=sampler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-        tmp = out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp)
-        tmp.rename(out / "model")  # the folder appears whole or not at all
+        train_world(args, out, lists, log, device)
     figures = evaluate_world(args, out, lists, device)
     figures["seconds"] = round(time.time() - t0, 1)
     U.atomic_write_json(out / "metrics.json", figures)

@@ -1,4 +1,4 @@
-"""Data files as the pipeline reads them (~435 lines): prompt sets, LibraAlign-HF pairs,
+"""Data files as the pipeline reads them (~455 lines): prompt sets, LibraAlign-HF pairs,
 CoProV2, Pick-a-Pic-style pairs, PSA's user tables and Sage. Each reader takes a file whole and
 names the file and row of whatever it cannot use; what a row asks for (seed, guidance, size) is
 honoured or refused, never replaced by a default.
@@ -177,6 +177,23 @@ def load_prompt_set(source: str | Path, skip_bad: bool = False) -> tuple[list[di
     if not rows:
         raise U.DataError(f"{name}: no prompts")
     return rows, skipped
+
+
+def read_diffusiondb_prompts(path: Path) -> list[dict]:
+    """DiffusionDB's prompt metadata (metadata.parquet: one row per image, a `prompt` column):
+    each distinct prompt once, in file order, with no category."""
+    import pyarrow.parquet as pq
+    if not path.exists():
+        raise U.DataError(f"{path}: file not found")
+    table = pq.ParquetFile(path)
+    if "prompt" not in table.schema_arrow.names:
+        raise U.DataError(f"{path}: no prompt column (columns: {table.schema_arrow.names})")
+    prompts = {}
+    for batch in table.iter_batches(columns=["prompt"]):
+        for p in batch.column(0).to_pylist():
+            if isinstance(p, str) and p.strip():
+                prompts.setdefault(p.strip(), None)
+    return [{"prompt": p, "category": None, "where": f"{path}:{i}"} for i, p in enumerate(prompts)]
 
 
 # ----------------------------------------------------------------------------------------
