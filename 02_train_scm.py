@@ -1,16 +1,18 @@
 """Stage 2 — the Safety Cost Model (paper Sec. 3.1, Eqs. 1-3).
 
-The SCM maps an image to a continuous safety cost C(x): an OpenCLIP image tower (ViT-H/14
-in the paper) with a lightweight adapter head, trained on LibraAlign-Coarse pairs with
+The SCM maps an image to a continuous safety cost C(x). After preference reward models such
+as PickScore, the paper builds it from an OpenCLIP ViT-H/14 image encoder with a lightweight
+adapter on top, trained on LibraAlign-Coarse pairs with
 
     L_SCM = L_CR + γ·L_CA                                                    (Eq. 1)
     L_CR  = -E[log σ(C(x_w) - C(x_l)) + log σ(s_w C(x_w)) + log σ(s_l C(x_l))] (Eq. 2)
     L_CA  = E_{x: s=-1}[(C(x) - μ_safe)²]                                     (Eq. 3)
 
 L_CR ranks the more harmful image x_w above x_l and fixes the zero point (harmful > 0 > safe).
-The paper observes that L_CR alone leaves safe costs widely spread — which later makes the
-composite reward over-penalise imperceptible risk in safe images — and adds L_CA, which
-pulls safe costs to μ_safe, the mean cost of a held pool of verified safe images, refreshed
+Why cost anchoring (Sec. 3.1): with L_CR alone the costs of safe images vary a lot, and the
+final alignment then over-penalises imperceptible risks in safe images. L_CA pulls every safe
+cost to one anchor, μ_safe, the mean cost of a large pool of verified safe images, so that the
+safe images' residual risks do not dominate the preference signal. μ_safe is re-measured
 without gradient every --mu-every steps (a constant inside one step).
 
 We train twice with the same data, seed and steps — γ as given and γ = 0 — and report the
@@ -18,9 +20,9 @@ spread of held-out safe costs for both, to measure the paper's claim rather than
 (on a CPU the two train side by side, one process each: --baseline-in-parallel).
 
 Reads (DIR = --run):  DIR/coarse/pairs.jsonl and its images (stage 1).
-Writes:  DIR/scm/scm.safetensors + scm_config.json (what `scorers.load_scm` reads: stages 3 and
-5 score every image with it), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json, config.json,
-log.jsonl.
+Writes:  DIR/scm/scm.safetensors + scm_config.json (what `scorers.load_scm` reads: stages 3
+and 5 score every image with it), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json,
+config.json, log.jsonl.
 Runs as `python 02_train_scm.py` or under `torchrun --nproc_per_node=N` (DDP).
 """
 import argparse
@@ -38,23 +40,57 @@ import common as C
 from lib import scorers as S
 from lib import utils as U
 
-# The paper's SCM is OpenCLIP ViT-H/14 with a light head (sd15: the tower frozen, the head
-# trained); the toy's is a 3-layer ViT trained from scratch on 32-pixel images.
+# Whose each number is. Sec. 3.1 gives the backbone (OpenCLIP ViT-H/14 with a lightweight
+# adapter) and the losses; it gives no γ, no size of μ_safe's pool and no training schedule.
 U.PRESETS["toy"]["scm"] = dict(
-    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False, hidden=256, steps=750, batch=32, lr=1e-3,
-    lr_tower=5e-4, gamma=1.0, mu_every=25, mu_pool=256, ckpt_every=100, skip_bad=False, cache_images=True,
+    # the toy's: no pretrained CLIP has seen 32-pixel toy images, so a 3-layer ViT is trained
+    # from scratch, tower included
+    arch="toy-ViT-tiny", pretrained=None, freeze_tower=False,
+    # the toy's: of the one-change experiments in docs/results.md ("How the SCM preset was
+    # chosen"), a 256-wide head trained 750 steps ranked best (92.6% pair, 95.6% sign)
+    hidden=256, steps=750,
+    # the toy's: batch 64, a head rate ×2 and a tower rate ×3 or ×½ did no better there
+    batch=32, lr=1e-3, lr_tower=5e-4,
+    gamma=1.0,  # ours: the paper gives no γ (Eq. 1); 1 weighs L_CR and L_CA alike
+    # the toy's: refreshing μ_safe every 5 steps did no better there; of "a large pool"
+    # (Sec. 3.1) the toy keeps a fixed 256 images, one batch of `costs` per refresh
+    mu_every=25, mu_pool=256,
+    ckpt_every=100,  # the toy's: a kill redoes at most 100 steps
+    # a bad row stops the run; the toy's 3,000 decoded 32-pixel images fit in memory
+    skip_bad=False, cache_images=True,
     no_anchor_baseline=True, baseline_in_parallel=True, device=None)
 U.PRESETS["sd15"]["scm"] = dict(
-    U.PRESETS["toy"]["scm"], arch="ViT-H-14", pretrained="laion2b_s32b_b79k", freeze_tower=True, hidden=512,
-    steps=3000, batch=64, lr=1e-4, lr_tower=1e-6, mu_every=100, mu_pool=2048, ckpt_every=500, cache_images=False)
+    # the paper's backbone (Sec. 3.1); it names no checkpoint: laion2b_s32b_b79k is the
+    # OpenCLIP ViT-H/14 that PickScore, the reward model it follows, was fine-tuned from
+    # (processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K in yuvalkirstain/PickScore). Training
+    # only the adapter is our reading of "appending a lightweight adapter layer".
+    arch="ViT-H-14", pretrained="laion2b_s32b_b79k", freeze_tower=True,
+    # ours, the paper giving none: a 512-wide head; 3,000 steps of 64 pairs pass about 2.5
+    # times over the ~76,500 training pairs of stage 1's sd15 preset (90,000, 15% held out)
+    hidden=512, steps=3000, batch=64,
+    # ours: the new head learns at 1e-4; the pretrained tower, if --no-freeze-tower trains
+    # it, at 1% of that, so as not to forget what it was pretrained on
+    lr=1e-4, lr_tower=1e-6,
+    gamma=1.0,  # ours: the paper gives no γ (Eq. 1); 1 weighs L_CR and L_CA alike
+    # ours: "a large pool" (Sec. 3.1) of 2,048 verified safe images, re-measured 30 times a run
+    mu_every=100, mu_pool=2048,
+    ckpt_every=500,  # ours: a kill redoes at most 500 steps
+    # a bad row stops the run; 15,000 decoded 512-pixel images would hold about 11 GiB in
+    # every process, so they are decoded on demand
+    skip_bad=False, cache_images=False,
+    no_anchor_baseline=True, baseline_in_parallel=True, device=None)
+# --tiny, the toy's for tests: the smallest run that re-measures μ_safe and checkpoints midway
+# (a resume has a step 3 to start from), with a batch that two processes split evenly
 U.TINY["scm"] = dict(steps=6, batch=8, mu_every=3, mu_pool=16, ckpt_every=3)
 
 
 def parse(argv=None):
     p = U.stage_parser("scm", __doc__.splitlines()[0])
     p.add_argument("--arch", help="open_clip model name whose image tower is the backbone")
-    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file (an empty string: random init)")
-    p.add_argument("--freeze-tower", action=argparse.BooleanOptionalAction, help="train only the adapter head")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file "
+                                        "(an empty string: random init)")
+    p.add_argument("--freeze-tower", action=argparse.BooleanOptionalAction,
+                   help="train only the adapter head")
     p.add_argument("--hidden", type=int, help="adapter head width")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int, help="pairs per step, over all processes")
@@ -62,14 +98,18 @@ def parse(argv=None):
     p.add_argument("--lr-tower", type=float)
     p.add_argument("--gamma", type=float, help="weight of the cost anchoring loss (Eq. 1)")
     p.add_argument("--mu-every", type=int, help="steps between refreshes of μ_safe")
-    p.add_argument("--mu-pool", type=int, help="verified safe training images μ_safe is averaged over")
+    p.add_argument("--mu-pool", type=int,
+                   help="verified safe training images μ_safe is averaged over")
     p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip (and count) bad pair rows instead of stopping")
-    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, help="keep decoded images in memory")
-    p.add_argument("--no-anchor-baseline", action=argparse.BooleanOptionalAction, help="also train with γ = 0 for comparison")
+    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction,
+                   help="skip (and count) bad pair rows instead of stopping")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction,
+                   help="keep decoded images in memory")
+    p.add_argument("--no-anchor-baseline", action=argparse.BooleanOptionalAction,
+                   help="also train with γ = 0 for comparison")
     p.add_argument("--baseline-in-parallel", action=argparse.BooleanOptionalAction,
-                   help="on a CPU, single process: train the γ = 0 model in a second process at the same time, "
-                        "half the threads each")
+                   help="on a CPU, single process: train the γ = 0 model in a second process "
+                        "at the same time, half the threads each")
     p.add_argument("--device")
     return U.parse_args(p, argv)
 
@@ -94,6 +134,23 @@ def load_pairs(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
     return U.read_checked_rows(path, check, skip_bad)
 
 
+def split_pairs(path: Path, pairs: list[dict], mu_pool: int) -> tuple[list, list, list]:
+    """(train pairs, held-out pairs, μ_safe's pool). The judge's held-out split (by prompt,
+    stage 1) gives the figures; the rest trains. The pool is Sec. 3.1's "verified safe
+    samples": the first --mu-pool safe training images (sign −1, the judge's verdict)."""
+    train = [p for p in pairs if p.get("split", "train") == "train"]
+    held_out = [p for p in pairs if p.get("split") == "eval"]
+    if not train or not held_out:
+        raise U.DataError(f"{path}: need train and eval pairs, got {len(train)} and "
+                          f"{len(held_out)}")
+    pool = sorted({p[s]["file"] for p in train for s in ("w", "l") if p[s]["sign"] == -1})
+    pool = pool[:mu_pool]
+    if not pool:
+        raise U.DataError("no verified safe image (sign -1) among the training pairs: "
+                          "μ_safe is undefined")
+    return train, held_out, pool
+
+
 class ImageBank:
     """PNG files by path, decoded on demand (and kept, with --cache-images)."""
 
@@ -116,17 +173,43 @@ class ImageBank:
 # Training (one function, run for γ and for γ = 0)
 # ---------------------------------------------------------------------------------------
 
-def flip_augment(images: torch.Tensor, flip_w: torch.Tensor, flip_h: torch.Tensor) -> torch.Tensor:
-    """Horizontal / vertical flips of uint8 [B, H, W, 3] where the [B] masks say: harm does not
-    depend on orientation, and the coarse set is small enough that the SCM otherwise over-fits."""
+def flip_augment(images: torch.Tensor, flip_w: torch.Tensor,
+                 flip_h: torch.Tensor) -> torch.Tensor:
+    """Horizontal / vertical flips of uint8 [B, H, W, 3] where the [B] masks say. The reason
+    is the toy's, not the paper's (Sec. 3.1 names no augmentation): toy harm marks do not
+    depend on orientation, and on a small (1,500-image) toy coarse set the flips lifted
+    held-out pair accuracy from 89% to 92% (docs/results.md). The sd15 preset flips too."""
     images = torch.where(flip_w.view(-1, 1, 1, 1), images.flip(2), images)
     return torch.where(flip_h.view(-1, 1, 1, 1), images.flip(1), images)
+
+
+def draw_batch(args, step: int, train_pairs: list[dict], dist: U.Dist):
+    """This rank's pairs of the step and their flips. The global batch and its flips are the
+    same on every rank (seeded by step); each rank takes its slice, so N processes see what
+    one process would."""
+    g = U.step_generator(args.seed, step)
+    idx = torch.randint(len(train_pairs), (args.batch,), generator=g)
+    flips = torch.rand(2, 2, args.batch, generator=g) < 0.5
+    flips = flips[..., dist.rank::dist.world_size].flatten(1)
+    mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
+    return mine, flips
+
+
+def signs(pairs: list[dict], side: str, like: torch.Tensor) -> torch.Tensor:
+    """s of Eq. 2 (+1 harmful, −1 safe) of one side of each pair, as `like`'s dtype and device."""
+    return torch.tensor([p[side]["sign"] for p in pairs], dtype=like.dtype, device=like.device)
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """Ours (the paper gives no SCM schedule): 20 warm-up steps, then a cosine decay to 0."""
+    return min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 @torch.no_grad()
 def costs(model, bank, files, device) -> torch.Tensor:
     """C(x) of image files, in batches, without gradient (on the CPU)."""
-    return torch.cat([model(bank.batch(files[i:i + 256]).to(device)).cpu() for i in range(0, len(files), 256)])
+    out = [model(bank.batch(files[i:i + 256]).to(device)).cpu() for i in range(0, len(files), 256)]
+    return torch.cat(out)
 
 
 def safe_anchor(model, bank, safe_files, device) -> float:
@@ -147,7 +230,8 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
     checkpoint to the weights of an uninterrupted run (every draw is a function of the step)."""
     ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
     U.seed_everything(args.seed)  # same initial weights for both γ
-    model = S.SafetyCostModel(args.arch, args.pretrained, args.hidden, args.freeze_tower).to(dist.device)
+    model = S.SafetyCostModel(args.arch, args.pretrained, args.hidden, args.freeze_tower)
+    model = model.to(dist.device)
     # the head learns fast from scratch; a pretrained tower, if it trains at all, slowly
     groups = [{"params": model.head.parameters(), "lr": args.lr}]
     if not args.freeze_tower:
@@ -165,31 +249,25 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
     log = U.MetricsLog(out / "log.jsonl")
     log.truncate(lambda r: r["step"] < start)  # the steps about to be redone go
     model.train()
-    for step in tqdm(range(start, args.steps), desc=f"scm γ={gamma:g}", initial=start, total=args.steps,
-                     disable=not dist.is_main):
+    for step in tqdm(range(start, args.steps), desc=f"scm γ={gamma:g}", initial=start,
+                     total=args.steps, disable=not dist.is_main):
         if args.stop_after is not None and step >= args.stop_after:
             raise SystemExit(f"stopped after {step} steps (--stop-after); run again to resume")
         # Eq. 3's anchor: the current model's mean cost on the verified safe pool, a constant
         # within the step; re-measured on a schedule, since the costs move as the model trains
         if mu is None or step % args.mu_every == 0:
             mu = safe_anchor(model, bank, safe_pool, dist.device)
-        # the global batch and its flips are the same on every rank (seeded by step); each
-        # rank takes its slice, so N processes see what one process would
-        g = U.step_generator(args.seed, step)
-        idx = torch.randint(len(train_pairs), (args.batch,), generator=g)
-        flips = (torch.rand(2, 2, args.batch, generator=g) < 0.5)[..., dist.rank::dist.world_size].flatten(1)
-        mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
+        mine, flips = draw_batch(args, step, train_pairs, dist)
         images = bank.batch([p["w"]["file"] for p in mine] + [p["l"]["file"] for p in mine])
         # winners and losers in one forward: C(x_w) for the first half, C(x_l) for the second
         cost = net(flip_augment(images, *flips).to(dist.device))
         cost_w, cost_l = cost[: len(mine)], cost[len(mine):]
-        sign_w = torch.tensor([p["w"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
-        sign_l = torch.tensor([p["l"]["sign"] for p in mine], dtype=cost.dtype, device=cost.device)
+        sign_w, sign_l = signs(mine, "w", cost), signs(mine, "l", cost)
         loss = C.scm_loss(cost_w, cost_l, sign_w, sign_l, mu, gamma)  # Eq. 1
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite SCM loss at step {step}; last good checkpoint: {ckpt.path}")
-        # 20 warm-up steps, then a cosine decay to 0 at --steps
-        warm = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            raise FloatingPointError(f"non-finite SCM loss at step {step}; "
+                                     f"last good checkpoint: {ckpt.path}")
+        warm = lr_factor(step, args.steps)
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * warm
         opt.zero_grad(set_to_none=True)
@@ -198,7 +276,8 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
         if step % 10 == 0:
             log.write(gamma=gamma, step=step, loss=loss.item(), mu_safe=mu)
         if dist.is_main and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
-            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "mu_safe": mu})
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                       "mu_safe": mu})
     mu = safe_anchor(model, bank, safe_pool, dist.device)
     if dist.is_main:
         S.save_scm(model, out, mu)
@@ -217,8 +296,10 @@ def evaluate(model, eval_pairs, bank, device) -> dict:
     sign = {p[s]["file"]: p[s]["sign"] for p in eval_pairs for s in ("w", "l")}
     cost = dict(zip(files, costs(model, bank, files, device).tolist()))
     safe = [cost[f] for f in files if sign[f] == -1]
-    return {"pair_accuracy": float(np.mean([cost[p["w"]["file"]] > cost[p["l"]["file"]] for p in eval_pairs])),
-            "sign_accuracy": float(np.mean([(cost[f] > 0) == (sign[f] == 1) for f in files])),
+    ranked = [cost[p["w"]["file"]] > cost[p["l"]["file"]] for p in eval_pairs]
+    signed = [(cost[f] > 0) == (sign[f] == 1) for f in files]
+    return {"pair_accuracy": float(np.mean(ranked)),
+            "sign_accuracy": float(np.mean(signed)),
             "safe_cost_std": float(np.std(safe)) if safe else float("nan"),
             "safe_cost_mean": float(np.mean(safe)) if safe else float("nan"),
             "harmful_cost_mean": float(np.mean([cost[f] for f in files if sign[f] == 1]))}
@@ -226,13 +307,23 @@ def evaluate(model, eval_pairs, bank, device) -> dict:
 
 def train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out: Path, threads: int | None = None,
                     dist: U.Dist | None = None, bank: ImageBank | None = None) -> dict:
-    """The same training with γ = 0, and its held-out figures (in a child process when `threads`)."""
+    """The same training with γ = 0, and its held-out figures (in a child process when
+    `threads`)."""
     if threads:
         torch.set_num_threads(threads)
     dist = dist or U.Dist(0, 1, 0, torch.device("cpu"))
     bank = bank or ImageBank(args.cache_images)
     model, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
     return evaluate(model, eval_pairs, bank, dist.device)
+
+
+def no_anchor_figures(b: dict, metrics: dict) -> dict:
+    """The γ = 0 model's figures beside the γ model's: the paper's claim, measured, is that
+    safe_cost_std_ratio (with L_CA over without) is below 1."""
+    return {"safe_cost_std_no_anchor": b["safe_cost_std"],
+            "pair_accuracy_no_anchor": b["pair_accuracy"],
+            "sign_accuracy_no_anchor": b["sign_accuracy"],
+            "safe_cost_std_ratio": metrics["safe_cost_std"] / b["safe_cost_std"]}
 
 
 def main():
@@ -245,19 +336,11 @@ def main():
     if dist.is_main:
         U.save_config(args, out)
 
-    # the judge's held-out split (by prompt, stage 1) gives the figures; the rest trains
     pairs, n_bad = load_pairs(coarse / "pairs.jsonl", args.skip_bad)
-    train_pairs = [p for p in pairs if p.get("split", "train") == "train"]
-    eval_pairs = [p for p in pairs if p.get("split") == "eval"]
-    if not train_pairs or not eval_pairs:
-        raise U.DataError(f"{coarse / 'pairs.jsonl'}: need train and eval pairs, got {len(train_pairs)} and {len(eval_pairs)}")
-    # μ_safe's pool: safe training images the judge verified (sign −1), a fixed set
-    safe_pool = sorted({p[s]["file"] for p in train_pairs for s in ("w", "l") if p[s]["sign"] == -1})[: args.mu_pool]
-    if not safe_pool:
-        raise U.DataError("no verified safe image (sign -1) among the training pairs: μ_safe is undefined")
+    train_pairs, eval_pairs, safe_pool = split_pairs(coarse / "pairs.jsonl", pairs, args.mu_pool)
     bank = ImageBank(args.cache_images)
-    U.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows skipped; "
-          f"μ_safe pool {len(safe_pool)} images")
+    U.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows "
+          f"skipped; μ_safe pool {len(safe_pool)} images")
 
     # The γ = 0 model needs nothing from the γ model. On a CPU a small model uses two cores
     # far from twice as well as one (BENCHMARKS.md), so one process per half of the cores
@@ -267,22 +350,22 @@ def main():
     if parallel:
         threads = torch.get_num_threads()
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out, threads // 2)
+        baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out,
+                               threads // 2)
         torch.set_num_threads(threads - threads // 2)
     model, mu = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
-    # the paper's claim, measured: safe_cost_std with L_CA against safe_cost_std_no_anchor
-    metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu, "gamma": args.gamma,
-               "n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs), "bad_rows_skipped": n_bad}
+    metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu,
+               "gamma": args.gamma, "n_train_pairs": len(train_pairs),
+               "n_eval_pairs": len(eval_pairs), "bad_rows_skipped": n_bad}
     if args.no_anchor_baseline:
         if parallel:
             b = baseline.result()  # re-raises the child's error, if any
             pool.shutdown()
             torch.set_num_threads(threads)
         else:
-            b = train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out, dist=dist, bank=bank)
-        metrics.update(safe_cost_std_no_anchor=b["safe_cost_std"], pair_accuracy_no_anchor=b["pair_accuracy"],
-                       sign_accuracy_no_anchor=b["sign_accuracy"],
-                       safe_cost_std_ratio=metrics["safe_cost_std"] / b["safe_cost_std"])
+            b = train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out, dist=dist,
+                                bank=bank)
+        metrics.update(no_anchor_figures(b, metrics))
     metrics["seconds"] = round(time.time() - t0, 1)
     if dist.is_main:
         U.atomic_write_json(out / "metrics.json", metrics)
