@@ -361,13 +361,21 @@ def build_esd_u(args, out: Path, device) -> dict:
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def concept_embedding(text_encoder, tokenizer, concept: str) -> torch.Tensor:
-    """c: the text encoder's output at the concept's last word token ("" gives the start
-    token's), as UCE takes it."""
+def concept_states(text_encoder, tokenizer, concept: str) -> tuple[torch.Tensor, int]:
+    """The text encoder's output for the concept at every token of its window (the tokenizer's
+    length: SD's 77), [window, d] in the encoder's precision, and the row of its last word
+    token ("" and " " give the start token's, 0). RECE's edits take every row (systems/rece.py)."""
     enc = tokenizer(concept, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt")
     states = text_encoder(enc.input_ids.to(text_encoder.device))[0]
-    return states[0, int(enc.attention_mask.sum()) - 2].float().cpu()
+    return states[0].cpu(), int(enc.attention_mask.sum()) - 2
+
+
+def concept_embedding(text_encoder, tokenizer, concept: str) -> torch.Tensor:
+    """c: the text encoder's output at the concept's last word token ("" gives the start
+    token's), as UCE takes it."""
+    states, last = concept_states(text_encoder, tokenizer, concept)
+    return states[last].float()
 
 
 def build_uce(args, out: Path, device) -> dict:
@@ -511,7 +519,7 @@ def claims(metrics, intervals: dict, harmful, benign, attacked) -> list[dict]:
                for m in ("base", *rivals) if attacked),
              *((f"concept erasure ({m}) keeps more quality than safety-only DPO", m, "safety",
                 [(b, "PS", "holds") for b in benign]) for m in ("esd_u", "uce", "rece")),
-             ("RECE's adversarial epochs make UCE safer (lower IP)", "rece", "uce", [(h, "IP", "holds") for h in harmful]),
+             ("RECE is safer than UCE (lower IP)", "rece", "uce", [(h, "IP", "holds") for h in harmful]),
              *((f"SLD-{lvl.upper()} costs quality (the base scores higher PS)", "base", f"sld_{lvl}",
                 [(b, "PS", "holds") for b in benign]) for lvl in SLD_LEVELS)]
     return stats.judged_claims(metrics, intervals, specs)
@@ -541,11 +549,11 @@ def section(ev) -> dict | None:
                                                                for s in [*ev.harmful, *ev.benign])
                      + " of the images by black ones, each scored as a refusal.")
     rece = next((m for m in ev.models if m.name == "rece"), None)
-    if rece is not None:  # which epoch RECE kept, and why
+    if rece is not None:  # which model RECE kept, and why
         built = U.read_json(rece.folder / "metrics.json")
-        lines.append(f"- **RECE** kept epoch {built['chosen_epoch']} (epoch 0 is UCE's edit), the lowest validation IP "
-                     f"on {built['validation_prompts']} prompts: " + ", ".join(f"epoch {e['epoch']} {e['validation_IP']:.2f}"
-                                                                         for e in built["epochs"]) + ".")
+        lines.append(f"- **RECE** kept {built['chosen']} (sd: the base model; uce: RECE's own UCE start), the first "
+                     f"of the lowest validation IP on {built['validation_prompts']} prompts: "
+                     + ", ".join(f"{e['model']} {e['validation_IP']:.2f}" for e in built["judged"]) + ".")
     lines += attacks.sentences(ev, rows)
     lines += ["", "Paired bootstrap 95% intervals:", "", stats.interval_table(iv)]
     return {"name": "baselines", "title": "The paper's comparison (Table 2): T2I-SPO against the other methods",

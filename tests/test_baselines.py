@@ -1,9 +1,11 @@
 """The paper's other Table 2 methods and the attacks (systems/baselines.py): UCE's closed
 form and ESD's target on hand-computed values, ESD-u's trainable set, SLD's presets, the
-safety filter inside stock diffusers, the jailbreak attack's vocabulary and search, and a
+safety filter inside stock diffusers, the jailbreak attack's vocabulary and search; RECE
+(systems/rece.py) against the formulas of its authors' code and its validation CSV; and a
 --tiny run of every baseline through stage 5 with both attack sets (jailbreak, sneakyprompt)."""
+import argparse
 import random
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +25,9 @@ EV = module("05_evaluate.py")
 
 
 # --------------------------------------------------------------------------------------
-# RECE's closed form (rece.adversarial_embedding)
+# RECE (systems/rece.py) against values worked out from the formulas of CharlesGong12/RECE's
+# code: erase_methods/train_uce.py edit_model (its UCE start), close_form_emb.py
+# close_form_emb_regzero (c′) and erase_methods/uce.py edit_model_adversarial (each epoch)
 # --------------------------------------------------------------------------------------
 
 def test_rece_adversarial_embedding_is_the_least_squares_solution():
@@ -40,6 +44,125 @@ def test_rece_adversarial_embedding_is_the_least_squares_solution():
         assert torch.allclose(adv[i], torch.linalg.lstsq(A, b[:, None]).solution[:, 0], atol=1e-10)
     # nothing edited and λ → 0: the concept itself is its own best embedding
     assert torch.allclose(RECE.adversarial_embedding(c, original, original, lam=1e-12), c, atol=1e-6)
+
+
+def tiny_text_encoder(window: int = 77):
+    """A random CLIP text encoder with SD's window (77 tokens) and width 8, and CLIP's tokenizer;
+    float64, so that sums over 77 rows per concept agree with the peer's formulas to 1e-9."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=window))
+    return enc.double().eval().requires_grad_(False), M.clip_tokenizer(window)
+
+
+def peer_states(enc, tok, texts: list[str]):
+    """RECE's code's text-encoder rows: the texts tokenized together, padded to the window;
+    every row of each, and each one's last word token (attention_mask.sum() − 2)."""
+    t = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return enc(t.input_ids)[0], [int(m.sum()) - 2 for m in t.attention_mask]
+
+
+def peer_edit(W, erased: list[tuple], kept: list, lam: float, keep_scale: float):
+    """The closed form of RECE's edit_model and edit_model_adversarial (technique "replace",
+    erase scale 1), row by row as they sum it: mat1 = λW + Σ (W g) cᵀ + s Σ (W p) pᵀ,
+    mat2 = λI + Σ c cᵀ + s Σ p pᵀ, W′ = mat1 · mat2⁻¹."""
+    mat1, mat2 = lam * W, lam * torch.eye(W.shape[1], dtype=W.dtype)
+    for c, g in erased:
+        for ci, gi in zip(c, g):
+            mat1, mat2 = mat1 + torch.outer(W @ gi, ci), mat2 + torch.outer(ci, ci)
+    for p in kept:
+        for pi in p:
+            mat1, mat2 = mat1 + keep_scale * torch.outer(W @ pi, pi), mat2 + keep_scale * torch.outer(pi, pi)
+    return mat1 @ torch.inverse(mat2)
+
+
+def peer_rece(enc, tok, weights: list, erase: list[str], preserve: list[str], epochs: int) -> list[list]:
+    """The projections after RECE's UCE start and after each adversarial epoch, as its code
+    computes them (float64; the preserved concepts are as many as the erased ones, so its
+    random draw of them is all of them)."""
+    window = tok.model_max_length
+    erased = []
+    for concept in erase:  # train_uce.py: the concept and its guide " " tokenized as a pair
+        (c, g), (i, j) = peer_states(enc, tok, [concept, " "])
+        far = max(i, j)
+        erased.append((c[i:window - (far - i)], g[j:window - (far - j)]))
+    retain = ["", *preserve]  # train_uce.py keeps "" first, at max(0.1, 1/len) rounded to 3 places
+    kept = [peer_states(enc, tok, [t, t])[0][0] for t in retain]
+    steps = [[peer_edit(w, erased, kept, 0.5, round(max(0.1, 1 / len(retain)), 3)) for w in weights]]
+    space = peer_states(enc, tok, [" "])[0][0]
+    kept = [peer_states(enc, tok, [t])[0][0] for t in (preserve or [" "] * len(erase))]  # train.py
+    for _ in range(epochs):
+        edited = steps[-1]
+        mat1 = 0.1 * torch.eye(8, dtype=torch.float64) + sum(w.T @ w for w in edited)
+        mat2 = sum(we.T @ wo for we, wo in zip(edited, weights))
+        coefficient = torch.inverse(mat1) @ mat2  # close_form_emb_regzero, regular_scale 0.1
+        adv = [(peer_states(enc, tok, [c])[0][0] @ coefficient.T, space) for c in erase]
+        steps.append([peer_edit(w, adv, kept, 0.1, 0.1) for w in edited])
+    return steps
+
+
+@pytest.mark.parametrize("erase, preserve", [(["nudity", "bare skin"], []),
+                                             (["nudity", "bare skin"], ["red circle", "sky background"])])
+def test_rece_start_and_epochs_are_its_code(erase, preserve):
+    """rece_models on three random float64 projections: the base ("sd"), then RECE's own UCE
+    start and two adversarial epochs, each equal to RECE's code's formulas (peer_rece) to 1e-9
+    relative. sd15's case (nothing preserved: "" kept at 1.0 at the start, " " once per erased
+    concept at 0.1 in each epoch) and the toy's (preserved concepts, as many as the erased)."""
+    enc, tok = tiny_text_encoder()
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(6, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    layers = {f"l{k}.attn2.to_k": torch.nn.Linear(8, 6, bias=False, dtype=torch.float64) for k in range(3)}
+    RECE.load_projection_weights(layers, base)
+    args = argparse.Namespace(erase_concepts=erase, preserve_concepts=preserve, uce_lambda=0.5, epochs=2,
+                              adv_lambda=0.1, rece_lambda=0.1, preserve_scale=0.1, seed=0)
+    encode = lambda text: B.concept_states(enc, tok, text)
+    ours = {name: RECE.projection_weights(layers) for name in RECE.rece_models(layers, encode, args)}
+    assert list(ours) == ["sd", "uce", "epoch 1", "epoch 2"]
+    assert all(torch.equal(a, b) for a, b in zip(ours["sd"], base))
+    for name, peer in zip(("uce", "epoch 1", "epoch 2"), peer_rece(enc, tok, base, erase, preserve, 2)):
+        for a, b in zip(ours[name], peer):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
+    # Table 2's UCE row stays UCE's own: one row per concept, its last word token's
+    e, _, _, _ = RECE.start_rows(encode, erase, preserve)
+    assert len(e) > len(erase) and torch.equal(B.concept_embedding(enc, tok, "nudity"),
+                                               encode("nudity")[0][encode("nudity")[1]].float())
+
+
+def test_rece_start_rows_line_up_at_the_last_word_token():
+    """train_uce.py's slices: a concept of k words gives its rows k … window − 1, edited onto the
+    guide " "'s rows 0 … window − 1 − k; "" and the preserved concepts kept whole."""
+    rows = lambda n: torch.arange(n * 2, dtype=torch.float64).reshape(n, 2)
+    encode = {"one": (rows(6), 1), "two words": (rows(6) + 100, 2), " ": (rows(6) + 200, 0), "": (rows(6) + 300, 0),
+              "kept": (rows(6) + 400, 3)}.get
+    c, g = RECE.aligned_from_last_word(encode("two words"), encode(" "))
+    assert torch.equal(c, rows(6)[2:] + 100) and torch.equal(g, rows(6)[:4] + 200)
+    erase, guide, keep, scale = RECE.start_rows(encode, ["one", "two words"], ["kept"])
+    assert len(erase) == len(guide) == 5 + 4 and len(keep) == 2 * 6 and scale == 0.5
+    assert RECE.start_rows(encode, ["one"], [])[3] == 1.0
+    assert RECE.start_rows(encode, ["one"], ["kept"] * 2)[3] == 0.333  # train_uce.py rounds to 3 places
+
+
+def test_rece_adversarial_keep_is_train_py_s():
+    assert RECE.adversarial_keep([], 2, 0) == [" ", " "]
+    drawn = RECE.adversarial_keep(["a", "b", "c"], 2, 0)
+    assert len(set(drawn)) == 2 and set(drawn) <= {"a", "b", "c"}
+    assert drawn == RECE.adversarial_keep(["a", "b", "c"], 2, 0)  # the seed fixes the draw
+    with pytest.raises(SystemExit, match="one preserved concept per erased one"):
+        RECE.adversarial_keep(["a"], 2, 0)
+
+
+def test_rece_validation_prompts_are_its_csv_with_their_seeds():
+    """sd15 reads RECE's dataset/validation_inappropriate.csv (a cut: the first row of each of
+    its eleven classes): every row, each with its evaluation_seed."""
+    import csv
+    path = Path(__file__).resolve().parent / "fixtures" / "rece" / "validation_inappropriate_cut.csv"
+    with open(path, newline="") as f:
+        want = [(r["prompt"], int(r["evaluation_seed"])) for r in csv.DictReader(f)]
+    args = argparse.Namespace(val_prompts=str(path), val_n=None, preset="sd15", run="unused")
+    assert [(r["prompt"], r["seed"]) for r in RECE.validation_prompts(args)] == want and len(want) == 11
+    args.val_n = 4
+    assert len(RECE.validation_prompts(args)) == 4
 
 
 # --------------------------------------------------------------------------------------
@@ -209,22 +332,38 @@ def bl_run(tmp_path_factory):
     return run, r
 
 
-def test_rece_keeps_the_epoch_of_lowest_validation_ip_and_epoch_zero_is_uce(bl_run, tmp_path):
+def test_rece_keeps_the_first_model_of_lowest_validation_ip(bl_run, tmp_path):
+    """The base model, RECE's UCE start and each epoch are judged in train.py's order; the kept
+    one changes only on a strictly lower IP, and its weights are the ones saved."""
     run, _ = bl_run
-    epochs = U.read_json(run / "baselines" / "rece" / "epochs.json")
-    chosen = U.read_json(run / "baselines" / "rece" / "metrics.json")["chosen_epoch"]
-    assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["validation_IP"] <= 1 for e in epochs)
-    assert chosen == min(epochs, key=lambda e: (e["validation_IP"], e["epoch"]))["epoch"]
-    assert not (run / "baselines" / "rece" / "epochs").exists()  # only the chosen model is kept
-    # with no adversarial epoch RECE is the uce baseline, weight for weight
-    shutil.copytree(run / "world", tmp_path / "world")
-    stage("-m systems.rece build", tmp_path, "--epochs", "0")
-    uce, r0 = (M.load_pipeline(f).unet.state_dict() for f in (run / "baselines" / "uce" / "model",
-                                                               tmp_path / "baselines" / "rece" / "model"))
-    assert all(torch.equal(uce[k], r0[k]) for k in uce)
+    built = U.read_json(run / "baselines" / "rece" / "metrics.json")
+    judged = built["judged"]
+    assert [e["model"] for e in judged] == ["sd", "uce", "epoch 1"]
+    assert all(0 <= e["validation_IP"] <= 1 for e in judged)
+    assert built["chosen"] == min(judged, key=lambda e: e["validation_IP"])["model"]  # the first of the lowest
+    args = U.parse_args(RECE.build_parser(), ["--tiny"])
+    pipe = M.load_pipeline(run / "world" / "model")
+    encode = lambda text: B.concept_states(pipe.text_encoder, pipe.tokenizer, text)
+    next(m for m in RECE.rece_models(RECE.cross_attention_projections(pipe.unet), encode, args) if m == built["chosen"])
+    kept, saved = pipe.unet.state_dict(), M.load_pipeline(run / "baselines" / "rece" / "model").unet.state_dict()
+    assert all(torch.equal(kept[k], saved[k]) for k in kept)
     # sd15 has no toy world to take a validation split from: the flag is named
     r = stage("-m systems.rece build", tmp_path / "sd15", "--preset", "sd15", check=False)
     assert r.returncode != 0 and "--val-prompts" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rece_validation_sampler_is_its_lms_on_the_same_modules(bl_run):
+    """sd15's validation images are drawn with RECE's LMS sampler, on the modules being edited;
+    the model saved keeps its own sampler. diffusers' LMS needs scipy."""
+    pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler needs scipy")
+    from diffusers import LMSDiscreteScheduler
+    run, _ = bl_run
+    pipe = M.load_pipeline(run / "world" / "model")
+    lms = RECE.validation_sampler(pipe, "lms")
+    assert isinstance(lms.scheduler, LMSDiscreteScheduler) and lms.unet is pipe.unet
+    assert {k: lms.scheduler.config[k] for k in RECE.RECE_LMS} == RECE.RECE_LMS
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and RECE.validation_sampler(pipe, "model") is pipe
+    assert M.generate(lms, ["a red circle"], [0], 3, 7.5)[0].shape == (W.IMAGE_SIZE, W.IMAGE_SIZE, 3)
 
 
 def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
@@ -239,14 +378,14 @@ def test_every_baseline_is_evaluated_with_the_jailbreak_set(bl_run):
     assert len(jb) == 2 and all(not A.contains_banned(j["prompt"].split(", ")[-1], A.toy_banned_words()) for j in jb)
     claims = U.read_json(run / "eval" / "baselines.json")["claims"]
     assert {c["claim"] for c in claims} >= {"T2I-SPO has a higher UAS than uce", "T2I-SPO has a higher UAS than rece",
-                                            "RECE's adversarial epochs make UCE safer (lower IP)",
+                                            "RECE is safer than UCE (lower IP)",
                                             "SLD-STRONG costs quality (the base scores higher PS)",
                                             *(f"under attack, T2I-SPO has a lower IP than {b}" for b in ("base", *B.MODELS))}
     under = next(c for c in claims if c["claim"] == "under attack, T2I-SPO has a lower IP than filter")
     assert [(x["set"], x["metric"]) for x in under["parts"]] == [("jailbreak", "IP"), ("sneakyprompt", "IP")]
     report, own = ((run / "eval" / f).read_text() for f in ("report.md", "baselines.md"))
     assert "[The paper's comparison (Table 2)" in report and "`jailbreak` (2 prompts, harmful)" in report
-    assert "# The paper's comparison (Table 2)" in own and "IP under attack" in own and "- **RECE** kept epoch" in own
+    assert "# The paper's comparison (Table 2)" in own and "IP under attack" in own and "- **RECE** kept " in own
     assert "- **Against the filter** (`sneakyprompt`): " in own and "sneakyprompt IP" in own
     assert U.read_json(run / "baselines" / "uce" / "metrics.json")["projections_edited"] > 0
     # what stock diffusers loads from the ESD-u folder differs from the base outside attn2 only
