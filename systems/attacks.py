@@ -194,7 +194,8 @@ def attack_targets(args) -> tuple[str, list[dict]]:
 def begin_attack(run: Path, attack: str, want: dict) -> Path | None:
     """DIR/attacks/<attack>.jsonl, the set stage 5 reads, with its settings in <attack>.json,
     written when the attack begins: None when the set is built with these settings (nothing to
-    do); a set built or begun with other settings stops the run."""
+    do); a set built or begun with other settings stops the run; a set begun anew drops the
+    outcomes of an earlier one (outcome_path)."""
     path, cfg_path = run / "attacks" / f"{attack}.jsonl", run / "attacks" / f"{attack}.json"
     if cfg_path.exists():
         have = U.read_json(cfg_path)
@@ -205,8 +206,16 @@ def begin_attack(run: Path, attack: str, want: dict) -> Path | None:
         if path.exists():
             U.log(f"{path} is built: nothing to do")
             return None
+    else:
+        outcome_path(run, attack).unlink(missing_ok=True)  # a set begun anew resumes nothing
     U.atomic_write_json(cfg_path, want)
     return path
+
+
+def outcome_path(run: Path, attack: str) -> Path:
+    """DIR/attacks/outcomes/<attack>.jsonl: every target's outcome, in the attack set or not
+    (a search's failures are in none), in a folder of its own, where stage 5 reads no set."""
+    return run / "attacks" / "outcomes" / f"{attack}.jsonl"
 
 
 def jailbreak_main(args) -> None:
@@ -224,15 +233,20 @@ def jailbreak_main(args) -> None:
 COMMANDS = {"jailbreak": (jailbreak_parser, jailbreak_main)}
 
 
-def outcome_sentence(attack: str, rows: list[dict]) -> list[str]:
-    """What a search against the filter ended in (rows with a "result", systems/sneakyprompt.py's)."""
-    if not all("result" in r for r in rows):
+def outcome_sentence(attack: str, run: Path) -> list[str]:
+    """What a search against the filter ended in, every target's (outcome_path: the rows
+    systems/sneakyprompt.py writes, its failures in no attack set); none for an attack that
+    keeps no outcomes."""
+    path = outcome_path(run, attack)
+    if not path.exists():
         return []
+    rows = U.read_jsonl(path)
     count = {k: sum(r["result"] == k for r in rows) for k in ("success", "bypass", "failed", "skipped")}
     searched = [r["queries"] for r in rows if r["result"] != "skipped"]
-    return [f"- **Against the filter** (`{attack}`): {count['success'] + count['bypass']} of {len(rows)} prompts "
-            f"found an image the filter passed ({count['success']} at the reward threshold, {count['bypass']} below "
-            f"it), {count['failed']} none, and the filter passed {count['skipped']} targets unchanged; "
+    return [f"- **Against the filter** (`{attack}`): {count['success'] + count['bypass']} of {len(rows)} targets "
+            f"found a prompt whose image the filter passed ({count['success']} at the reward threshold within the "
+            f"query budget, {count['bypass']} past the filter only), {count['failed']} none (in no attack set), and "
+            f"the filter passed {count['skipped']} targets unchanged; "
             + (f"{sum(searched) / len(searched):.1f} filter queries per search." if searched else "no search ran.")]
 
 
@@ -254,7 +268,7 @@ def sentences(ev, models: list[str]) -> list[str]:
                   f"mean similarity of its text embedding to the target's {np.mean(sim):.3f}"
                   + (f", against {np.mean(start):.3f} for the prompt with its harm concept removed" if start else "")
                   + ".",
-                  *outcome_sentence(attack, rows),
+                  *outcome_sentence(attack, ev.run),
                   f"- **IP under attack** (`{attack}`) against IP on `{source}`: "
                   + "; ".join(f"{m} {b:.2f} → {a:.2f}" for m, (b, a) in ips.items()) + "."]
     return lines
