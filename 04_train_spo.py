@@ -5,31 +5,36 @@
     L = −E log σ(−β/2 · [(‖ε−ε_θ(x_w,t)‖² − ‖ε−ε_θ(x_l,t)‖²)
                         − (‖ε−ε_ref(x_w,t)‖² − ‖ε−ε_ref(x_l,t)‖²)])      (Eqs. 5, 9)
 
-T2I-SPO is Diffusion-DPO on pairs ordered by a reward that counts quality AND safety. The
-safety-only baseline (`--objective safety`) is this same code with R = −C, the λ → ∞
-ordering, so the two differ in nothing but the reward.
+Each ‖·‖² is taken as the mean over the latent's elements, as the Diffusion-DPO authors' code
+takes it, not their sum: a constant factor, folded into β with the paper's T·ω(λ_t). Winner
+and loser are noised with the same t and ε.
+
+T2I-SPO is Diffusion-DPO on pairs ordered by a reward that counts quality AND safety: one
+objective for both, so that alignment is not a zero-sum trade of quality for safety (Sec. 4.2).
+The safety-only baseline (`--objective safety`) is this same code with R = −C, the ordering
+T2I-SPO degenerates to as λ grows (Sec. 6.3), so the two differ in nothing but the reward.
 
 The Dynamic Focusing Mechanism (Sec. 4.3) watches each pair's loss: a pair whose loss stops
-falling (descent rate v_i < τ·v̄ on P visits, Eq. 10) is "hard", and gets an augmented copy
-in the current batch; of four augmentations, the one that turns the pair's gradient the most
-(argmax 1 − cos(g_i, g_i^a), Eq. 11).
+falling (descent rate v_i < τ·v̄ on P visits, Eq. 10) lags, the paper finds, because its update
+conflicts with the others'. It gets an augmented copy in the current batch: of four
+augmentations, the one that turns its gradient the most (argmax 1 − cos(g_i, g_i^a), Eq. 11).
 
 Reads (DIR = --run):  DIR/<data>/hf_pairs.jsonl (stage 3's; --data), the base model (--model)
 Writes (NAME = --name, default the objective):
-  DIR/NAME/model/       the aligned model, a stock diffusers pipeline folder (the base model's class)
+  DIR/NAME/model/       the aligned model, a stock diffusers pipeline folder (the base's class)
   DIR/NAME/lora/        with --lora-rank > 0: weights for `pipe.load_lora_weights`
   DIR/NAME/model.json   what stage 5 needs to find and evaluate it (models.write_manifest)
-  DIR/NAME/log.jsonl    per step: loss, implicit accuracy, reward margin, DFM counts
+  DIR/NAME/log.jsonl    every --log-every steps: loss, implicit accuracy, reward margin, DFM
   DIR/NAME/metrics.json, config.json, ckpt/train_state.pt, cache/ (latents, text embeddings)
 
-Launch:  python 04_train_spo.py [--objective spo|safety|safe-wins]           (one process)
-         torchrun --nproc_per_node=N 04_train_spo.py --run-dir DIR ...       (N processes)
+Launch:  python 04_train_spo.py [--objective spo|safety|safe-wins], or one process per GPU:
+         torchrun --nproc_per_node=N 04_train_spo.py --run-dir DIR ...
 
 The math is in common.py; this script is the data and the loop: setup(), train_step() with
-its three numbered phases, finish(). Other systems train through it with a `Hook`.
+its three numbered phases, finish(). T2I-SPO's choice at each point of the loop is a method of
+`SPO`; a system in systems/ that trains through this loop subclasses it.
 """
 import argparse
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -43,101 +48,162 @@ from lib import data as D
 from lib import models as M
 from lib import utils as U
 
-# The paper's settings are the sd15 preset (Sec. 6.1: batch 12 over six GPUs, lr 8e-8, 15k steps,
-# β = 5000), on SDXL (Appendix E: 1024 px, bf16, fp32 VAE) the sdxl one; the toy's are its own.
-U.PRESETS["toy"]["spo"] = dict(
-    model=None, data="hf", objective="spo", name=None, lam=0.15, margin=0.0, beta=100.0, lr=5e-5, scale_lr=False, warmup=20,
-    steps=300, batch=16, micro_batch=None, weight_decay=0.0, max_grad_norm=1.0, lora_rank=0, lora_alpha=None,
-    dfm="on", dfm_k=3, dfm_tau=0.2, dfm_patience=1, dfm_modules=["conv_out"], dfm_augmentations=list(C.AUGMENTATIONS),
-    grad_checkpointing=False, bf16=False, ckpt_every=100, log_every=1, skip_bad=False, device=None)
+# Each number is the paper's (Sec. 6.1, its SD-1.5 run), the Diffusion-DPO authors' code's ("DPO
+# code": SalesforceAIResearch/DiffusionDPO, train.py, launchers/sd15.sh), ours, or the toy's.
 U.PRESETS["sd15"]["spo"] = dict(
-    U.PRESETS["toy"]["spo"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", beta=5000.0, lr=8e-8, warmup=500,
-    steps=15000, batch=12, micro_batch=2, weight_decay=1e-2, grad_checkpointing=True, bf16=True, ckpt_every=500,
-    log_every=10, dfm_k=5, dfm_patience=2)
-U.PRESETS["sdxl"]["spo"] = dict(U.PRESETS["sd15"]["spo"], model="stabilityai/stable-diffusion-xl-base-1.0")
-U.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2, dfm_patience=1, dfm_tau=10.0)
+    model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # the paper's main model (Sec. 6.1)
+    data="hf", objective="spo", name=None,  # stage 3's LibraAlign-HF, ordered by Eq. 6
+    lam=0.15,  # the paper's (Sec. 6.1; Sec. 6.3: lower λ loses safety, higher λ quality)
+    margin=0.0,  # the paper's (Sec. 4.2): every pair is relabelled, none left out
+    beta=5000.0,  # DPO code's (--beta_dpo, with Eq. 5's ½); the paper gives no β
+    lr=8e-8, scale_lr=False,  # the paper's "8e-8 per GPU", read as the rate (see --lr)
+    warmup=500, steps=15000,  # the paper's: a 500-step linear warm-up, 15,000 steps
+    batch=12, micro_batch=2,  # the paper's: 6 GPUs × 2 pairs, no accumulation
+    weight_decay=1e-2, max_grad_norm=1.0, ckpt_every=500,  # DPO code's: AdamW, clipping, saves
+    lora_rank=0, lora_alpha=None,  # DPO code's: the whole UNet trains (LoRA's α: its rank)
+    dfm="on", dfm_tau=0.2,  # the paper's (Sec. 4.3; τ: Sec. 6.3, Fig. 5 left, its best τ)
+    # the paper's four (Sec. 6.1; Sec. 6.3, Fig. 5 right: a larger pool converges better)
+    dfm_augmentations=list(C.AUGMENTATIONS),
+    # ours: the paper gives no queue length K nor patience P (Eq. 10 says "continuously"),
+    # nor which gradients Eq. 11 compares (the last layer's: one short backward)
+    dfm_k=5, dfm_patience=2, dfm_modules=["conv_out"],
+    grad_checkpointing=True, bf16=True,  # ours: full fine-tuning in a 24-GB GPU (the paper's)
+    log_every=10, skip_bad=False, device=None)  # ours
+# Appendix E on SDXL: sd15's settings (the paper gives none of its own) at 1,024 px
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+U.PRESETS["sdxl"]["spo"] = dict(U.PRESETS["sd15"]["spo"], model=SDXL)
+# The toy's own, for a tiny UNet on 8×8×4 latents trained on two CPU cores in minutes
+U.PRESETS["toy"]["spo"] = dict(
+    U.PRESETS["sd15"]["spo"], model=None,  # None: the stage-0 model
+    beta=100.0, lr=5e-5,  # a sweep's best (docs/results.md, "Choosing the toy β and learning rate")
+    # 300 steps of 16 pairs visit each pair about 4 times, in about 3 minutes; a short warm-up
+    steps=300, batch=16, warmup=20,
+    dfm_k=3, dfm_patience=1,  # so few visits: a queue of 3 losses, one slow visit flags a pair
+    micro_batch=None, weight_decay=0.0,  # the whole batch in one forward; no decay
+    grad_checkpointing=False, bf16=False,  # fp32 on the CPU, the toy UNet fits in memory
+    ckpt_every=100, log_every=1)  # a run is short: three checkpoints, a log row every step
+# the tests': a few steps of 4 pairs; τ = 10 flags pairs once their queue fills: Eq. 11 runs
+U.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2,
+                     dfm_patience=1, dfm_tau=10.0)
 
 
 def parser(stage: str = "spo", description: str | None = None) -> argparse.ArgumentParser:
     """Stage 4's flags; another system's command adds its own to the same parser."""
     p = U.stage_parser(stage, description or __doc__.splitlines()[0])
-    p.add_argument("--model", help="base T2I model folder; also the frozen reference (default: the stage-0 model)")
-    p.add_argument("--data", help="folder under --run whose hf_pairs.jsonl to train on (stage 3's --name: hf, coprov2)")
-    p.add_argument("--objective", choices=["spo", "safety", "safe-wins"],
-                   help="the reward of Eq. 8. spo: R = r − λC (T2I-SPO); safety: R = −C (the safety-only DPO "
-                        "baseline, λ → ∞); safe-wins: the safe image of a harmful-safe pair always wins (AlignGuard)")
-    p.add_argument("--name", help="output folder under --run (default: the objective), e.g. spo_lam0.5")
-    p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in the composite reward")
+    p.add_argument("--model", help="base model, also the frozen reference (default: stage 0's)")
+    p.add_argument("--data", help="the folder under --run to train on (stage 3's --name)")
+    p.add_argument("--objective", choices=["spo", "safety", "safe-wins"], help="Eq. 8's reward. "
+                   "spo: r − λC; safety: −C (the λ → ∞ baseline); safe-wins: the safe side wins")
+    p.add_argument("--name", help="output folder under --run (default: the objective)")
+    p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in R")
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
     p.add_argument("--beta", type=float, help="β of Eq. 5 (with its ½: the loss uses β/2)")
-    p.add_argument("--lr", type=float, help="peak learning rate; gradients are the mean over the global --batch, so "
-                   "it holds on any number of GPUs (the paper's '8e-8 per GPU' is 8e-8; or see --scale-lr)")
-    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="Diffusion-DPO's --scale_lr: the "
-                   "rate is --lr × per-process batch × accumulation × processes, which is --lr × --batch")
+    p.add_argument("--lr", type=float, help="peak learning rate of the mean gradient over the "
+                   "global --batch, on any number of GPUs (the paper's '8e-8 per GPU' is 8e-8)")
+    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="Diffusion-DPO's "
+                   "--scale_lr: --lr × per-process batch × accumulation × processes (= --batch)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch", type=int, help="pairs per optimizer step, over all processes")
-    p.add_argument("--micro-batch", type=int, help="pairs per forward on one process (gradient accumulation)")
+    p.add_argument("--micro-batch", type=int, help="pairs per forward on one process")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--max-grad-norm", type=float)
-    p.add_argument("--lora-rank", type=int, help="0: full fine-tuning; N: LoRA of rank N on the attention projections")
+    p.add_argument("--lora-rank", type=int,
+                   help="0: full fine-tuning; N: LoRA of rank N on the attention projections")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
-    p.add_argument("--dfm", choices=["on", "off"], help="the Dynamic Focusing Mechanism (Sec. 4.3)")
+    p.add_argument("--dfm", choices=["on", "off"], help="the Dynamic Focusing Mechanism")
     p.add_argument("--dfm-k", type=int, help="K: losses kept per pair (Eq. 10)")
     p.add_argument("--dfm-tau", type=float, help="τ: hard when v_i < τ·v̄ (Eq. 10)")
-    p.add_argument("--dfm-patience", type=int, help="P: consecutive slow visits before a pair is hard")
-    p.add_argument("--dfm-modules", nargs="+", help="UNet Conv2d/Linear modules whose weight gradients Eq. 11 compares")
-    p.add_argument("--dfm-augmentations", nargs="+", choices=C.AUGMENTATIONS, help="the pool A of Eq. 11")
+    p.add_argument("--dfm-patience", type=int, help="P: slow visits in a row that make a pair hard")
+    p.add_argument("--dfm-modules", nargs="+", help="UNet modules whose gradients Eq. 11 compares")
+    p.add_argument("--dfm-augmentations", nargs="+", choices=C.AUGMENTATIONS, help="Eq. 11's pool")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (GPU only)")
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--log-every", type=int)
-    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip (and count) bad pair rows")
+    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip bad pair rows")
     p.add_argument("--device")
     return p
 
 
 # ---------------------------------------------------------------------------------------
-# Data: LibraAlign-HF pairs, relabelled by the composite reward (Eqs. 6-8)
+# T2I-SPO's data (LibraAlign-HF relabelled by Eqs. 6-8) and its choice at each point of the loop
 # ---------------------------------------------------------------------------------------
 
-def preference_pairs(pairs: list[dict], objective: str, lam: float, margin: float) -> tuple[list[dict], int]:
+def preference_pairs(pairs: list[dict], objective: str, lam: float | None,
+                     margin: float) -> tuple[list[dict], int]:
     """Eq. 8 under the objective's reward. Each is one line of Eq. 6 with other annotations:
 
         spo        R = r − λ·C            T2I-SPO: quality and safety in one number
         safety     R = −C                 the safety-only baseline (the λ → ∞ ordering)
-        safe-wins  R = −1[x is harmful]   AlignGuard: the safe side wins, whatever its quality;
+        safe-wins  R = −1[x is harmful]   the safe side wins, whatever its quality;
                                           a pair of two safe images ties and is dropped
     """
-    if objective == "safe-wins":
-        by_role = lambda side: {**side, "quality": 0.0, "cost": float(side["role"] == "harmful")}
-        pairs = [{**p, "a": by_role(p["a"]), "b": by_role(p["b"])} for p in pairs]
-        lam = 1.0
-    if objective == "safety":
-        no_quality = lambda side: {**side, "quality": 0.0}
-        pairs = [{**p, "a": no_quality(p["a"]), "b": no_quality(p["b"])} for p in pairs]
+    annotate = {"safe-wins": lambda x: {**x, "quality": 0.0, "cost": float(x["role"] == "harmful")},
+                "safety": lambda x: {**x, "quality": 0.0}}.get(objective)
+    if annotate:  # R = −C, or −1[x is harmful]: Eq. 6 with no quality term and λ = 1
+        pairs = [{**p, "a": annotate(p["a"]), "b": annotate(p["b"])} for p in pairs]
         lam = 1.0
     return C.relabel_pairs(pairs, lam, margin)
 
 
-def hf_preference_pairs(args, hf: Path) -> tuple[list[dict], dict]:
-    """Eqs. 6-8 on every row of DIR/<data>/hf_pairs.jsonl; the counts go to metrics.json."""
-    U.require_inputs([hf / "hf_pairs.jsonl"], args.data if args.data in U.STAGES else "hf")
-    raw, n_bad = D.load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
-    pairs, n_dropped = preference_pairs(raw, args.objective, args.lam, args.margin)
-    return pairs, {"pairs_dropped": n_dropped, "bad_rows_skipped": n_bad}
+class SPO:
+    """T2I-SPO's choice at each point of the loop below. A system in systems/ that trains
+    through this loop subclasses it, overriding what it changes (super() where it adds)."""
+
+    final = "model/model_index.json"  # the file a finished run has written last
+
+    def pairs(self, args, hf: Path) -> tuple[list[dict], dict]:
+        """The preference pairs and their counts: Eqs. 6-8 on each row of <data>/hf_pairs.jsonl."""
+        U.require_inputs([hf / "hf_pairs.jsonl"], args.data if args.data in U.STAGES else "hf")
+        raw, n_bad = D.load_hf_pairs(hf / "hf_pairs.jsonl", args.skip_bad)
+        pairs, n_dropped = preference_pairs(raw, args.objective, args.lam, args.margin)
+        return pairs, {"pairs_dropped": n_dropped, "bad_rows_skipped": n_bad}
+
+    def models(self, args, device):
+        """ε_θ and the frozen ε_ref, both the base UNet (DPO holds the policy near where it started,
+        Sec. 4.1), the VAE, the prompt encoder and the training noise scheduler."""
+        return M.load_training_models(args, device, frozen_unet=False)
+
+    def trainable(self, tr: "Training") -> list[torch.nn.Parameter]:
+        """The UNet's weights (or its LoRA's, with --lora-rank)."""
+        return [p for p in tr.unet.parameters() if p.requires_grad]
+
+    def condition(self, tr: "Training", ids: list[int], emb: torch.Tensor) -> torch.Tensor:
+        """The conditioning c of pairs `ids`: their prompts' text embeddings."""
+        return emb
+
+    def figures(self, tr: "Training", ids: list[int], d_theta, d_ref) -> dict:
+        """The step's preference figures from the batch's Δ_θ and Δ_ref. Implicit accuracy:
+        the share of pairs the policy prefers more than the reference does, Δ_θ < Δ_ref;
+        reward margin: the mean DPO logit −β/2·(Δ_θ − Δ_ref)."""
+        return {"implicit_accuracy": (d_theta < d_ref).float().mean().item(),
+                "reward_margin": (-0.5 * tr.args.beta * (d_theta - d_ref)).mean().item()}
+
+    def state(self, tr: "Training") -> dict:  # the trained weights, as the checkpoint holds them
+        return M.trainable_state(tr.unet, tr.args.lora_rank > 0)
+
+    def load_state(self, tr: "Training", state: dict) -> None:
+        M.load_trainable_state(tr.unet, state, tr.args.lora_rank > 0)
+
+    def save(self, tr: "Training") -> None:
+        """The aligned model as a stock pipeline folder (and its LoRA, with --lora-rank)."""
+        M.save_final(tr.args, tr.unet, tr.out)
+
+    def publish(self, tr: "Training") -> None:
+        """model.json: the folder is a finished model for stage 5 to evaluate."""
+        M.write_manifest(tr.out, tr.args.name.replace("/", "_"), training="config.json")
 
 
 # ---------------------------------------------------------------------------------------
-# The training loop: setup(), then train_step() until done, then finish(); other systems
-# change it at the named points of a Hook
+# The training loop: setup(), then train_step() until done, then finish()
 # ---------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Training:
     """Everything the loop reads and updates, built once by setup()."""
     args: argparse.Namespace
-    hook: object                # what another system changes in this loop (Hook, below)
+    spo: SPO                    # T2I-SPO's choices (or a subclass's)
     dist: U.Dist
     out: Path
     pairs: list[dict]           # relabelled: "w" the winner under R, "l" the loser (Eq. 8)
@@ -150,7 +216,7 @@ class Training:
     latents: torch.Tensor       # cached VAE latents of every image
     text: torch.Tensor          # cached text embeddings of every prompt
     index: torch.Tensor         # [pairs, 3]: latent row of x_w, of x_l, text row of the prompt
-    mine: list[int]             # this process's positions in every global batch: rank, rank + N, ...
+    mine: list[int]             # this process's positions in every global batch: r, r + N, ...
     micro: int                  # pairs per forward
     autocast: object
     ckpt: U.Checkpoint
@@ -161,56 +227,18 @@ class Training:
     sched: torch.optim.lr_scheduler.LambdaLR | None = None
     queue: C.DescentRateQueue | None = None  # Eq. 10's loss queues
     step: int = 0
-    totals: dict = dataclasses.field(default_factory=lambda: {
-        "dfm_flagged": 0, "aug_wins": dict.fromkeys(C.AUGMENTATIONS, 0), "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []})
+    totals: dict = dataclasses.field(default_factory=lambda: M.dfm_totals(C.AUGMENTATIONS))
 
 
-class Hook:
-    """The named points where another system changes this loop; every default here IS T2I-SPO
-    (stage 4 alone runs `Hook()`). AlignGuard's experts and the DFM study train on a subset
-    (`select`); PSA orders each pair per user and trains a user-conditioned adapter on the frozen
-    UNet (`pairs`, `attach`, `condition`, `record`, `state`, `load`, `save`, `final`)."""
-
-    frozen_unet = False  # True: the UNet stays frozen and no reference copy is made
-    publish = True       # write model.json, so that stage 5 evaluates the result
-
-    def pairs(self, args, hf: Path) -> tuple[list[dict], dict] | None:
-        """Preference pairs ordered another way, with their counts; None: Eqs. 6-8 on hf."""
-        return None
-
-    def select(self, args, pairs: list[dict], hf: Path) -> list[dict]:
-        """The relabelled pairs to train on (all of them)."""
-        return pairs
-
-    def attach(self, tr: Training) -> list[torch.nn.Parameter]:
-        """The trainable parameters: the UNet's (all of them, or its LoRA's)."""
-        return [p for p in tr.unet.parameters() if p.requires_grad]
-
-    def condition(self, tr: Training, ids: list[int], emb: torch.Tensor) -> torch.Tensor:
-        """The conditioning of pairs `ids`: their prompts' text embeddings."""
-        return emb
-
-    def record(self, tr: Training, ids: list[int], d_theta: torch.Tensor, d_ref: torch.Tensor) -> dict:
-        return {}  # more figures for the step's log record, from the batch's pairs and their Δ_θ, Δ_ref
-
-    def state(self, tr: Training) -> dict:
-        return M.trainable_state(tr.unet, tr.args.lora_rank > 0)
-
-    def load(self, tr: Training, state: dict) -> None:
-        M.load_trainable_state(tr.unet, state, tr.args.lora_rank > 0)
-
-    def save(self, tr: Training) -> None:
-        M.save_final(tr.args, tr.unet, tr.out)
-
-    final = "model/model_index.json"  # the file a finished run has written last
-
-
-def setup(args, hook: Hook) -> Training:
+def setup(args, spo: SPO) -> Training:
     U.check_batch_split(args.batch)  # before the process group forms: rank 0 alone says why
     dist = U.setup_distributed(args.device)
     U.seed_everything(args.seed)
-    args.model = args.model or U.toy_world_input(args, U.stage_dir(args.run, "world") / "model", "--model")
+    world_model = U.stage_dir(args.run, "world") / "model"
+    args.model = args.model or U.toy_world_input(args, world_model, "--model")
     args.name = args.name or args.objective
+    if args.objective in ("safety", "safe-wins"):
+        args.lam = None  # their rewards have no λ: config.json and metrics.json say null
     hf, out = Path(args.run) / args.data, Path(args.run) / args.name
     mine = list(range(dist.rank, args.batch, dist.world_size))
     micro = args.micro_batch or len(mine)
@@ -218,36 +246,37 @@ def setup(args, hook: Hook) -> Training:
         U.save_config(args, out, world_size=dist.world_size, grad_accum=-(-len(mine) // micro))
 
     # Eqs. 6-8: relabel every pair by the composite reward (or by −C for the baseline)
-    pairs, counts = hook.pairs(args, hf) or hf_preference_pairs(args, hf)
-    pairs = hook.select(args, pairs, hf)
+    pairs, counts = spo.pairs(args, hf)
     # how often the reward lets the safe image win a harmful-safe pair: 100% for the safety
-    # objectives; below it for T2I-SPO where a faithful harmful image outscores a poor safe one
+    # objectives; below it for T2I-SPO, where a faithful harmful image outscores a poor safe one
     hs = [p for p in pairs if p["kind"] == "harmful-safe"]
-    counts["safe_side_wins_harmful_safe"] = sum(p["w"]["role"] == "safe" for p in hs) / max(1, len(hs))
+    safe_wins = sum(p["w"]["role"] == "safe" for p in hs)
+    counts["safe_side_wins_harmful_safe"] = safe_wins / max(1, len(hs))
     if len(pairs) < args.batch:
-        raise U.DataError(f"{hf / 'hf_pairs.jsonl'}: {len(pairs)} pairs left after relabelling and selection ("
-                          f"{counts['pairs_dropped']} dropped by --margin), fewer than one batch of {args.batch}")
-    U.log(f"{len(pairs)} pairs after relabelling (objective {args.objective}, λ={args.lam}); {counts}; "
-          f"{dist.world_size} process(es), micro-batches of {micro}")
+        raise U.DataError(f"{hf / 'hf_pairs.jsonl'}: {len(pairs)} pairs left after relabelling "
+                          f"and selection ({counts['pairs_dropped']} dropped by --margin), fewer "
+                          f"than one batch of {args.batch}")
+    U.log(f"{len(pairs)} pairs after relabelling (objective {args.objective}, λ={args.lam}); "
+          f"{counts}; {dist.world_size} process(es), micro-batches of {micro}")
 
     # The frozen parts run once: every latent and text embedding is cached before training
-    unet, ref, vae, prompt_encoder, noise_scheduler = M.load_training_models(args, dist.device, hook.frozen_unet)
-    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    unet, ref, vae, prompt_encoder, noise_scheduler = spo.models(args, dist.device)
+    size = M.image_size(unet, vae)
     latents, text, index = M.build_caches(args, pairs, vae, prompt_encoder, out, dist, size)
     prompt_encoder.cpu()  # done with it: the cache holds every embedding
-    use_bf16 = args.bf16 and dist.device.type == "cuda"
-    tr = Training(
-        args=args, hook=hook, dist=dist, out=out, pairs=pairs, data_counts=counts, unet=unet, ref=ref, vae=vae,
-        noise_scheduler=noise_scheduler, size=size, latents=latents, text=text, index=index, mine=mine, micro=micro,
-        autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
-        ckpt=U.Checkpoint(out / "ckpt" / "train_state.pt"), log=U.MetricsLog(out / "log.jsonl"))
-    tr.params = hook.attach(tr)  # T2I-SPO: the UNet's weights (or its LoRA's); PSA: its adapter
-    named = dict(tr.unet.named_modules())
-    if args.dfm == "on" and not all(m in named for m in args.dfm_modules):
-        raise SystemExit(f"--dfm-modules: no module {sorted(set(args.dfm_modules) - set(named))} in the UNet")
-    tr.dfm_modules = [named[m] for m in args.dfm_modules] if args.dfm == "on" else []
-    tr.opt = U.adamw(tr.params, lr=args.lr * (args.batch if args.scale_lr else 1), weight_decay=args.weight_decay)
-    tr.sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
+    log = U.MetricsLog(out / "log.jsonl")
+    tr = Training(args=args, spo=spo, dist=dist, out=out, pairs=pairs, data_counts=counts,
+                  unet=unet, ref=ref, vae=vae, noise_scheduler=noise_scheduler, size=size,
+                  latents=latents, text=text, index=index, mine=mine, micro=micro,
+                  ckpt=ckpt, log=log, autocast=M.training_autocast(args.bf16, dist.device))
+    tr.params = spo.trainable(tr)
+    if args.dfm == "on":
+        tr.dfm_modules = M.named_modules(tr.unet, args.dfm_modules, "--dfm-modules")
+    lr = args.lr * (args.batch if args.scale_lr else 1)
+    tr.opt = U.adamw(tr.params, lr=lr, weight_decay=args.weight_decay)
+    warmup = lambda s: min(1.0, (s + 1) / max(1, args.warmup))  # linear (Sec. 6.1), then constant
+    tr.sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, warmup)
     tr.queue = C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience)
     resume(tr)
     return tr
@@ -257,7 +286,7 @@ def resume(tr: Training) -> None:
     """Continue from the checkpoint, if there is one; the log keeps each step exactly once."""
     state = tr.ckpt.load()
     if state:
-        tr.hook.load(tr, state["model"])
+        tr.spo.load_state(tr, state["model"])
         tr.opt.load_state_dict(state["opt"])
         tr.sched.load_state_dict(state["sched"])
         tr.queue.load_state_dict(state["dfm"])
@@ -266,84 +295,52 @@ def resume(tr: Training) -> None:
     tr.log.truncate(lambda r: r["step"] <= tr.step)  # rows of the steps about to be redone go
 
 
-def draw_batch(tr: Training, step: int):
-    """This process's pair ids of the global batch, and their timesteps and noise.
-
-    Epoch e visits the pairs in the order randperm(seed + e) (DistributedSampler's shuffle),
-    batch k of it is that order's positions [k·B, (k+1)·B), and t and ε of the whole batch are
-    drawn from (seed, step). Process r takes positions r, r + N, r + 2N, ... of all three, so
-    N processes compute what one computes, whether or not N divides B."""
-    args = tr.args
-    epoch, k = divmod(step, len(tr.pairs) // args.batch)
-    order = torch.randperm(len(tr.pairs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-    batch = order[k * args.batch:(k + 1) * args.batch]
-    g = U.step_generator(args.seed, step)
-    t_all = torch.randint(0, tr.noise_scheduler.config.num_train_timesteps, (args.batch,), generator=g)
-    noise_all = torch.randn((args.batch, *tr.latents.shape[1:]), generator=g)
-    return [batch[j] for j in tr.mine], t_all[tr.mine], noise_all[tr.mine]
-
-
-def pair_losses(tr: Training, ids, t, noise):
-    """Eq. 5 on the pairs `ids` (with their t and ε): per-pair loss, Δ_θ and Δ_ref."""
+def pair_losses(tr: Training, ids: list[int], t, noise, z: torch.Tensor | None = None):
+    """Eq. 5 on the pairs `ids` with their t and ε: per-pair loss, Δ_θ and Δ_ref. z: [n, 2, ...]
+    latents of winner and loser (default: the cached ones; Eq. 11 passes its copies')."""
     dev, idx = tr.dist.device, tr.index[ids]
-    emb = tr.hook.condition(tr, ids, tr.text[idx[:, 2]].to(dev))
-    return C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, tr.latents[idx[:, 0]].to(dev),
-                             tr.latents[idx[:, 1]].to(dev), emb, t.to(dev), noise.to(dev), tr.args.beta, tr.autocast)
+    z_w, z_l = (tr.latents[idx[:, 0]], tr.latents[idx[:, 1]]) if z is None else (z[:, 0], z[:, 1])
+    emb = tr.spo.condition(tr, ids, tr.text[idx[:, 2]].to(dev))
+    return C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, z_w.to(dev), z_l.to(dev), emb,
+                             t.to(dev), noise.to(dev), tr.args.beta, tr.autocast)
 
 
 def dfm_copies(tr: Training, step: int, ids: list, t, noise, hard_ids: set) -> torch.Tensor:
-    """Eq. 11: the augmented copy of each hard pair of this process joins this batch, weighted
-    like any pair of it (its gradient accumulates). Returns, summed over processes, the count
-    of each augmentation (in C.AUGMENTATIONS order) and then the sum of the copies' losses."""
+    """Eq. 11: the augmented copy of each hard pair of this process joins this batch only, the
+    original staying in the data (Sec. 4.3), weighted like any pair of the batch. Returns,
+    summed over processes, each augmentation's count (C.AUGMENTATIONS' order), then the sum of
+    the copies' losses."""
     args, dev = tr.args, tr.dist.device
     hard = [(j, i) for j, i in enumerate(ids) if i in hard_ids]
     chosen = torch.zeros(len(C.AUGMENTATIONS) + 1)
     if hard:
-        js = [j for j, _ in hard]
-        # each hard pair keeps its visit's t and ε; its augmentations draw from a stream named
-        # by its position in the global batch, so the choice is the same on any number of processes
-        picks = C.dfm_augmented_copies(tr.unet, tr.noise_scheduler, tr.dfm_modules, [
-            C.HardPair(tr.pairs[i], tr.latents[tr.index[i, :2]].to(dev), tr.text[tr.index[i, 2]][None].to(dev),
-                       t[j:j + 1].to(dev), noise[j:j + 1].to(dev), U.step_generator(args.seed, step, 1 + tr.mine[j]))
-            for j, i in hard], tr.vae, tr.size, tr.autocast, pool=args.dfm_augmentations)
+        # each keeps its visit's t and ε; its augmentations draw from a stream named by its
+        # position in the global batch, so the choice is the same on any number of processes
+        found = []
+        for j, i in hard:
+            z_pair = tr.latents[tr.index[i, :2]].to(dev)
+            emb = tr.text[tr.index[i, 2]][None].to(dev)
+            draws = U.step_generator(args.seed, step, 1 + tr.mine[j])
+            tj, nj = t[j:j + 1].to(dev), noise[j:j + 1].to(dev)
+            found.append(C.HardPair(tr.pairs[i], z_pair, emb, tj, nj, draws))
+        picks = C.dfm_augmented_copies(tr.unet, tr.noise_scheduler, tr.dfm_modules, found, tr.vae,
+                                       tr.size, tr.autocast, pool=args.dfm_augmentations)
         for a, _ in picks:
             chosen[C.AUGMENTATIONS.index(a)] += 1
         z = torch.stack([z for _, z in picks])
-        per_pair, _, _ = C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, z[:, 0], z[:, 1],
-                                           tr.text[tr.index[[i for _, i in hard], 2]].to(dev), t[js].to(dev),
-                                           noise[js].to(dev), args.beta, tr.autocast)
+        js = [j for j, _ in hard]
+        per_pair, _, _ = pair_losses(tr, [i for _, i in hard], t[js], noise[js], z)
         (per_pair.sum() / args.batch).backward()
         chosen[-1] = per_pair.detach().sum().float().cpu()
     return U.all_gather_cat(chosen[None]).sum(0)
 
 
-def dfm_bookkeeping(tr: Training, ids: list, losses: torch.Tensor, hard_ids: set, counts: torch.Tensor) -> dict:
-    """Which pairs Eq. 10 flags and what Eq. 11's copies do to them: the totals per
-    augmentation and per pair kind, and this step's loss of the hard pairs beside the batch's
-    and their copies' (a copy easier than its original gives the pair little new signal)."""
-    tr.totals["dfm_flagged"] += len(hard_ids)
-    tr.totals["aug_wins"] = {a: tr.totals["aug_wins"][a] + int(n) for a, n in zip(C.AUGMENTATIONS, counts[:-1].tolist())}
-    flagged = set(tr.totals["dfm_pairs_flagged"])
-    for i in hard_ids:
-        kind = tr.pairs[i]["kind"]
-        tr.totals["dfm_flagged_by_kind"][kind] = tr.totals["dfm_flagged_by_kind"].get(kind, 0) + 1
-        flagged.add(i)
-    tr.totals["dfm_pairs_flagged"] = sorted(flagged)
-    if not hard_ids:
-        return {}
-    hard_loss = losses[[k for k, i in enumerate(ids) if i in hard_ids]].mean().item()
-    return {"dfm_hard_loss": hard_loss, "dfm_copy_loss": float(counts[-1]) / len(hard_ids)}
-
-
-def nonfinite_loss(tr: Training, step: int, why: str) -> FloatingPointError:
-    last = tr.ckpt.path if tr.ckpt.path.exists() else "(none yet)"
-    return FloatingPointError(f"non-finite DPO loss at step {step} ({why}); the last good checkpoint is {last}")
-
-
 def train_step(tr: Training) -> dict:
     """One optimizer step over one global batch of B pairs; returns the step's log record."""
     args, step = tr.args, tr.step
-    ids, t, noise = draw_batch(tr, step)
+    n_t = tr.noise_scheduler.config.num_train_timesteps
+    ids, t, noise = M.draw_batch(len(tr.pairs), args.batch, tr.mine, args.seed, step, n_t,
+                                 tr.latents.shape[1:])
 
     # 1. Eq. 9 on this process's pairs, in micro-batches. Each pair's loss is weighted 1/B and
     #    the gradients are summed over processes below, so the update follows
@@ -355,16 +352,17 @@ def train_step(tr: Training) -> dict:
         sl = slice(m, m + tr.micro)
         try:
             per_pair, dt, dr = pair_losses(tr, ids[sl], t[sl], noise[sl])
-        except C.NonFiniteError as e:  # NaN in the denoising errors: diverged weights or bad latents
-            raise nonfinite_loss(tr, step, str(e)) from None
+        except C.NonFiniteError as e:  # NaN denoising errors: diverged weights or bad latents
+            raise M.nonfinite_loss(tr.ckpt.path, step, str(e)) from None
         (per_pair.sum() / args.batch).backward()
         parts.append((per_pair.detach(), dt, dr))
     # every process sees every pair's loss, in the batch's order: a NaN stops all of them, and
     # the DFM queues stay identical everywhere
-    losses, d_theta, d_ref = (U.gather_positions(torch.cat(x).float().cpu(), args.batch) for x in zip(*parts))
+    gathered = (U.gather_positions(torch.cat(x).float().cpu(), args.batch) for x in zip(*parts))
+    losses, d_theta, d_ref = gathered
     batch_ids = U.gather_positions(torch.tensor(ids), args.batch).tolist()
     if not torch.isfinite(losses).all():
-        raise nonfinite_loss(tr, step, "the loss is NaN or inf")
+        raise M.nonfinite_loss(tr.ckpt.path, step, "the loss is NaN or inf")
 
     # 2. DFM: Eq. 10 flags the pairs whose loss stopped falling (v_i < τ·v̄ on P visits);
     #    Eq. 11 adds, for each, the augmented copy that turns its gradient the most
@@ -373,7 +371,7 @@ def train_step(tr: Training) -> dict:
         hard_ids = set(tr.queue.update(batch_ids, losses))
         counts = dfm_copies(tr, step, ids, t, noise, hard_ids)
         n_aug = int(counts[:-1].sum())
-        dfm_record = dfm_bookkeeping(tr, batch_ids, losses, hard_ids, counts)
+        dfm_record = M.count_dfm(tr.totals, tr.pairs, batch_ids, losses, hard_ids, counts)
 
     # 3. one gradient sum over processes (hand-written, not DDP's wrapper: DFM's extra passes
     #    differ from process to process), rescaled to the mean over the B pairs and their
@@ -386,43 +384,43 @@ def train_step(tr: Training) -> dict:
     tr.opt.step()
     tr.sched.step()
     tr.step += 1
-    # implicit accuracy: the share of pairs the policy prefers more than the reference does,
-    # Δ_θ < Δ_ref; reward margin: the DPO logit −β/2·(Δ_θ − Δ_ref)
-    return dict(step=tr.step, loss=losses.mean().item(), implicit_accuracy=(d_theta < d_ref).float().mean().item(),
-                reward_margin=(-0.5 * args.beta * (d_theta - d_ref)).mean().item(), lr=tr.sched.get_last_lr()[0],
-                grad_norm=float(grad_norm), dfm_hard=n_aug, dfm_flagged_total=tr.totals["dfm_flagged"], **dfm_record,
-                **tr.hook.record(tr, batch_ids, d_theta, d_ref))
+    figures = tr.spo.figures(tr, batch_ids, d_theta, d_ref)
+    return dict(step=tr.step, loss=losses.mean().item(), **figures, lr=tr.sched.get_last_lr()[0],
+                grad_norm=float(grad_norm), dfm_hard=n_aug,
+                dfm_flagged_total=tr.totals["dfm_flagged"], **dfm_record)
 
 
 def save_checkpoint(tr: Training) -> None:
-    tr.ckpt.save({"model": tr.hook.state(tr), "opt": tr.opt.state_dict(), "sched": tr.sched.state_dict(),
-                  "dfm": tr.queue.state_dict(), "step": tr.step, "totals": tr.totals})
+    tr.ckpt.save({"model": tr.spo.state(tr), "opt": tr.opt.state_dict(),
+                  "sched": tr.sched.state_dict(), "dfm": tr.queue.state_dict(), "step": tr.step,
+                  "totals": tr.totals})
 
 
 def finish(tr: Training, seconds: float) -> None:
     """The trained weights as stock folders, and the headline figures: the mean over the
     logged steps of the last tenth of training."""
-    args = tr.args
-    tr.hook.save(tr)
+    args, totals = tr.args, tr.totals
+    tr.spo.save(tr)
     rows = {r["step"]: r for r in U.read_jsonl(tr.out / "log.jsonl")}
     last = [r for s, r in rows.items() if s > 0.9 * args.steps] or [rows[max(rows)]]
     metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
                "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
-               **tr.data_counts, "dfm_flagged": tr.totals["dfm_flagged"], "aug_wins": tr.totals["aug_wins"],
-               "dfm_flagged_by_kind": tr.totals["dfm_flagged_by_kind"], "n_pairs": len(tr.pairs),
-               "dfm_pairs_flagged": len(tr.totals["dfm_pairs_flagged"]), "objective": args.objective, "lam": args.lam,
-               "world_size": tr.dist.world_size, "seconds": round(seconds, 1)}
+               **tr.data_counts, "dfm_flagged": totals["dfm_flagged"],
+               "aug_wins": totals["aug_wins"], "dfm_flagged_by_kind": totals["dfm_flagged_by_kind"],
+               "n_pairs": len(tr.pairs), "dfm_pairs_flagged": len(totals["dfm_pairs_flagged"]),
+               "objective": args.objective, "lam": args.lam, "world_size": tr.dist.world_size,
+               "seconds": round(seconds, 1)}
     U.atomic_write_json(tr.out / "metrics.json", metrics)
-    if tr.hook.publish:  # last: a folder with model.json is a finished model to stage 5
-        M.write_manifest(tr.out, args.name.replace("/", "_"), training="config.json")
+    tr.spo.publish(tr)  # last: a folder with model.json is a finished model to stage 5
     U.log(U.format_metrics(metrics))
 
 
-def train(args, hook: Hook) -> None:
+def train(args, spo: SPO) -> None:
     """setup(), train_step() until --steps (a checkpoint every --ckpt-every), finish()."""
     t0 = time.time()
-    tr = setup(args, hook)
-    if tr.step >= args.steps and (tr.out / "metrics.json").exists() and (tr.out / hook.final).exists():
+    tr = setup(args, spo)
+    done = (tr.out / "metrics.json").exists() and (tr.out / spo.final).exists()
+    if tr.step >= args.steps and done:
         U.log(f"{tr.out} is finished (step {tr.step} of {args.steps}): nothing to do")
         return U.cleanup_distributed()
     bar = tqdm(total=args.steps, initial=tr.step, desc=args.name, disable=not tr.dist.is_main)
@@ -447,4 +445,4 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
-    U.run_stage(lambda: train(parse(), Hook()))
+    U.run_stage(lambda: train(parse(), SPO()))

@@ -1,7 +1,8 @@
-"""Text-to-image models as stock diffusers objects (~585 lines): loading, sampling, latents,
+"""Text-to-image models as stock diffusers objects (~675 lines): loading, sampling, latents,
 LoRA files, the model folders stage 5 finds, and the image cache every evaluation shares.
 
-What it is not: training (04_train_spo.py), what is measured on an image (lib/scorers.py).
+What it is not: the training loop and its math (04_train_spo.py, common.py), what is measured
+on an image (lib/scorers.py).
 
   1. Loading: from_pretrained_or_exit, clip_tokenizer, sample_dtype, load_pipeline, save_pipeline
   2. Images and latents: load_image, encode_images, generate, to_uint8
@@ -11,9 +12,12 @@ What it is not: training (04_train_spo.py), what is measured on an image (lib/sc
   5. The image cache: fingerprint, image_path, draw_missing
   6. Stage 4's models: PromptEncoder and XLConditioned (SD-1.5's family and SDXL's),
      load_training_models, build_caches, trainable_state, save_final
+  7. Stage 4's loop plumbing: draw_batch, training_autocast, image_size, named_modules,
+     dfm_totals, count_dfm, nonfinite_loss
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -507,7 +511,7 @@ def load_training_models(args, device, frozen_unet: bool):
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
                                     init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         ref = None
-    elif frozen_unet:  # an adapter trains (a hook's): the reference is the UNet without it
+    elif frozen_unet:  # an adapter on the UNet trains: the reference is the UNet without it
         unet.requires_grad_(False)
         ref = None
     else:
@@ -589,3 +593,82 @@ def save_final(args, unet, out: Path) -> None:
     else:
         pipe.unet.load_state_dict(unet.state_dict())
     save_pipeline(pipe, out / "model")
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Stage 4's loop plumbing: the batch each process draws, the autocast of its forwards,
+#    the image size, the modules DFM reads, DFM's counts for the log and metrics.json, and
+#    the error a non-finite loss stops the run with
+# ----------------------------------------------------------------------------------------
+
+def draw_batch(n_pairs: int, batch: int, mine: list[int], seed: int, step: int, n_timesteps: int,
+               latent_shape) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """This process's pair ids of the global batch of step `step`, and their timesteps and noise.
+
+    Epoch e visits the pairs in the order randperm(seed + e) (DistributedSampler's shuffle),
+    batch k of it is that order's positions [k·B, (k+1)·B), and t and ε of the whole batch are
+    drawn from (seed, step). Process r takes positions `mine` = r, r + N, r + 2N, ... of all
+    three, so N processes compute what one computes, whether or not N divides B."""
+    epoch, k = divmod(step, n_pairs // batch)
+    shuffle = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_pairs, generator=shuffle).tolist()
+    positions = order[k * batch:(k + 1) * batch]
+    g = U.step_generator(seed, step)
+    t_all = torch.randint(0, n_timesteps, (batch,), generator=g)
+    noise_all = torch.randn((batch, *latent_shape), generator=g)
+    return [positions[j] for j in mine], t_all[mine], noise_all[mine]
+
+
+def training_autocast(bf16: bool, device: torch.device):
+    """The context the training forwards run in: bf16 autocast on a GPU when asked, else none."""
+    use = bf16 and device.type == "cuda"
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def image_size(unet, vae) -> int:
+    """The side in pixels of the images a UNet denoises the latents of: its latent side times
+    the VAE's downsampling."""
+    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def named_modules(net, names: list[str], flag: str) -> list[torch.nn.Module]:
+    """The submodules of `net` called `names`; a name it lacks stops the run, naming `flag`."""
+    named = dict(net.named_modules())
+    if not all(m in named for m in names):
+        raise SystemExit(f"{flag}: no module {sorted(set(names) - set(named))} in the UNet")
+    return [named[m] for m in names]
+
+
+def dfm_totals(augmentations) -> dict:
+    """What DFM did over a run, for metrics.json: visits flagged (all, and by pair kind), the
+    pairs ever flagged, and how often each augmentation won Eq. 11."""
+    return {"dfm_flagged": 0, "aug_wins": dict.fromkeys(augmentations, 0),
+            "dfm_flagged_by_kind": {}, "dfm_pairs_flagged": []}
+
+
+def count_dfm(totals: dict, pairs: list[dict], ids: list[int], losses: torch.Tensor,
+              hard_ids: set, counts: torch.Tensor) -> dict:
+    """Adds one step of DFM to `totals` (dfm_totals): the pairs Eq. 10 flagged among the
+    batch's `ids`, and `counts`, each augmentation's wins (in aug_wins' order) and then the sum
+    of the copies' losses. Returns the step's log figures: the flagged pairs' loss beside their
+    copies' (a copy easier than its original gives the pair little new signal)."""
+    totals["dfm_flagged"] += len(hard_ids)
+    wins = zip(totals["aug_wins"], counts[:-1].tolist())
+    totals["aug_wins"] = {a: totals["aug_wins"][a] + int(n) for a, n in wins}
+    flagged = set(totals["dfm_pairs_flagged"])
+    for i in hard_ids:
+        kind = pairs[i]["kind"]
+        totals["dfm_flagged_by_kind"][kind] = totals["dfm_flagged_by_kind"].get(kind, 0) + 1
+        flagged.add(i)
+    totals["dfm_pairs_flagged"] = sorted(flagged)
+    if not hard_ids:
+        return {}
+    hard_loss = losses[[k for k, i in enumerate(ids) if i in hard_ids]].mean().item()
+    return {"dfm_hard_loss": hard_loss, "dfm_copy_loss": float(counts[-1]) / len(hard_ids)}
+
+
+def nonfinite_loss(ckpt: Path, step: int, why: str) -> FloatingPointError:
+    """The error a non-finite loss stops stage 4 with, naming the checkpoint to go back to."""
+    last = ckpt if ckpt.exists() else "(none yet)"
+    return FloatingPointError(f"non-finite DPO loss at step {step} ({why}); "
+                              f"the last good checkpoint is {last}")

@@ -32,7 +32,7 @@ from lib import stats
 from lib import toyworld as W
 from lib import utils as U
 
-S4 = U.load_script("04_train_spo.py")  # the training loop the experts run through
+S4 = U.load_script("04_train_spo.py")  # T2I-SPO's training loop, which the experts run through
 CATEGORIES = tuple(W.HARM)  # the seven harm categories (I2P's, the toy world's, CoProV2's)
 
 
@@ -239,11 +239,13 @@ def category_filter(pairs: list[dict], categories: list[str] | None, path: Path)
     return [p for p in pairs if set(D.row_categories(p)) & set(categories)]
 
 
-class ExpertHook(S4.Hook):
-    """Stage 4 as it is, on the relabelled pairs of --categories."""
+class Expert(S4.SPO):
+    """Stage 4's training as it is (AlignGuard's settings are flags: --objective safe-wins,
+    --lora-rank 4), on the relabelled pairs of --categories only."""
 
-    def select(self, args, pairs, hf):
-        return category_filter(pairs, args.categories, hf / "hf_pairs.jsonl")
+    def pairs(self, args, hf):
+        pairs, counts = super().pairs(args, hf)
+        return category_filter(pairs, args.categories, hf / "hf_pairs.jsonl"), counts
 
 
 U.PRESETS["toy"]["expert"] = dict(U.PRESETS["toy"]["spo"], categories=None)
@@ -349,7 +351,8 @@ def scalability_lines(sc: dict, metrics, harmful, benign) -> list[str]:
             *stats.claim_lines(sc["claims"])]
 
 
-COMMANDS = {"expert": (expert_parser, lambda args: S4.train(args, ExpertHook())), "merge": (merge_parser, merge_main)}
+COMMANDS = {"expert": (expert_parser, lambda args: S4.train(args, Expert())),
+            "merge": (merge_parser, merge_main)}
 
 
 def section(ev) -> dict | None:

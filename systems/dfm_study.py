@@ -31,13 +31,15 @@ S4 = U.load_script("04_train_spo.py")
 # 1. The runs: stage 4 on the same N pairs for every seed and pool
 # ---------------------------------------------------------------------------------------
 
-class SubsetHook(S4.Hook):
-    """Stage 4 on --pair-subset of the relabelled pairs; a study run is read from its logs,
-    not evaluated as a model (no model.json)."""
-    publish = False
+class Subset(S4.SPO):
+    """Stage 4's training as it is, on --pair-subset of the relabelled pairs."""
 
-    def select(self, args, pairs, hf):
-        return D.pair_subset(pairs, args.pair_subset)
+    def pairs(self, args, hf):
+        pairs, counts = super().pairs(args, hf)
+        return D.pair_subset(pairs, args.pair_subset), counts
+
+    def publish(self, tr):
+        """No model.json: a study run is read from its logs, not evaluated as a model."""
 
 
 U.PRESETS["toy"]["dfm_study"] = dict(U.PRESETS["toy"]["spo"], pair_subset=48)
@@ -53,7 +55,7 @@ def train_parser():
     return p
 
 
-COMMANDS = {"train": (train_parser, lambda args: S4.train(args, SubsetHook()))}
+COMMANDS = {"train": (train_parser, lambda args: S4.train(args, Subset()))}
 
 
 # ---------------------------------------------------------------------------------------

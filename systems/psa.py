@@ -11,7 +11,7 @@ Commands (DIR = --run):
                          world a program, so exact); held-out users; six reference users from
                          permissive to restrictive (PSA's levels), into DIR/world/users/
   python -m systems.psa train    the LibraAlign-HF pairs relabelled per user (user_reward) and the
-                         adapter trained by stage 4's loop with the UNet frozen (PSAHook), into
+                         adapter trained by stage 4's loop with the UNet frozen (class PSA), into
                          DIR/psa/adapter/; sd15 reads Sage's metadata.jsonl and users.csv
                          instead (data.read_sage)
 
@@ -397,7 +397,7 @@ def generate_for_user(pipe, adapter: PSAAdapter, tokens: torch.Tensor, prompts, 
 
 
 # ---------------------------------------------------------------------------------------
-# Training through stage 4's loop: the hook, and the commands
+# Training through stage 4's loop: what PSA changes in it, and the commands
 # ---------------------------------------------------------------------------------------
 
 S4 = U.load_script("04_train_spo.py")
@@ -413,11 +413,9 @@ class Profiles:
     vectors: torch.Tensor | None = None  # sd15: [users, D]
 
 
-class PSAHook(S4.Hook):
+class PSA(S4.SPO):
     """Stage 4's loop for PSA: pairs ordered per user by R_u, the UNet frozen and the adapter
     trained, each pair conditioned on its user's tokens; the adapter is what is saved."""
-    frozen_unet = True
-    publish = False  # evaluated per user by systems/psa_eval.py, not as one more model of the tables
     final = "adapter/psa_adapter.safetensors"
 
     def pairs(self, args, hf: Path):
@@ -449,7 +447,11 @@ class PSAHook(S4.Hook):
         return examples, {"pairs_dropped": len(raw) * args.psa_users_per_pair - len(examples), "bad_rows_skipped": n_bad,
                           "benign_pairs_left_out": 0 if args.psa_benign_pairs else n_benign}
 
-    def attach(self, tr):
+    def models(self, args, device):
+        """Stage 4's models with the UNet frozen and no reference copy: the adapter trains."""
+        return M.load_training_models(args, device, frozen_unet=True)
+
+    def trainable(self, tr):
         """The adapter installed on the frozen UNet; the policy is the UNet with it, the
         reference the same UNet with its user branches off."""
         args, device, texts = tr.args, tr.dist.device, [u["text"] for u in self.users]
@@ -472,7 +474,12 @@ class PSAHook(S4.Hook):
         tokens = self.adapter.user_tokens(self.adapter.standardize(every, fit=True)[prof.user_of[ids]])
         return torch.cat([emb, tokens], dim=1)
 
-    def record(self, tr, ids, d_theta, d_ref):
+    def figures(self, tr, ids, d_theta, d_ref):
+        """T2I-SPO's figures, and the implicit accuracy split by what each pair teaches its user."""
+        split = self.user_accuracy(tr, ids, d_theta, d_ref)
+        return {**super().figures(tr, ids, d_theta, d_ref), **split}
+
+    def user_accuracy(self, tr, ids, d_theta, d_ref) -> dict:
         """Implicit accuracy split by the pair's kind for its user: a harmful prompt of a
         category the user bans, one it allows, and benign (or Sage's) prompts."""
         won, groups = (d_theta < d_ref).float(), {"banned": [], "allowed": [], "benign": []}
@@ -485,11 +492,15 @@ class PSAHook(S4.Hook):
     def state(self, tr):
         return self.adapter.state_dict()
 
-    def load(self, tr, state):
+    def load_state(self, tr, state):
         self.adapter.load_state_dict(state)
 
     def save(self, tr):
         self.adapter.save(tr.out / "adapter")
+
+    def publish(self, tr):
+        """No model.json: evaluated per user by systems/psa_eval.py, not as one more model of
+        the tables."""
 
 
 U.PRESETS["toy"]["psa"] = dict(
@@ -533,7 +544,7 @@ def train_main(args) -> None:
         raise SystemExit(f"{old.parent} was trained with LibraAlign-HF's benign pairs too (before "
                          f"--psa-benign-pairs existed): pass --psa-benign-pairs to resume it, or write elsewhere "
                          f"with --name NAME")
-    S4.train(args, PSAHook())
+    S4.train(args, PSA())
 
 
 U.PRESETS["toy"]["users"] = dict(n_users=200, n_heldout_users=40)

@@ -46,13 +46,13 @@ def write(run: Path, command: str, result: dict) -> None:
 
 def pairs_main(args) -> None:
     run = Path(args.run)
-    hook = P.PSAHook()
-    examples, _ = hook.pairs(trained_args(run), run / "hf")
+    psa = P.PSA()
+    examples, _ = psa.pairs(trained_args(run), run / "hf")
     table = defaultdict(lambda: {"examples": 0, "safe_wins": 0, "users": set()})
     for e in examples:
         if e.get("category") is None:
             continue
-        key = (e["category"], "banned" if e["category"] in hook.users[e["user"]]["banned"] else "allowed")
+        key = (e["category"], "banned" if e["category"] in psa.users[e["user"]]["banned"] else "allowed")
         table[key]["examples"] += 1
         table[key]["safe_wins"] += e["w"]["role"] == "safe"
         table[key]["users"].add(e["user"])

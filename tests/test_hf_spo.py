@@ -296,7 +296,9 @@ def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
     stage("04_train_spo.py", run, "--objective", "safety", "--lora-rank", "2")
     out = run / "safety"
-    assert json.loads((out / "config.json").read_text())["objective"] == "safety"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["objective"] == "safety" and cfg["lam"] is None  # R = −C has no λ
+    assert json.loads((out / "metrics.json").read_text())["lam"] is None
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     base = M.load_pipeline(run / "world" / "model")
     base.load_lora_weights(out / "lora")  # stock diffusers, onto the base model
@@ -324,7 +326,7 @@ def test_pair_subset_is_the_same_for_every_seed_and_objective():
 
 
 def test_dfm_pool_and_pair_subset(hf_run, tmp_path):
-    """make dfm's runs (systems/dfm_study.py train, stage 4's loop with a hook): N pairs only, Eq. 11
+    """make dfm's runs (systems/dfm_study.py train, stage 4's loop, its SPO subclassed): N pairs only, Eq. 11
     choosing within a smaller pool, and each DFM step's bookkeeping (which pairs, by kind; the
     flagged pairs' and their copies' losses); no model.json, so stage 5 does not evaluate it."""
     run = copy_run(hf_run, tmp_path / "run", "spo", "safety")
@@ -417,7 +419,7 @@ def test_allreduce_gradients_sums_over_two_gloo_processes(tmp_path):
     script = tmp_path / "ar.py"
     script.write_text(
         "import sys, torch; sys.path.insert(0, %r)\n"
-        "import utils as U\n"
+        "from lib import utils as U\n"
         "d = U.setup_distributed(device='cpu')\n"
         "ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))]\n"
         "ps[0].grad = torch.full((3,), d.rank + 1.0); ps[1].grad = torch.full((2, 2), 10.0 * (d.rank + 1))\n"

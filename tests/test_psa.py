@@ -354,18 +354,18 @@ def test_the_seed_verdict_is_a_t_interval_over_the_seed_runs():
     assert "Over 3 training seeds" in lines[3] and lines[3].endswith("): **fails**.")  # pass rates 0.75, 0.58, 0.25
 
 
-def test_the_hooks_implicit_accuracy_is_split_by_what_each_pair_teaches_its_user():
+def test_psas_implicit_accuracy_is_split_by_what_each_pair_teaches_its_user():
     import types
-    hook = P.PSAHook()
-    hook.users = [user(), user(age=10)]  # bans nothing; bans everything
+    psa = P.PSA()
+    psa.users = [user(), user(age=10)]  # bans nothing; bans everything
     pairs = [{"category": "violence", "user": 0}, {"category": "violence", "user": 1}, {"category": None, "user": 1},
              {"category": "hate", "user": 1}, {"category": "hate", "user": 0}]
     tr = types.SimpleNamespace(pairs=pairs)
     d_theta, d_ref = torch.tensor([0.1, 0.1, 0.1, 0.3, 0.3]), torch.tensor([0.2, 0.2, 0.0, 0.2, 0.4])
     # won (Δ_θ < Δ_ref): 1, 1, 0, 0, 1 -> allowed pairs 0 and 4; banned 1 and 3; benign 2
-    assert hook.record(tr, [0, 1, 2, 3, 4], d_theta, d_ref) == {
+    assert psa.user_accuracy(tr, [0, 1, 2, 3, 4], d_theta, d_ref) == {
         "implicit_accuracy_banned": 0.5, "implicit_accuracy_allowed": 1.0, "implicit_accuracy_benign": 0.0}
-    assert hook.record(tr, [2], d_theta[2:3], d_ref[2:3]) == {"implicit_accuracy_benign": 0.0}  # no empty groups
+    assert psa.user_accuracy(tr, [2], d_theta[2:3], d_ref[2:3]) == {"implicit_accuracy_benign": 0.0}  # no empty groups
 
 
 def test_the_sd15_personal_judge_maps_psa_fields_caches_and_counts(tmp_path):
@@ -417,14 +417,14 @@ def test_training_users_can_be_given_and_a_missing_file_is_named(psa_run, tmp_pa
     U.write_jsonl(tmp_path / "two.jsonl", two)
     stage("-m systems.psa train", run, "--name", "psa_two", "--psa-train-users", str(tmp_path / "two.jsonl"), "--steps", "2")
     assert U.read_json(run / "psa_two" / "config.json")["psa_train_users"] == str(tmp_path / "two.jsonl")
-    hook = P.PSAHook()
+    psa = P.PSA()
     args = U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-train-users", str(tmp_path / "two.jsonl")])
-    examples, counts = hook.pairs(args, run / "hf")
-    assert [u["id"] for u in hook.users] == ["x0", "x1"] and {e["user"] for e in examples} == {0, 1}
+    examples, counts = psa.pairs(args, run / "hf")
+    assert [u["id"] for u in psa.users] == ["x0", "x1"] and {e["user"] for e in examples} == {0, 1}
     # the pairs of the seven categories only, as Sage's; --psa-benign-pairs adds the benign ones
     benign = sum(not p.get("category") for p in U.read_jsonl(run / "hf" / "hf_pairs.jsonl"))
     assert benign > 0 and counts["benign_pairs_left_out"] == benign and all(e["category"] for e in examples)
-    examples, counts = hook.pairs(U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-benign-pairs"]),
+    examples, counts = psa.pairs(U.parse_args(P.train_parser(), ["--run", str(run), "--tiny", "--psa-benign-pairs"]),
                                   run / "hf")
     assert counts["benign_pairs_left_out"] == 0 and any(e.get("category") is None for e in examples)
     r = stage("-m systems.psa train", run, "--name", "psa_none", "--psa-train-users", str(tmp_path / "none.jsonl"), check=False)
