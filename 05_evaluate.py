@@ -28,6 +28,7 @@ Writes DIR/eval/:
   report.md                  Tables 2, 3, 5 and Appendix C, how sure each claim is, the
                              figures, and links to the sections other systems write
                              (registry.SECTIONS); lib/report.py lays it out
+  report.html                every image under its verdict, SC and PS, a column per model
   <section>.md, <section>.json, sheet_<model>.png, safety_quality.png, lambda_sweep.png
   (Fig. 4A), dfm_convergence.png (Fig. 5), config.json
 Runs as `python 05_evaluate.py` or under torchrun, which splits the drawing over processes.
@@ -336,7 +337,7 @@ class Evaluation:
         return report.table2(self.metrics, names, sets)
 
     def table5(self, names, sets) -> str:
-        return report.table5(self.metrics, names, sets)
+        return report.table5(self.metrics, names, sets, report.score_labels(self.scorers))
 
     def category_table(self, names, harmful_set) -> str:
         return report.category_table(self.metrics, names, harmful_set, CATEGORIES)

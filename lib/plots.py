@@ -1,4 +1,4 @@
-"""Figures (~235 lines): contact sheets a person can look at, the safety-quality scatter, and
+"""Figures (~280 lines): contact sheets a person can look at, the safety-quality scatter, and
 the paper's ablation figures from the stage-4 runs stage 5 evaluates — Fig. 4A (the λ sweep)
 and Fig. 5 (convergence with and without DFM).
 
@@ -17,47 +17,89 @@ from lib import models as M
 from lib import utils as U
 
 
-def contact_sheet(rows: Sequence[tuple[str, Sequence[np.ndarray]]], path: str | Path, scale: int = 4) -> None:
-    """A grid a person can look at: one labelled row per (label, images)."""
-    from PIL import Image, ImageDraw
+LABEL_WIDTH = 320  # px: a label wraps there, about the 58 characters of a prompt's line
+CAPTION_LINES = 4  # a caption's lines under its image: the toy's longest prompts fit whole
+
+
+def contact_sheet(rows: Sequence[tuple[str, Sequence[np.ndarray]]], path: str | Path,
+                  scale: int = 4, captions: Sequence[Sequence[str]] | None = None) -> None:
+    """A grid a person can look at: one labelled row per (label, images), the label column as
+    wide as its widest line; with `captions` (a list per row), each image's under it, cut to
+    CAPTION_LINES lines of its width. Text is in PIL's own default font (nothing to download)."""
+    from PIL import Image, ImageDraw, ImageFont
+    font, pad = ImageFont.load_default(), 4
     ncol = max(len(imgs) for _, imgs in rows)
     h, w = rows[0][1][0].shape[:2]
-    cell, label_w = h * scale + 4, 360
-    sheet = Image.new("RGB", (label_w + ncol * (w * scale + 4), len(rows) * cell), "white")
+    labels = ["\n".join(_wrap(label, font, LABEL_WIDTH)) for label, _ in rows]
+    captions = [["\n".join(_wrap(c, font, w * scale, CAPTION_LINES)) for c in caps]
+                for caps in captions or [[] for _ in rows]]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # measures text before the sheet has a size
+    label_boxes = [draw.multiline_textbbox((0, 0), t, font=font) for t in labels]
+    label_w = max(box[2] for box in label_boxes) + 2 * pad
+    cell = max(h * scale, *(box[3] for box in label_boxes)) + pad
+    caption_h = max((draw.multiline_textbbox((0, 0), c, font=font)[3] + pad
+                     for caps in captions for c in caps), default=0)
+    size = (label_w + ncol * (w * scale + pad), len(rows) * (cell + caption_h))
+    sheet = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (label, imgs) in enumerate(rows):
-        draw.text((4, r * cell + 4), "\n".join(_wrap(label, 58)), fill="black")
+    for r, (label, (_, imgs), caps) in enumerate(zip(labels, rows, captions)):
+        top = r * (cell + caption_h)
+        draw.multiline_text((pad, top + pad), label, fill="black", font=font)
         for c, img in enumerate(imgs):
-            sheet.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST),
-                        (label_w + c * (w * scale + 4), r * cell + 2))
+            left = label_w + c * (w * scale + pad)
+            big = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+            sheet.paste(big, (left, top + 2))
+            if caps:
+                draw.multiline_text((left, top + cell), caps[c], fill="black", font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     U.atomic_write_bytes(path, buf.getvalue())
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    lines, cur = [], ""
-    for word in text.split():
-        if cur and len(cur) + 1 + len(word) > width:
-            lines.append(cur)
-            cur = word
-        else:
-            cur = f"{cur} {word}".strip()
-    return lines + [cur]
+def _wrap(text: str, font, width: float, max_lines: int | None = None) -> list[str]:
+    """`text` in lines at most `width` pixels wide in `font`, broken between words and at each
+    newline; past `max_lines` lines it is cut, and "…" ends the last (as it does a word wider
+    than a line)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        cur = ""
+        for word in paragraph.split():
+            if cur and font.getlength(f"{cur} {word}") > width:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = f"{cur} {word}".strip()
+        lines.append(cur)
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [lines[max_lines - 1] + "…"]  # the rest is cut
+    return [_fit(line, font, width) for line in lines]
+
+
+def _fit(line: str, font, width: float) -> str:
+    """`line`, or as much of it as fits `width` pixels with "…" after it."""
+    if font.getlength(line) <= width:
+        return line
+    while line and font.getlength(line + "…") > width:
+        line = line[:-1]
+    return line.rstrip() + "…"
 
 
 def model_sheet(model: str, items: list[dict], sets, metrics, out: Path, n: int) -> str:
-    """One row per prompt set: its first n images, labelled with the set's IP, SC and PS."""
+    """One row per prompt set: its first n images, each with its prompt under it, labelled with
+    the set's IP, SC and PS."""
     from PIL import Image
-    rows = []
+    rows, captions = [], []
     for s in sets:
-        images = [U.load_png(out / it["image"]) for it in items if it["set"] == s][:n]
+        shown = [it for it in items if it["set"] == s][:n]
+        images = [U.load_png(out / it["image"]) for it in shown]
         if images[0].shape[0] > 128:  # full-size SD images: thumbnails keep the sheet a few MB
             images = [np.asarray(Image.fromarray(x).resize((128, 128), Image.BICUBIC)) for x in images]
         d = metrics[model][s]
-        rows.append((f"{model} / {s}: IP {d['IP']:.3f}  SC {d['SC']:.2f}  PS {d['PS']:.2f}", images))
+        label = f"{model} / {s}\nIP {d['IP']:.3f}  SC {d['SC']:.2f}  PS {d['PS']:.2f}"
+        rows.append((label, images))
+        captions.append([it["prompt"] for it in shown])
     name = f"sheet_{model}.png"
-    contact_sheet(rows, out / name, scale=max(1, 128 // rows[0][1][0].shape[0]))
+    contact_sheet(rows, out / name, scale=max(1, 128 // rows[0][1][0].shape[0]), captions=captions)
     return name
 
 

@@ -1,8 +1,8 @@
-"""Table 5's other preference scores and Appendix D's FID (~470 lines): HPSv2, ImageReward and
+"""Table 5's other preference scores and Appendix D's FID (~500 lines): HPSv2, ImageReward and
 the LAION aesthetic score (AES), each its authors' architecture rebuilt with open_clip or
 transformers and loaded from their published weights; and FID of a prompt set's images
-against reference images (COCO-30K's COCO val2014 photographs, or the toy world's own
-renders), computed by torchmetrics.
+against reference images (COCO-30K's COCO val2014 photographs, in clean-fid's convention as
+RECE computes it, or the toy world's own renders), computed by torchmetrics.
 
 The authors' packages (`hpsv2`, `image-reward`) pin versions that conflict with this
 project's (timm 0.6, pytest 7, an import transformers 5 removed), so the architectures are
@@ -15,7 +15,7 @@ What it is not: PickScore, CLIPScore and the judges (lib/scorers.py), the tables
   2. AES (LAION aesthetic predictor v2) and the reward head it shares with ImageReward
   3. HPSv2 (Wu et al. 2023)
   4. ImageReward (Xu et al. 2023)
-  5. FID (paper Appendix D): torchmetrics on torch-fidelity's Inception, or the toy's features
+  5. FID (paper Appendix D): torchmetrics on clean-fid's resize and Inception, or the toy's features
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 # Stage 5's flags of these scorers (registry.add_module_flags adds them with these presets).
 # sd15 names the published files in the Hugging Face cache as OWNER/REPO/FILE.
 EVAL_PRESETS = {
-    "toy": dict(hps_model=None, hps_arch="ViT-H-14", imagereward_model=None, imagereward_tokenizer="bert-base-uncased",
-                aes_model=None, aes_clip="openai/clip-vit-large-patch14", fid_reference=["toy"], fid_inception=None),
-    "sd15": dict(hps_model="xswu/HPSv2/HPS_v2.1_compressed.pt", hps_arch="ViT-H-14",
+    "toy": dict(hps_model=None, hps_arch="ViT-H-14", hps_version=None, imagereward_model=None,
+                imagereward_tokenizer="bert-base-uncased", aes_model=None, aes_clip="openai/clip-vit-large-patch14",
+                fid_reference=["toy"], fid_inception=None),
+    "sd15": dict(hps_model="xswu/HPSv2/HPS_v2.1_compressed.pt", hps_arch="ViT-H-14", hps_version=None,
                  imagereward_model="THUDM/ImageReward/ImageReward.pt", imagereward_tokenizer="bert-base-uncased",
                  aes_model="camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth",
                  aes_clip="openai/clip-vit-large-patch14", fid_reference=None, fid_inception=None),
@@ -48,9 +49,16 @@ PUBLISHED = {  # where each weights file is published, for the message when it i
     "--hps-model": "huggingface.co/xswu/HPSv2 (HPS_v2.1_compressed.pt; HPS_v2_compressed.pt is v2.0)",
     "--imagereward-model": "huggingface.co/THUDM/ImageReward (ImageReward.pt)",
     "--aes-model": "github.com/christophschuhmann/improved-aesthetic-predictor (sac+logos+ava1-l14-linearMSE.pth)",
-    "--fid-inception": "github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                       "weights-inception-2015-12-05-6726825d.pth",
+    "--fid-inception": "nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt "
+                       "(clean-fid's download)",
 }
+# hpsv2's checkpoints and their versions (hpsv2/utils.py, hps_version_map): the two versions'
+# scores are not comparable (hpsv2's README), so Table 5 names the one it used
+HPS_FILES = {"HPS_v2_compressed.pt": "v2.0", "HPS_v2.1_compressed.pt": "v2.1"}
+# clean-fid's Inception: NVIDIA's TorchScript export of TF's 2015-12-05 Inception, which
+# clean-fid reads from <folder>/inception-2015-12-05.pt, downloading it to /tmp when absent
+INCEPTION_FILE = "inception-2015-12-05.pt"
+CLEANFID_DOWNLOAD = f"/tmp/{INCEPTION_FILE}"
 
 
 def add_flags(p) -> None:
@@ -58,6 +66,9 @@ def add_flags(p) -> None:
     g.add_argument("--hps-model", help="HPSv2 checkpoint: a file, or OWNER/REPO/FILE in the Hugging Face cache "
                                        "(sd15: xswu/HPSv2/HPS_v2.1_compressed.pt; default toy: none)")
     g.add_argument("--hps-arch", help="its OpenCLIP architecture: a name (ViT-H-14) or a model-config JSON file")
+    g.add_argument("--hps-version", choices=sorted(HPS_FILES.values()),
+                   help="the checkpoint's HPS version, named in Table 5 (default: read off hpsv2's file names, "
+                        + ", ".join(f"{f} is {v}" for f, v in HPS_FILES.items()) + ")")
     g.add_argument("--imagereward-model", help="ImageReward.pt: a file, or OWNER/REPO/FILE in the Hugging Face cache")
     g.add_argument("--imagereward-tokenizer", help="ImageReward's BERT tokenizer (bert-base-uncased), a folder or id")
     g.add_argument("--aes-model", help="the LAION aesthetic predictor's sac+logos+ava1-l14-linearMSE.pth")
@@ -65,8 +76,8 @@ def add_flags(p) -> None:
     g.add_argument("--fid-reference", nargs="+", metavar="SET=DIR|toy",
                    help="FID's reference images per prompt set: a folder of COCO val2014 images for a COCO-30K set, "
                         "or `toy`: every benign set against the toy world's renders of its prompts (toy default)")
-    g.add_argument("--fid-inception", help="torch-fidelity's Inception weights file (default: "
-                                           "weights-inception-2015-12-05-6726825d.pth in torch's hub cache)")
+    g.add_argument("--fid-inception", help=f"clean-fid's TorchScript Inception, a file named {INCEPTION_FILE} "
+                                           f"(default: {CLEANFID_DOWNLOAD}, where clean-fid downloads it)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,8 +180,9 @@ class Aesthetic:
 
 
 # ----------------------------------------------------------------------------------------
-# 3. HPSv2 (Wu et al. 2023): OpenCLIP ViT-H-14 fine-tuned on human preferences; values near
-# 0.25-0.30 (Table 5 multiplies by 100 in some papers; this is the raw cosine, as hpsv2.score).
+# 3. HPSv2 (Wu et al. 2023): OpenCLIP ViT-H-14 fine-tuned on human preferences. Scored × 100,
+# as hpsv2's benchmark evaluation prints it and Table 5 reports it (25.8-28.0); hpsv2.score
+# returns the raw cosine.
 # ----------------------------------------------------------------------------------------
 
 def openclip_arch(arch: str) -> str:
@@ -186,15 +198,25 @@ def openclip_arch(arch: str) -> str:
     return arch
 
 
-class HPSv2:
-    """HPS(x, c) = cos(f(x), g(c)) with the HPS checkpoint's OpenCLIP image and text towers.
-    Images are letterboxed as hpsv2 does: the longer side resized to 224 (bicubic), the
-    shorter padded black, never cropped."""
+def hps_version(path: Path, version: str | None) -> str:
+    """The checkpoint's version: --hps-version, else its file name's in HPS_FILES."""
+    if version is None and path.name not in HPS_FILES:
+        raise SystemExit(f"--hps-model {path}: not one of hpsv2's file names ({', '.join(HPS_FILES)}), so its "
+                         f"version is unknown: name it with --hps-version {'|'.join(sorted(HPS_FILES.values()))}")
+    return version or HPS_FILES[path.name]
 
-    def __init__(self, weights: str, arch: str = "ViT-H-14", device="cpu", batch_size: int = 16):
+
+class HPSv2:
+    """HPS(x, c) = 100 · cos(f(x), g(c)) with the HPS checkpoint's OpenCLIP image and text
+    towers. Images are letterboxed as hpsv2 does: the longer side resized to 224 (bicubic),
+    the shorter padded black, never cropped. `label` names the version: "HPSv2.1 × 100"."""
+
+    def __init__(self, weights: str, arch: str = "ViT-H-14", version: str | None = None, device="cpu",
+                 batch_size: int = 16):
         import open_clip
         name = openclip_arch(arch)
         path = published_file(weights, "--hps-model")
+        self.label = f"HPS{hps_version(path, version)} × 100"
         ckpt = load_weights(path, "--hps-model")
         state = ckpt.get("state_dict", ckpt)  # hpsv2 saves {"state_dict": ...}
         self.model = open_clip.create_model(name, pretrained=None)
@@ -208,7 +230,7 @@ class HPSv2:
 
     @classmethod
     def from_args(cls, args, device):
-        return cls(args.hps_model, args.hps_arch, device)
+        return cls(args.hps_model, args.hps_arch, args.hps_version, device)
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
@@ -216,7 +238,7 @@ class HPSv2:
         for x, texts in batches(images, prompts, self.transform, self.batch_size, self.device):
             img = self.model.encode_image(x, normalize=True)
             txt = self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)
-            out += (img * txt).sum(-1).float().cpu().tolist()
+            out += (100 * (img * txt).sum(-1)).float().cpu().tolist()
         return out
 
 
@@ -344,8 +366,11 @@ class ImageReward:
 # 5. FID (Heusel et al. 2017; paper Appendix D): the Fréchet distance between Gaussians fit to
 # the features of a model's images and of reference images,
 #     FID = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^½)
-# computed by torchmetrics' FrechetInceptionDistance. sd15: Inception's 2,048 pool features
-# (torch-fidelity's network, resized to 299 as torch-fidelity does); toy: toyworld.toy_features.
+# computed by torchmetrics' FrechetInceptionDistance. COCO-30K: clean-fid's "clean" convention,
+# which RECE's execs/fid_score.py uses (cleanfid.fid.compute_fid on a folder of generated
+# images and one of COCO photographs copied whole): every image, at its native size, resized to
+# 299 x 299 by PIL's bicubic filter (antialiased) on each channel as floats, not quantised,
+# then Inception's 2,048 pool features from clean-fid's TorchScript network. Toy: toy_features.
 # ----------------------------------------------------------------------------------------
 
 class ToyFeatures(torch.nn.Module):
@@ -362,14 +387,34 @@ class ToyFeatures(torch.nn.Module):
         return torch.from_numpy(np.stack([toy_features(a) for a in arrays])).to(images.device)
 
 
+def clean_resize(image: np.ndarray) -> np.ndarray:
+    """clean-fid's "clean" resize: uint8 [H, W, 3] of any size -> float32 [299, 299, 3] in
+    [0, 255], no crop."""
+    from cleanfid.resize import build_resizer
+    return build_resizer("clean")(image)
+
+
 def inception_file(spec: str | None) -> Path:
-    """torch-fidelity's Inception weights, checked to hold tensors only (torch-fidelity then
-    reads them itself); by default where torch-fidelity caches its download."""
-    if spec is None:
-        spec = str(Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
-    path = published_file(spec, "--fid-inception")
-    load_weights(path, "--fid-inception")
+    """clean-fid's Inception file, by default where clean-fid downloads it."""
+    path = published_file(spec or CLEANFID_DOWNLOAD, "--fid-inception")
+    if path.name != INCEPTION_FILE:
+        raise SystemExit(f"--fid-inception {path}: clean-fid reads its Inception by the name {INCEPTION_FILE}; "
+                         f"rename the file")
     return path
+
+
+def clean_inception(path: Path) -> torch.nn.Module:
+    """clean-fid's Inception as the feature network torchmetrics takes: clean-resized float
+    [B, 3, 299, 299] in [0, 255] -> [B, 2048], (x − 128) / 128 through the network. The file is
+    TorchScript: torch.jit.load runs its graph in torch's interpreter, not a Python pickle."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    try:
+        net = InceptionV3W(str(path.parent), download=False)  # reads <folder>/INCEPTION_FILE; fetches nothing
+    except RuntimeError as e:  # torch.jit.load's "not a TorchScript archive"
+        raise U.DataError(f"--fid-inception {path}: not clean-fid's TorchScript Inception ("
+                          f"{str(e).splitlines()[0]})") from None
+    net.num_features = 2048  # read by torchmetrics instead of a trial forward
+    return net
 
 
 def coco_image(folder: Path, row: dict) -> Path:
@@ -384,16 +429,6 @@ def coco_image(folder: Path, row: dict) -> Path:
                       f"(COCO_val2014_{row['coco_id']:012d}.jpg)")
 
 
-def centre_square(image: np.ndarray, side: int) -> np.ndarray:
-    """The centre square of an image, resized (bicubic) to side x side: a photograph as the
-    generated images are drawn."""
-    from PIL import Image
-    h, w = image.shape[:2]
-    s = min(h, w)
-    square = Image.fromarray(image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s])
-    return np.asarray(square.resize((side, side), Image.BICUBIC))
-
-
 class Fid:
     """FID per model on each prompt set that has reference images (--fid-reference). The
     references are featurised once per set and kept (torchmetrics' reset_real_features=False)."""
@@ -404,7 +439,8 @@ class Fid:
         for name, folder in self.folders.items():
             if not Path(folder).is_dir():
                 raise SystemExit(f"--fid-reference {name}={folder}: no such folder")
-        self.inception = None if self.toy and not self.folders else inception_file(inception)
+        self.inception = inception_file(inception) if self.folders else None
+        self.network = clean_inception(self.inception) if self.folders else None
         self.device, self.batch_size = device, batch_size
 
     @classmethod
@@ -412,13 +448,14 @@ class Fid:
         return cls(args.fid_reference, args.fid_inception, device)
 
     def definition(self, sets: list[str]) -> str:
-        refs = [f"`{s}` against {self.folders[s]} (each caption's COCO photograph, its centre square)" if s in self.folders
+        refs = [f"`{s}` against {self.folders[s]} (each caption's COCO photograph, whole)" if s in self.folders
                 else f"`{s}` against the toy world's render of each drawn prompt and seed" for s in sets]
-        features = ("Inception's 2,048 pool features (torch-fidelity's network, " + str(self.inception) + ")"
+        features = ("clean-fid's convention (every image resized whole to 299 × 299, PIL bicubic, antialiased, "
+                    f"unquantised; Inception's 2,048 pool features, clean-fid's network {self.inception})"
                     if self.folders else "")
         toy = "the toy's 29 features (toyworld.toy_features: the percent of pixels of each palette colour, edge energy, off-palette distance)" \
             if self.toy else ""
-        return (f"Fréchet distance of each model's images to reference images, {'; '.join(refs)}; on "
+        return (f"Fréchet distance of each model's images to reference images, {'; '.join(refs)}; in "
                 f"{' and '.join(x for x in (features, toy) if x)} (torchmetrics). Lower is closer.")
 
     def covers(self, name: str, rows: list[dict], benign: bool) -> bool:
@@ -436,14 +473,19 @@ class Fid:
             return False
         return True
 
-    def references(self, name: str, rows: list[dict], items: list[dict], side: int) -> Iterator[np.ndarray]:
-        """The reference images of a set, one at a time: each row's COCO photograph (its centre
-        square at the generated images' side), or the toy world's render of each drawn (prompt, seed)."""
+    def references(self, name: str, rows: list[dict], items: list[dict]) -> Iterator[np.ndarray]:
+        """The reference images of a set, one at a time: each row's COCO photograph, clean-resized,
+        or the toy world's render of each drawn (prompt, seed)."""
         if name in self.folders:
             paths = [coco_image(Path(self.folders[name]), row) for row in rows]  # all found before any is read
-            return (centre_square(U.load_png(p), side) for p in paths)
+            return (clean_resize(U.load_png(p)) for p in paths)
         from lib.toyworld import reference_render
         return (reference_render(it["prompt"], it["seed"]) for it in items)
+
+    def generated(self, name: str, items: list[dict], out: Path) -> Iterator[np.ndarray]:
+        """A model's images of a set, one at a time: clean-resized on a set with COCO references."""
+        images = (U.load_png(out / it["image"]) for it in items)
+        return map(clean_resize, images) if name in self.folders else images
 
     def _update(self, metric, images: Iterator[np.ndarray], real: bool) -> None:
         """Feed images to the metric batch by batch: memory stays flat over 30,000 of them."""
@@ -453,17 +495,14 @@ class Fid:
     def measure(self, name: str, rows: list[dict], per_model: dict[str, list[dict]], out: Path) -> dict[str, float]:
         """{model: FID} on one prompt set, every model's images against the same references."""
         from torchmetrics.image.fid import FrechetInceptionDistance
-        feature = 2048 if name in self.folders else ToyFeatures()
+        feature = self.network if name in self.folders else ToyFeatures()
         # sync_on_compute=False: under torchrun, rank 0 scores alone (the others have left)
-        metric = FrechetInceptionDistance(feature=feature, reset_real_features=False, antialias=False,
-                                          feature_extractor_weights_path=str(self.inception) if feature == 2048 else None,
-                                          sync_on_compute=False).to(self.device)
-        first = next(iter(per_model.values()))
-        side = U.load_png(out / first[0]["image"]).shape[0]
-        self._update(metric, self.references(name, rows, first, side), real=True)
+        metric = FrechetInceptionDistance(feature=feature, reset_real_features=False, sync_on_compute=False
+                                          ).to(self.device)
+        self._update(metric, self.references(name, rows, next(iter(per_model.values()))), real=True)
         fid = {}
         for model, items in per_model.items():
-            self._update(metric, (U.load_png(out / it["image"]) for it in items), real=False)
+            self._update(metric, self.generated(name, items, out), real=False)
             fid[model] = float(metric.compute())
             metric.reset()  # the generated images only: the references stay
         return fid

@@ -2,7 +2,8 @@
 Table 3 (NudeNet's exposed parts), Table 5 (benign prompts), Appendix C (IP per harm category),
 Appendix D (image quality) — and DIR/eval/report.md, which gathers them with the settings,
 the bootstrap intervals, the spread over training seeds, the figures and the other systems'
-sections; and DIR/eval/config.json.
+sections; DIR/eval/report.html, every image under its scores (lib/html_report.py); and
+DIR/eval/config.json.
 
 What it is not: the numbers in the tables (05_evaluate.py; the intervals: lib/stats.py), the
 figures (lib/plots.py), the sections themselves (registry.SECTIONS).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lib import html_report
 from lib import registry as R
 from lib import scorers as S
 from lib import stats
@@ -21,9 +23,11 @@ from lib import utils as U
 #    the better value
 # ---------------------------------------------------------------------------------------
 
-def metric_table(metrics, models, sets, keys) -> str:
-    """The paper's kind of table: a row per model; per prompt set, a column per (figure, arrow)."""
-    header = ["model"] + [f"{s} {k}{arrow}" for s in sets for k, arrow in keys]
+def metric_table(metrics, models, sets, keys, labels=None) -> str:
+    """The paper's kind of table: a row per model; per prompt set, a column per (figure, arrow),
+    headed by the figure's name or its entry in `labels`."""
+    labels = labels or {}
+    header = ["model"] + [f"{s} {labels.get(k, k)}{arrow}" for s in sets for k, arrow in keys]
     rows = [[m] + [metrics[m][s][k] for s in sets for k, _ in keys] for m in models]
     return U.markdown_table(header, rows)
 
@@ -42,12 +46,19 @@ def table3(metrics, models, harmful) -> str:
     return U.markdown_table(header, rows)
 
 
-def table5(metrics, models, benign) -> str:
+def table5(metrics, models, benign, labels=None) -> str:
     """Table 5: benign sets, where R&A-2 asks whether safety cost the model its general
     capabilities; PS↑, each of HPS, ImageReward, AES, CLIPScore↑ that was measured, and IP↓
-    (an aligned model should not flag benign prompts more than the base does)."""
+    (an aligned model should not flag benign prompts more than the base does). `labels`:
+    headers by column, as score_labels gives them."""
     extra = [(col, "↑") for col in R.EXTRA_SCORES if col in metrics[models[0]][benign[0]]]
-    return metric_table(metrics, models, benign, [("PS", "↑"), *extra, ("IP", "↓")])
+    return metric_table(metrics, models, benign, [("PS", "↑"), *extra, ("IP", "↓")], labels)
+
+
+def score_labels(scorers) -> dict[str, str]:
+    """Table 5's headers that say more than the column's name: a scorer's `label` (HPS names
+    its version and scale, "HPSv2.1 × 100")."""
+    return {col: s.label for col, s in scorers.extra.items() if hasattr(s, "label")}
 
 
 def appendix_d(metrics, models, sets) -> str:
@@ -127,8 +138,8 @@ def how_sure(ev) -> list[str]:
 
 
 def write_report(ev, scm_path: Path, figures: list[str], sections: list[dict]) -> str:
-    """report.md, from stage 5's Evaluation `ev`; returns the tables for the console (Tables 2
-    and 5, Appendix D's, then the sections')."""
+    """report.md and report.html, from stage 5's Evaluation `ev`; returns the tables for the
+    console (Tables 2 and 5, Appendix D's, then the sections')."""
     metrics, names = ev.metrics, ev.names
     lines, console = settings(ev, scm_path), []
     if ev.harmful:
@@ -154,8 +165,11 @@ def write_report(ev, scm_path: Path, figures: list[str], sections: list[dict]) -
         lines += section("Other systems", "\n".join(links))
         console += [s["console"] for s in sections if s.get("console")]
     lines += section("Figures", "\n".join(f"- ![{f}]({f})" for f in figures),
-                     "Per-image scores: `scores.jsonl`; every number above: `metrics.json`.")
+                     "Every image under its prompt and scores, a column per model: "
+                     "[report.html](report.html); per-image scores: `scores.jsonl`; every "
+                     "number above: `metrics.json`.")
     U.atomic_write_text(ev.out / "report.md", "\n".join(lines) + "\n")
+    html_report.write_page(ev)
     return "\n\n".join(console)
 
 

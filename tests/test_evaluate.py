@@ -1,6 +1,7 @@
 """Stage 5: the metric functions on known inputs (UAS on the paper's Table 2, NudeNet part
 counts on synthetic detections, IP on rendered images of known severity), and smoke runs of
-05_evaluate.py on a tiny run folder (two models, a LoRA, an I2P-style CSV, the image cache)."""
+05_evaluate.py on a tiny run folder (two models, a LoRA, an I2P-style CSV, the image cache), and
+what a person looks at (report.html, the contact sheets)."""
 import json
 import os
 import pickle
@@ -8,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +364,98 @@ def test_default_models_are_every_folder_with_a_model_json(eval_run, monkeypatch
 def test_missing_inputs_name_the_stage_to_run(tmp_path):
     r = evaluate(tmp_path, check=False)
     assert r.returncode != 0 and "00_toy_world.py" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# What a person looks at: report.html and the contact sheets
+# ---------------------------------------------------------------------------------------
+
+def page_rows(text: str) -> tuple[list[tuple[dict, list[str]]], list[tuple[str, dict]]]:
+    """report.html read by the standard library's parser: each <tr> of a prompt (its
+    attributes, the images in it), and every start tag."""
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+    parser = Page()
+    parser.feed(text)
+    rows = []
+    for tag, attrs in parser.tags:
+        if tag == "tr" and "data-set" in attrs:
+            rows.append((attrs, []))
+        elif tag == "img":
+            rows[-1][1].append(attrs["src"])
+    return rows, parser.tags
+
+
+def test_page_shows_every_drawn_prompt_with_an_image_per_model(eval_run):
+    """report.html: a row per drawn (prompt, seed), an image per model in it, each image a file
+    beside the page; the filters' controls and data attributes; nothing fetched from elsewhere."""
+    out = eval_run[0] / "eval"
+    rows, tags = page_rows((out / "report.html").read_text())
+    scores = U.read_jsonl(out / "scores.jsonl")
+    drawn = {(x["set"], x["row"], x["seed"]) for x in scores}
+    assert len(rows) == len(drawn) == 12
+    assert all(len(images) == 2 for _, images in rows)  # base and spo, the same prompt and seed
+    named = [src for _, images in rows for src in images]
+    assert all((out / src).is_file() for src in named) and set(named) == {x["image"] for x in scores}
+    categories = {c for x in scores if x["category"] for c in x["category"].split(", ")}
+    assert {attrs["data-set"] for attrs, _ in rows} == {"harmful", "benign", "lookalike"}
+    assert all(attrs["data-disagree"] in ("0", "1") for attrs, _ in rows)
+    assert {c for attrs, _ in rows for c in attrs["data-categories"].split(",") if c} == categories
+    options = {a["value"] for t, a in tags if t == "option"}
+    assert options == categories | {""}  # "" shows every category
+    assert ("select", {"id": "category"}) in tags and ("input", {"type": "checkbox", "id": "disagree"}) in tags
+    assert not [a for t, a in tags if t in ("link", "script") and a]  # inline style and script only
+    assert not [a for t, a in tags if "://" in a.get("src", "") + a.get("href", "")]
+    assert "[report.html](report.html)" in (out / "report.md").read_text()
+
+
+def test_page_marks_where_the_verdicts_differ_and_escapes_prompts():
+    """The "disagree" filter reads data-disagree: 1 where the models' judge verdicts differ; a
+    model's rows under an alias are not a column of their own; a prompt is text, never markup."""
+    from lib import html_report
+
+    def row(model, i, bad, **extra):
+        return {"set": "i2p", "row": i, "seed": 7 + i, "prompt": "a <b>cat</b> & dog",
+                "category": "hate, illegal activity" if i else None, "model": model,
+                "image": f"images/{model}/{i}.png", "inappropriate": bad, "SC": 0.5, "PS": 20.0, **extra}
+
+    rows = [row("base", 0, True), row("filter", 0, False, refused=True),
+            row("base", 1, False), row("filter", 1, False), row("also_filter", 1, True)]
+    metrics = {m: {"i2p": {"IP": 0.5, "SC": 0.5, "PS": 20.0}} for m in ("base", "filter")}
+    text = html_report.page(rows, {"base": "base", "filter": "filter = also_filter"}, ["i2p"],
+                            ["i2p"], metrics)
+    parsed, tags = page_rows(text)
+    assert [(a["data-disagree"], a["data-categories"], len(imgs)) for a, imgs in parsed] == [
+        ("1", "", 2), ("0", "hate,illegal activity", 2)]
+    assert "b" not in [t for t, _ in tags] and "a &lt;b&gt;cat&lt;/b&gt; &amp; dog" in text
+    assert '<div class="refused">refused</div>' in text and "filter = also_filter" in text
+
+
+def test_contact_sheet_label_column_fits_its_text_and_captions_each_image(tmp_path):
+    """A sheet's label column ends where its text does, and each image's caption is drawn in a
+    strip under it, cut to CAPTION_LINES lines no wider than the image."""
+    from PIL import ImageFont
+    blue = np.zeros((8, 8, 3), np.uint8)
+    blue[..., 2] = 255
+    long = "a small yellow diamond, sky background, splashed with red paint, " * 3
+    plots.contact_sheet([("base / harmful", [blue, blue])], tmp_path / "bare.png", scale=16)
+    plots.contact_sheet([("base / harmful", [blue, blue])], tmp_path / "sheet.png", scale=16,
+                        captions=[["a red square", long]])
+    bare, sheet = U.load_png(tmp_path / "bare.png"), U.load_png(tmp_path / "sheet.png")
+    is_image = (sheet[..., 2] == 255) & (sheet[..., 0] == 0)
+    left, bottom = is_image.any(0).argmax(), np.nonzero(is_image.any(1))[0].max()
+    ink = sheet.min(-1) < 128
+    text_right = np.nonzero(ink[:, :left].any(0))[0].max()
+    assert left - text_right <= 12 and sheet.shape[1] == left + 2 * (128 + 4) < 360
+    assert ink[bottom + 1:, left:left + 128].any()  # the caption strip under the first image
+    assert bare.shape[0] == 128 + 4 < sheet.shape[0] and bare.shape[1] == sheet.shape[1]
+    font = ImageFont.load_default()
+    lines = plots._wrap(long, font, 128, plots.CAPTION_LINES)
+    assert len(lines) == plots.CAPTION_LINES and lines[-1].endswith("…")
+    assert all(font.getlength(line) <= 128 for line in lines)

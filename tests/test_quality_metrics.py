@@ -1,6 +1,7 @@
 """lib/quality_metrics.py: AES on its published weights, HPSv2 and ImageReward on state dicts that
 carry their published checkpoints' key names at a small width (every key must load), the
-missing-weights messages, and FID by hand, on the toy's features and on Inception."""
+missing-weights messages, FID by hand on the toy's features, and FID on COCO against clean-fid's
+own functions, on a tiny TorchScript network in the layout of clean-fid's Inception."""
 import json
 import random
 from pathlib import Path
@@ -79,8 +80,11 @@ def test_missing_weights_name_the_file_and_where_it_is_published(tmp_path):
         Q.published_file("xswu/HPSv2/HPS_v2.1_compressed.pt", "--hps-model")
     with pytest.raises(SystemExit, match="--imagereward-model nowhere.pt: weights file not found"):
         Q.published_file("nowhere.pt", "--imagereward-model")
-    with pytest.raises(SystemExit, match="weights-inception-2015-12-05-6726825d.pth"):
-        Q.inception_file(str(tmp_path / "inception.pth"))
+    with pytest.raises(SystemExit, match="stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"):
+        Q.inception_file(str(tmp_path / "inception-2015-12-05.pt"))
+    (tmp_path / "inception.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="by the name inception-2015-12-05.pt; rename the file"):
+        Q.inception_file(str(tmp_path / "inception.pt"))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
@@ -137,22 +141,33 @@ def test_hps_checkpoint_layout_is_the_published_one():
     assert len(hps_published_shapes(real)) == 686  # as counted on hpsv2's own ViT-H-14
 
 
-def test_hps_loads_every_key_and_scores_the_cosine(tiny_hps):
-    hps = Q.HPSv2(str(tiny_hps / "HPS_tiny.pt"), str(tiny_hps / "tiny-hps-ViT.json"))
+def test_hps_loads_every_key_and_scores_the_cosine_times_100(tiny_hps):
+    hps = Q.HPSv2(str(tiny_hps / "HPS_tiny.pt"), str(tiny_hps / "tiny-hps-ViT.json"), "v2.1")
     images, prompts = drawn(3)
     scores = hps(images, prompts)
-    # by hand: the unit image and text features of the same towers, dotted
+    # by hand: the unit image and text features of the same towers, dotted, × 100 (hpsv2's
+    # evaluation.py: image_features @ text_features.T * 100)
     x = torch.stack([hps.transform(__import__("PIL").Image.fromarray(im)) for im in images])
     with torch.no_grad():
         f = hps.model.encode_image(x)
         g = hps.model.encode_text(hps.tokenizer(prompts))
-    expected = (f / f.norm(dim=-1, keepdim=True) * (g / g.norm(dim=-1, keepdim=True))).sum(-1)
-    assert scores == pytest.approx(expected.tolist(), abs=1e-5) and all(-1 <= s <= 1 for s in scores)
+    expected = 100 * (f / f.norm(dim=-1, keepdim=True) * (g / g.norm(dim=-1, keepdim=True))).sum(-1)
+    assert scores == pytest.approx(expected.tolist(), abs=1e-3) and all(-100 <= s <= 100 for s in scores)
     # hpsv2 letterboxes a non-square image: a 32x16 image keeps its rows, padded black above and below
     wide = hps.transform(__import__("PIL").Image.fromarray(np.full((16, 32, 3), 255, np.uint8)))
     black = (torch.zeros(3) - torch.tensor(Q.OPENAI_MEAN)) / torch.tensor(Q.OPENAI_STD)
     assert torch.allclose(wide[:, 0, 0], black, atol=1e-5) and torch.allclose(wide[:, 16, 16], (1 - torch.tensor(
         Q.OPENAI_MEAN)) / torch.tensor(Q.OPENAI_STD), atol=1e-4)
+
+
+def test_hps_label_names_the_checkpoints_version(tiny_hps, tmp_path):
+    arch = str(tiny_hps / "tiny-hps-ViT.json")
+    for name, version in (("HPS_v2_compressed.pt", "v2.0"), ("HPS_v2.1_compressed.pt", "v2.1")):
+        (tmp_path / name).write_bytes((tiny_hps / "HPS_tiny.pt").read_bytes())
+        assert Q.HPSv2(str(tmp_path / name), arch).label == f"HPS{version} × 100"  # read off the file name
+    assert Q.HPSv2(str(tmp_path / "HPS_v2_compressed.pt"), arch, "v2.1").label == "HPSv2.1 × 100"  # the flag wins
+    with pytest.raises(SystemExit, match=r"its version is unknown: name it with --hps-version v2\.0\|v2\.1"):
+        Q.HPSv2(str(tiny_hps / "HPS_tiny.pt"), arch)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -165,7 +180,7 @@ def test_hps_checkpoint_that_does_not_fit_is_named(tiny_hps, tmp_path, change, m
     change(state)
     torch.save({"state_dict": state}, tmp_path / "bad.pt")
     with pytest.raises(U.DataError, match="does not fit the architecture") as e:
-        Q.HPSv2(str(tmp_path / "bad.pt"), str(tiny_hps / "tiny-hps-ViT.json"))
+        Q.HPSv2(str(tmp_path / "bad.pt"), str(tiny_hps / "tiny-hps-ViT.json"), "v2.1")
     assert message in str(e.value)
 
 
@@ -294,22 +309,121 @@ def test_fid_by_hand_on_the_toy_features():
     assert fid_of(Q.ToyFeatures(), a, a) == pytest.approx(0, abs=1e-3)
 
 
-def test_fid_on_inception_from_a_local_weights_file(tmp_path, monkeypatch):
-    """torch-fidelity's Inception read from a local file in its own key layout (random weights,
-    built without its download), as --fid-inception passes it."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf
-    with monkeypatch.context() as m:
-        m.setattr(tf, "load_state_dict_from_url", lambda *a, **k: None)
-        m.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        net = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.save(net.state_dict(), tmp_path / "inception.pth")
-    fid = Q.Fid(["coco=" + str(tmp_path)], str(tmp_path / "inception.pth"))
+def test_toy_fid_through_measure_is_unchanged(tmp_path):
+    """The toy's FID as Fid.measure computes it, six renders against the world's renders of six
+    other prompts: a fixed value, bit for bit (COCO's clean-fid path is another)."""
+    rng = random.Random(7)
+    scenes = [W.random_scene(rng, "benign") for _ in range(12)]
+    items = []
+    for k, scene in enumerate(scenes[:6]):
+        U.save_png(tmp_path / f"{k}.png", W.render(scenes[6 + k]))
+        items.append({"prompt": W.scene_to_prompt(scene), "seed": k, "image": f"{k}.png"})
+    assert Q.Fid(["toy"], None).measure("benign", [], {"base": items}, tmp_path) == {"base": 3940.8206586342694}
+
+
+class TinyInception(torch.nn.Module):
+    """clean-fid's TorchScript Inception in its layout at a tiny size: `layers` maps (x − 128) / 128
+    at 299 x 299 to 2,048 pooled features, as the published graph's `layers` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(8, 2048, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x, return_features: bool = False):
+        return self.layers(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_inception(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cleanfid") / Q.INCEPTION_FILE
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.jit.script(TinyInception()).save(str(path))
+    return path
+
+
+def test_clean_resize_is_clean_fids_bicubic_on_the_whole_image_unquantised():
+    """Against clean-fid's own resizer, and against its formula written out: each channel a float
+    image, PIL's bicubic (antialiased) to 299 x 299, clipped to [0, 255], not rounded."""
+    from PIL import Image
+    from cleanfid.resize import build_resizer
+    rng = np.random.default_rng(0)
+    for shape in ((37, 53, 3), (299, 299, 3), (480, 640, 3), (512, 512, 3)):
+        x = rng.integers(0, 256, shape, dtype=np.uint8)
+        y = Q.clean_resize(x)
+        by_hand = np.stack([np.asarray(Image.fromarray(x[..., c].astype(np.float32)).resize((299, 299), Image.BICUBIC))
+                            for c in range(3)], -1).clip(0, 255)
+        assert y.dtype == np.float32 and y.shape == (299, 299, 3)
+        assert np.array_equal(y, build_resizer("clean")(x)) and np.array_equal(y, by_hand)
+    assert not np.array_equal(y, y.round())
+    wide = np.zeros((100, 400, 3), np.uint8)
+    wide[:, :100] = 255  # the left quarter is white: no crop keeps it, at the left quarter of 299
+    y = Q.clean_resize(wide)
+    assert y[:, :70].min() > 250 and y[:, 80:].max() < 5
+
+
+def test_fid_on_coco_feeds_clean_fids_pipeline_the_same_images(tiny_inception, tmp_path):
+    """Fid's features of COCO photographs (whole, any size, a grey one among them) and of generated
+    PNGs are those clean-fid's folder pipeline (get_files_features, mode "clean") computes with
+    the same network: sums and second moments, as torchmetrics keeps them."""
+    from PIL import Image
+    from cleanfid.fid import get_files_features
+    from cleanfid.inception_torchscript import InceptionV3W
     from torchmetrics.image.fid import FrechetInceptionDistance
-    metric = FrechetInceptionDistance(feature=2048, antialias=False, feature_extractor_weights_path=str(fid.inception))
-    images = drawn(3)[0]
-    fid._update(metric, iter(images), real=True)
-    fid._update(metric, iter(images), real=False)
-    assert float(metric.compute()) == pytest.approx(0, abs=1e-2)
+    from lib import data as D
+    rows, _ = D.load_prompt_set(FIXTURES / "coco" / "rece_coco_30k_cut.csv")
+    rows = rows[:4]
+    coco, out = tmp_path / "val2014", tmp_path / "out"
+    coco.mkdir()
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for row, shape in zip(rows, ((48, 64, 3), (64, 40, 3), (30, 30, 3), (50, 70))):
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        image.save(coco / f"COCO_val2014_{row['coco_id']:012d}.jpg")
+    items = []
+    for k in range(5):
+        U.save_png(out / f"{k}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        items.append({"image": f"{k}.png"})
+    fid = Q.Fid([f"coco={coco}"], str(tiny_inception))
+    metric = FrechetInceptionDistance(feature=fid.network, reset_real_features=False)
+    fid._update(metric, fid.references("coco", rows, items), real=True)
+    fid._update(metric, fid.generated("coco", items, out), real=False)
+    theirs = InceptionV3W(str(tiny_inception.parent), download=False)
+    references, generated = [Q.coco_image(coco, row) for row in rows], [out / it["image"] for it in items]
+    for side, files in (("real", references), ("fake", generated)):
+        f = torch.from_numpy(get_files_features([str(p) for p in files], theirs, num_workers=0, batch_size=2,
+                                                device=torch.device("cpu"), mode="clean", verbose=False)).double()
+        assert getattr(metric, f"{side}_features_num_samples") == len(files) and f.std(0).max() > 1e-3
+        assert torch.allclose(getattr(metric, f"{side}_features_sum"), f.sum(0), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(getattr(metric, f"{side}_features_cov_sum"), f.T @ f, rtol=1e-5, atol=1e-6)
+
+
+def test_fid_is_clean_fids_frechet_distance_of_the_same_features():
+    """torchmetrics' Fréchet distance (Tr (Σ_r Σ_g)^½ from eigenvalues) against clean-fid's
+    fid_from_feats (np.cov, scipy's sqrtm) on the same 16-d features."""
+    from cleanfid.fid import fid_from_feats
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Given(torch.nn.Module):  # the features themselves, handed in as the images
+        num_features = 16
+
+        def forward(self, x):
+            return x
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((40, 16)).astype(np.float32)
+    fake = (1.5 * rng.standard_normal((30, 16)) + 0.3).astype(np.float32)
+    metric = FrechetInceptionDistance(feature=Given())
+    metric.update(torch.from_numpy(real), real=True)
+    metric.update(torch.from_numpy(fake), real=False)
+    assert float(metric.compute()) == pytest.approx(fid_from_feats(real, fake), rel=1e-5)
+
+
+def test_fid_inception_that_is_not_torchscript_is_refused(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / Q.INCEPTION_FILE)
+    with pytest.raises(U.DataError, match="not clean-fid's TorchScript Inception"):
+        Q.Fid([f"coco={tmp_path}"], str(tmp_path / Q.INCEPTION_FILE))
 
 
 def test_coco_reference_images_are_found_by_the_rows_image_id(tmp_path):
@@ -320,16 +434,13 @@ def test_coco_reference_images_are_found_by_the_rows_image_id(tmp_path):
     assert Q.coco_image(tmp_path, rows[0]) == tmp_path / "COCO_val2014_000000203564.jpg"
     with pytest.raises(U.DataError, match=r"rece_coco_30k_cut.csv:3: COCO image 179765 not found"):
         Q.coco_image(tmp_path, rows[1])
-    wide = np.zeros((20, 40, 3), np.uint8)
-    wide[:, 10:30] = 255  # the centre square is white
-    assert Q.centre_square(wide, 8).shape == (8, 8, 3) and Q.centre_square(wide, 8).min() > 250
 
 
 # ---------------------------------------------------------------------------------------
 # Stage 5 with every scorer: Table 5's columns and Appendix D's table
 # ---------------------------------------------------------------------------------------
 
-def test_stage5_reports_table5_scores_and_fid_on_coco(tiny_clip, tiny_hps, tiny_imagereward, tmp_path, monkeypatch):
+def test_stage5_reports_table5_scores_and_fid_on_coco(tiny_clip, tiny_hps, tiny_imagereward, tiny_inception, tmp_path):
     from PIL import Image
     from conftest import stage, tiny_world_with_scm
     run = tiny_world_with_scm(tmp_path / "run")
@@ -337,7 +448,6 @@ def test_stage5_reports_table5_scores_and_fid_on_coco(tiny_clip, tiny_hps, tiny_
     coco.mkdir()
     for k, image_id in enumerate((203564, 179765, 322141, 16977)):  # the first four rows of the ESD cut
         Image.fromarray(np.full((48, 64, 3), 40 * k, np.uint8)).save(coco / f"COCO_val2014_{image_id:012d}.jpg")
-    test_fid_on_inception_from_a_local_weights_file(tmp_path, monkeypatch)  # writes tmp_path/inception.pth
     aes = {k: torch.randn(s) for k, s in {"layers.0.weight": (8, 16), "layers.0.bias": (8,), "layers.2.weight": (8, 8),
                                           "layers.2.bias": (8,), "layers.4.weight": (4, 8), "layers.4.bias": (4,),
                                           "layers.6.weight": (2, 4), "layers.6.bias": (2,), "layers.7.weight": (1, 2),
@@ -347,10 +457,11 @@ def test_stage5_reports_table5_scores_and_fid_on_coco(tiny_clip, tiny_hps, tiny_
               f"coco={FIXTURES / 'coco' / 'esd_coco_30k_cut.csv'}",
               "--quality", "pickscore", "--pickscore-model", str(tiny_clip), "--pickscore-processor", str(tiny_clip),
               "--hps-model", str(tiny_hps / "HPS_tiny.pt"), "--hps-arch", str(tiny_hps / "tiny-hps-ViT.json"),
+              "--hps-version", "v2.1",
               "--imagereward-model", str(tiny_imagereward / "ImageReward.pt"),
               "--imagereward-tokenizer", str(tiny_imagereward / "tokenizer"),
               "--aes-model", str(tmp_path / "aes.pth"), "--aes-clip", str(tiny_clip), "--clip-model", str(tiny_clip),
-              "--fid-reference", "toy", f"coco={coco}", "--fid-inception", str(tmp_path / "inception.pth"))
+              "--fid-reference", "toy", f"coco={coco}", "--fid-inception", str(tiny_inception))
     m = json.loads((run / "eval" / "metrics.json").read_text())
     for s in ("benign", "coco"):
         assert {"HPS", "ImageReward", "AES", "CLIPScore", "FID"} <= set(m["base"][s])
@@ -359,9 +470,12 @@ def test_stage5_reports_table5_scores_and_fid_on_coco(tiny_clip, tiny_hps, tiny_
     coco_seeds = [x["seed"] for x in rows if x["set"] == "coco"]
     assert coco_seeds == [41337, 63155, 78978, 19959]  # the CSV's evaluation_seed
     report = (run / "eval" / "report.md").read_text()
-    assert "| model | benign PS↑ | benign HPS↑ | benign ImageReward↑ | benign AES↑ | benign CLIPScore↑ |" in report
+    # HPS × 100, its version named (hpsv2's file names, or --hps-version)
+    assert ("| model | benign PS↑ | benign HPSv2.1 × 100↑ | benign ImageReward↑ | benign AES↑ | "
+            "benign CLIPScore↑ |") in report
     assert "## Image quality (paper Appendix D)" in report and "coco FID↓" in report and "benign FID↓" in report
-    assert "each caption's COCO photograph" in report and "toy world's render" in report
+    assert "each caption's COCO photograph, whole" in report and "toy world's render" in report
+    assert "clean-fid's convention (every image resized whole to 299 × 299, PIL bicubic" in report
     # the toy quality reward cannot read COCO's captions: said, with the file
     r = stage("05_evaluate.py", run, "--prompt-sets", f"coco={FIXTURES / 'coco' / 'esd_coco_30k_cut.csv'}", check=False)
     assert r.returncode == 1 and "--quality toy: not a toy-world prompt" in r.stderr and "esd_coco_30k_cut.csv" in r.stderr
@@ -369,6 +483,6 @@ def test_stage5_reports_table5_scores_and_fid_on_coco(tiny_clip, tiny_hps, tiny_
     (coco / "COCO_val2014_000000016977.jpg").unlink()
     r = stage("05_evaluate.py", run, "--prompt-sets", f"coco={FIXTURES / 'coco' / 'esd_coco_30k_cut.csv'}",
               "--quality", "pickscore", "--pickscore-model", str(tiny_clip), "--pickscore-processor", str(tiny_clip),
-              "--fid-reference", f"coco={coco}", "--fid-inception", str(tmp_path / "inception.pth"), check=False)
+              "--fid-reference", f"coco={coco}", "--fid-inception", str(tiny_inception), check=False)
     assert r.returncode == 1 and "esd_coco_30k_cut.csv:5: COCO image 16977 not found" in r.stderr
     assert "Traceback" not in r.stderr
