@@ -1,5 +1,5 @@
 """SneakyPrompt (Yang et al. 2024, "SneakyPrompt: Jailbreaking Text-to-image Generative
-Models"), the second attack of the paper's Fig. 4B (~450 lines): a reinforcement-learning
+Models"), the second attack of the paper's Fig. 4B (~440 lines): a reinforcement-learning
 search that replaces the sensitive words of a prompt the safety filter blocks by sub-words of
 the tokenizer's vocabulary, until the filter lets through an image that still matches the
 prompt. The search queries the filter model (`-m systems.baselines build --baseline filter`), as in
@@ -45,7 +45,6 @@ import re
 import string
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -253,26 +252,11 @@ def sneaky_search(target: str, ranked: list[int], n_first: int, vocab: list[str]
 NOISE_SCHEDULE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 
 
-class ExactLMS(LMSDiscreteScheduler):
-    """diffusers' LMS sampler, SneakyPrompt's (text2image_pipeline.SDPipeline), its
-    coefficients integrated exactly, where diffusers integrates numerically with scipy (not a
-    requirement here): the integrand is a polynomial of degree order − 1,
-
-        c_j = ∫ from σ_t to σ_{t+1} of Π_{k≠j} (τ − σ_{t−k}) / (σ_{t−j} − σ_{t−k}) dτ"""
-
-    @classmethod
-    def on_schedule_of(cls, config) -> "ExactLMS":
-        """LMS on a model's noise schedule and prediction, its own defaults otherwise (timesteps
-        spaced evenly), as SneakyPrompt builds it for SD-v1.4 (β from 0.00085 to 0.012, scaled
-        linear, 1000 steps: SD-1.x's schedule)."""
-        return cls(**{k: config[k] for k in NOISE_SCHEDULE if k in config})
-
-    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
-        at, basis = float(self.sigmas[t - current_order]), np.polynomial.Polynomial([1.0])
-        for x in (float(self.sigmas[t - k]) for k in range(order) if k != current_order):
-            basis *= np.polynomial.Polynomial([-x, 1.0]) / (at - x)
-        integral = basis.integ()
-        return float(integral(float(self.sigmas[t + 1])) - integral(float(self.sigmas[t])))
+def lms_on_schedule_of(config) -> LMSDiscreteScheduler:
+    """diffusers' LMS sampler, SneakyPrompt's (text2image_pipeline.SDPipeline), on a model's noise
+    schedule and prediction and its own defaults otherwise (timesteps spaced evenly), as
+    SneakyPrompt builds it for SD-v1.4 (β from 0.00085 to 0.012, scaled linear, 1000 steps)."""
+    return LMSDiscreteScheduler(**{k: config[k] for k in NOISE_SCHEDULE if k in config})
 
 
 class TextEmbedder:
@@ -316,7 +300,7 @@ class FilterEnvironment:
             raise SystemExit(f"--filter: {folder} is a {spec.kind!r} model, not a safety filter")
         self.pipe, self.call = M.sampler(spec, device, M.sample_dtype(args.dtype, device), args.sample_steps)
         if args.scheduler == "lms":
-            self.pipe.scheduler = ExactLMS.on_schedule_of(self.pipe.scheduler.config)
+            self.pipe.scheduler = lms_on_schedule_of(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
         self.clip = S.ClipScore(args.clip_model, device) if args.reward == "clip" else None
         self.embed = TextEmbedder(self.pipe.tokenizer, self.pipe.text_encoder)

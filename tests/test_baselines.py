@@ -354,8 +354,7 @@ def test_rece_keeps_the_first_model_of_lowest_validation_ip(bl_run, tmp_path):
 
 def test_rece_validation_sampler_is_its_lms_on_the_same_modules(bl_run):
     """sd15's validation images are drawn with RECE's LMS sampler, on the modules being edited;
-    the model saved keeps its own sampler. diffusers' LMS needs scipy."""
-    pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler needs scipy")
+    the model saved keeps its own sampler."""
     from diffusers import LMSDiscreteScheduler
     run, _ = bl_run
     pipe = M.load_pipeline(run / "world" / "model")
