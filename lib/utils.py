@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import io
 import json
@@ -561,7 +562,16 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 64-bit hash of (seed, step, stream): two different triples share no seed. (An affine
+    seed such as (seed·P + step)·7 + stream gives stream 7 of step s the seed of stream 0 of
+    step s + 1; stage 4 draws t and ε from stream 0 and each hard pair's augmentations from
+    stream 1 + its batch position.)"""
+    key = f"{seed},{step},{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """The randomness of one training step, independent of every earlier step."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+    """The randomness of one (step, stream) of a run, independent of every other."""
+    return torch.Generator().manual_seed(step_seed(seed, step, stream))
 
