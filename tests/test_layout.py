@@ -24,6 +24,8 @@ def imported(path: Path) -> set[str]:
 def test_stage_scripts_keep_their_budget(script):
     lines = script.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 450 or script.name == "common.py", f"{script.name}: {len(lines)} lines"
+    long = [i for i, line in enumerate(lines, 1) if len(line) > 100]
+    assert not long, f"{script.name}: lines over 100 characters: {long}"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
