@@ -65,8 +65,9 @@ U.PRESETS["sd15"]["spo"] = dict(
     # the paper's four (Sec. 6.1; Sec. 6.3, Fig. 5 right: a larger pool converges better)
     dfm_augmentations=list(C.AUGMENTATIONS),
     # ours: the paper gives no queue length K nor patience P (Eq. 10 says "continuously"),
-    # nor which gradients Eq. 11 compares (the last layer's: one short backward)
-    dfm_k=5, dfm_patience=2, dfm_modules=["conv_out"],
+    # nor which gradients Eq. 11 compares (the trained weights nearest the output: one short
+    # backward; conv_out, or under LoRA, which freezes it, None: the last transformer block's)
+    dfm_k=5, dfm_patience=2, dfm_modules=["conv_out"], dfm_lora_modules=None,
     grad_checkpointing=True, bf16=True,  # ours: full fine-tuning in a 24-GB GPU (the paper's)
     log_every=10, skip_bad=False, device=None)  # ours
 # Appendix E on SDXL: sd15's settings (the paper gives none of its own) at 1,024 px
@@ -115,7 +116,8 @@ def parser(stage: str = "spo", description: str | None = None) -> argparse.Argum
     p.add_argument("--dfm-k", type=int, help="K: losses kept per pair (Eq. 10)")
     p.add_argument("--dfm-tau", type=float, help="τ: hard when v_i < τ·v̄ (Eq. 10)")
     p.add_argument("--dfm-patience", type=int, help="P: slow visits in a row that make a pair hard")
-    p.add_argument("--dfm-modules", nargs="+", help="UNet modules whose gradients Eq. 11 compares")
+    p.add_argument("--dfm-modules", nargs="+", help="UNet modules whose weights Eq. 11 compares")
+    p.add_argument("--dfm-lora-modules", nargs="+", help="with LoRA: those whose LoRA factors")
     p.add_argument("--dfm-augmentations", nargs="+", choices=C.AUGMENTATIONS, help="Eq. 11's pool")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (GPU only)")
@@ -272,7 +274,7 @@ def setup(args, spo: SPO) -> Training:
                   ckpt=ckpt, log=log, autocast=M.training_autocast(args.bf16, dist.device))
     tr.params = spo.trainable(tr)
     if args.dfm == "on":
-        tr.dfm_modules = M.named_modules(tr.unet, args.dfm_modules, "--dfm-modules")
+        tr.dfm_modules = M.dfm_layers(tr.unet, args)  # --dfm-modules, or LoRA's factors
     lr = args.lr * (args.batch if args.scale_lr else 1)
     tr.opt = U.adamw(tr.params, lr=lr, weight_decay=args.weight_decay)
     warmup = lambda s: min(1.0, (s + 1) / max(1, args.warmup))  # linear (Sec. 6.1), then constant

@@ -450,8 +450,9 @@ def choose_augmentation(unet, ref, noise_scheduler, modules, hard: HardPair, vae
         a* = argmax_{a ∈ A} ( 1 − cos(g_i, g_i^a) )
 
     g_i is the gradient of the pair's loss (Eq. 5) with respect to the weights and biases of
-    `modules`; g_i^a is the same after augmentation a, applied to both images, at the same t
-    and ε. Returns a* (an index into `pool`) and the scores 1 − cos(g_i, g_i^a), one per a.
+    `modules` (under LoRA, the LoRA factors: the weights that train); g_i^a is the same after
+    augmentation a, applied to both images, at the same t and ε. Returns a* (an index into
+    `pool`) and the scores 1 − cos(g_i, g_i^a), one per a.
     This is the reference for `dfm_augmented_copies`, which training runs and which gives the
     same choice and scores for all hard pairs at once (tests/test_losses.py)."""
     params = [p for m in modules for p in (m.weight, m.bias) if p is not None]
@@ -476,8 +477,10 @@ def dfm_augmented_copies(unet, noise_scheduler, modules, hard: list[HardPair], v
     """Eq. 11 for all hard pairs at once: a* = argmax_{a ∈ A} (1 − cos(g_i, g_i^a)) for each.
 
     A is `pool` (--dfm-augmentations; the paper's four by default), and the gradients are over
-    the weights of `modules` (--dfm-modules, by default the output convolution; the paper does
-    not say which). Returns, per hard pair, (chosen name, its augmented latents [2, C, h, w]).
+    the weights of `modules`, which the paper leaves open (models.dfm_layers: the output
+    convolution's by default; under LoRA, which freezes it, the LoRA factors of the decoder's
+    last transformer block). Returns, per hard pair, (chosen name, its augmented latents
+    [2, C, h, w]).
     """
     variants = [torch.stack([h.z] + [augment(a, h.pair, h.z, vae, size, h.generator) for a in pool])
                 for h in hard]
@@ -499,7 +502,10 @@ def augmentation_scores(unet, noise_scheduler, modules, hard: list[HardPair], va
         network, no β.
       - Each sample's gradient over a layer's weights is read off from that layer's input and
         the gradient at its output (`per_sample_grads`), exact because no sample's output
-        depends on another's (no batch statistics in the UNet).
+        depends on another's (no batch statistics in the UNet). A LoRA layer adds
+        s·B(A(x)) to its frozen output (s = α/r), and peft holds A and B as Linear layers of
+        their own, so each is such a layer: A's gradient comes from x and the gradient at
+        A(x), B's from A(x) and the gradient at B(A(x)), which carries s.
     """
     n = len(variants[0])
     zz = torch.cat(variants)
@@ -552,6 +558,10 @@ def per_sample_grads(module, inputs: torch.Tensor, grad_out: torch.Tensor) -> to
     """[N, P] gradients of a Conv2d or Linear layer's weight and bias, one row per sample,
     from the layer's input and the gradient at its output (both [N, ...]) of ONE backward.
     Exact because each sample's loss depends on its own rows only (no batch statistics)."""
+    # under autocast the two may differ in precision (peft casts a LoRA factor's input to its
+    # fp32 weight, its output is bf16): both go to the wider
+    dtype = torch.promote_types(inputs.dtype, grad_out.dtype)
+    inputs, grad_out = inputs.to(dtype), grad_out.to(dtype)
     if isinstance(module, torch.nn.Conv2d):
         gw = torch.stack([
             torch.nn.grad.conv2d_weight(inputs[i:i + 1], module.weight.shape, grad_out[i:i + 1],

@@ -1,4 +1,4 @@
-"""Text-to-image models as stock diffusers objects (~675 lines): loading, sampling, latents,
+"""Text-to-image models as stock diffusers objects (~735 lines): loading, sampling, latents,
 LoRA files, the model folders stage 5 finds, and the image cache every evaluation shares.
 
 What it is not: the training loop and its math (04_train_spo.py, common.py), what is measured
@@ -11,9 +11,9 @@ on an image (lib/scorers.py).
      registry.LOADERS says how to draw from each kind
   5. The image cache: fingerprint, image_path, draw_missing
   6. Stage 4's models: PromptEncoder and XLConditioned (SD-1.5's family and SDXL's),
-     load_training_models, build_caches, trainable_state, save_final
+     add_lora, load_training_models, build_caches, trainable_state, save_final
   7. Stage 4's loop plumbing: draw_batch, training_autocast, image_size, named_modules,
-     dfm_totals, count_dfm, nonfinite_loss
+     dfm_layers, dfm_totals, count_dfm, nonfinite_loss
 """
 from __future__ import annotations
 
@@ -487,6 +487,19 @@ class XLConditioned:
                          **kwargs)
 
 
+# LoRA's layers: the attention projections, as AlignGuard's public code adapts
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_lora(unet, rank: int, alpha: float | None) -> None:
+    """Freeze `unet` and add peft's LoRA of `rank` (α: the rank, unless given) on LORA_TARGETS:
+    lora_A drawn from a Gaussian, lora_B zero, so training starts at the base model."""
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))
+
+
 def load_training_models(args, device, frozen_unet: bool):
     """The policy ε_θ, the reference ε_ref, the frozen VAE and PromptEncoder, and the training
     noise scheduler. SD-1.5's family, or SDXL's (its UNets then called through XLConditioned)."""
@@ -504,12 +517,9 @@ def load_training_models(args, device, frozen_unet: bool):
     vae.requires_grad_(False).eval().to(device)  # fp32 (SDXL's VAE overflows in fp16); it only fills the cache
     ref_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     if args.lora_rank > 0:
-        # LoRA on the attention projections (as AlignGuard's public code); the reference is the
-        # same UNet with the adapters switched off, so no second copy is held in memory
-        from peft import LoraConfig
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
-                                    init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        # the reference is the same UNet with the adapters switched off, so no second copy is
+        # held in memory
+        add_lora(unet, args.lora_rank, args.lora_alpha)
         ref = None
     elif frozen_unet:  # an adapter on the UNet trains: the reference is the UNet without it
         unet.requires_grad_(False)
@@ -631,12 +641,66 @@ def image_size(unet, vae) -> int:
     return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def named_modules(net, names: list[str], flag: str) -> list[torch.nn.Module]:
+def named_modules(net, names: list[str], flag: str) -> dict[str, torch.nn.Module]:
     """The submodules of `net` called `names`; a name it lacks stops the run, naming `flag`."""
     named = dict(net.named_modules())
     if not all(m in named for m in names):
         raise SystemExit(f"{flag}: no module {sorted(set(names) - set(named))} in the UNet")
-    return [named[m] for m in names]
+    return {m: named[m] for m in names}
+
+
+def dfm_layers(unet, args) -> list[torch.nn.Module]:
+    """The layers whose weight gradients Eq. 11 compares (common.augmentation_scores), named in
+    the log. Eq. 11 compares the gradients of weights that train: with full fine-tuning those
+    of the --dfm-modules; LoRA freezes them, and under it the LoRA factors (peft's lora_A and
+    lora_B layers) of the adapted layers at or inside the --dfm-lora-modules, by default the
+    decoder's last adapted transformer block: the adapted layers nearest the output, as
+    conv_out is the layer nearest it, so the backward Eq. 11 needs stays short. Two flags, as
+    the two defaults differ and a preset holds one value per flag."""
+    if args.lora_rank == 0:
+        if args.dfm_lora_modules:
+            raise SystemExit("--dfm-lora-modules names the LoRA factors Eq. 11 compares under "
+                             "--lora-rank > 0; with full fine-tuning, name --dfm-modules")
+        layers = named_modules(unet, args.dfm_modules, "--dfm-modules")
+    else:
+        layers = lora_factors(unet, args.dfm_lora_modules or [last_adapted_block(unet)])
+    U.log(f"Eq. 11 compares the gradients of the weights of {', '.join(layers)}")
+    return list(layers.values())
+
+
+def lora_factors(unet, names: list[str]) -> dict[str, torch.nn.Module]:
+    """peft's lora_A and lora_B layers (of the active adapters) of every LoRA-adapted layer at
+    or inside the modules `names`, by name; a module with none stops the run."""
+    from peft.tuners.lora import LoraLayer
+    factors, bare = {}, []
+    for name, module in named_modules(unet, names, "--dfm-lora-modules").items():
+        adapted = [(f"{name}.{n}" if n else name, m) for n, m in module.named_modules()
+                   if isinstance(m, LoraLayer)]
+        if not adapted:
+            bare.append(name)
+        for layer_name, layer in adapted:
+            for a in layer.active_adapters:
+                factors[f"{layer_name}.lora_A.{a}"] = layer.lora_A[a]
+                factors[f"{layer_name}.lora_B.{a}"] = layer.lora_B[a]
+    if bare:
+        raise SystemExit(f"--dfm-lora-modules: {bare} carry no LoRA adapter (--lora-rank adapts "
+                         f"the attention projections {', '.join(LORA_TARGETS)}): Eq. 11 compares "
+                         f"trained weights, so name modules that hold adapted layers")
+    return factors
+
+
+def last_adapted_block(unet) -> str:
+    """The name of the decoder's last transformer block holding LoRA layers: searched among the
+    up blocks, which run in the order they are listed (a UNet lists its mid block after them,
+    though it runs before)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from peft.tuners.lora import LoraLayer
+    blocks = [n for n, m in unet.up_blocks.named_modules() if isinstance(m, BasicTransformerBlock)
+              and any(isinstance(x, LoraLayer) for x in m.modules())]
+    if not blocks:
+        raise SystemExit("--dfm-lora-modules: the UNet's decoder holds no adapted transformer "
+                         "block; name the modules whose LoRA factors Eq. 11 compares")
+    return f"up_blocks.{blocks[-1]}"
 
 
 def dfm_totals(augmentations) -> dict:

@@ -180,16 +180,18 @@ def test_spo_outputs_a_stock_pipeline_and_metrics(spo_run):
 def assert_same_training(x: Path, y: Path):
     """Two runs that should compute the same steps: the same loss and pre-clipping gradient
     norm at every step (Adam and clipping hide a wrongly scaled gradient from the weights,
-    not from the norm), and weights equal up to float reordering — within 2% of how far
-    training moved them."""
+    not from the norm), and weights equal up to float reordering: their difference within 2% of
+    how far training moved them, both as norms over all weights (a weight whose gradient is
+    float noise moves by ±lr per Adam step in either run, so single weights differ by more)."""
     rx, ry = U.read_jsonl(x / "log.jsonl"), U.read_jsonl(y / "log.jsonl")
     for a, b in zip(rx, ry):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     base = unet_weights(x.parent, "world")
     wx, wy = unet_weights(x.parent, x.name), unet_weights(y.parent, y.name)
-    moved = max((wx[k] - base[k]).abs().max().item() for k in base)
-    assert moved > 0 and max((wx[k] - wy[k]).abs().max().item() for k in base) < 0.02 * moved
+    moved = sum(((wx[k] - base[k]).double() ** 2).sum() for k in base).sqrt().item()
+    apart = sum(((wx[k] - wy[k]).double() ** 2).sum() for k in base).sqrt().item()
+    assert moved > 0 and apart < 0.02 * moved
 
 
 def test_spo_rerun_of_a_finished_run_changes_nothing(spo_run):
@@ -306,6 +308,26 @@ def test_safety_objective_and_lora_load_with_stock_diffusers(spo_run, tmp_path):
     prompt = ["a large blue circle, sand background, extreme gore"]
     x, y = (M.generate(p, prompt, [0], 2, 4.0)[0].astype(int) for p in (base, fused))
     assert np.abs(x - y).max() <= 2
+
+
+def test_spo_lora_dfm_compares_the_lora_factors(hf_run, tmp_path):
+    """With --lora-rank, conv_out (--dfm-modules' default) is frozen: Eq. 11 compares the
+    gradients of the LoRA factors of the decoder's last transformer block, which train, and DFM
+    flags pairs and chooses their copies on them; a --dfm-lora-modules without an adapter stops
+    the run naming the flag."""
+    run = copy_run(hf_run, tmp_path / "run")
+    r = stage("04_train_spo.py", run, "--lora-rank", "2", "--name", "lora")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("Eq. 11 compares"))
+    names = line.split(" weights of ")[1].split(", ")
+    block = "up_blocks.0.attentions.1.transformer_blocks.0."
+    factor = (".lora_A.default", ".lora_B.default")
+    assert len(names) == 16 and all(n.startswith(block) and n.endswith(factor) for n in names)
+    m = json.loads((run / "lora" / "metrics.json").read_text())
+    assert m["dfm_flagged"] > 0 and sum(m["aug_wins"].values()) == m["dfm_flagged"]
+    r = stage("04_train_spo.py", run, "--lora-rank", "2", "--name", "lora_conv",
+              "--dfm-lora-modules", "conv_out", check=False)
+    assert r.returncode != 0
+    assert "--dfm-lora-modules: ['conv_out'] carry no LoRA adapter" in r.stderr
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Expected numbers are written from the equations with math.log/math.exp, never by calling
 the function under test another way, so a sign error, a missing ½ or a swapped argument fails.
 """
+import argparse
 import math
 
 import numpy as np
@@ -541,3 +542,97 @@ def test_dfm_smaller_pool_chooses_among_its_own_members(tmp_path):
     for (pair, z, e, t, noise, seed), (a, z_aug) in zip(hard, picks):
         assert a == "latent_noise_erase"
         assert torch.equal(z_aug, C.latent_noise_erase(z, torch.Generator().manual_seed(seed)))
+
+
+# --------------------------------------------------------------------------------------
+# Eq. 11 under LoRA: the gradients compared are those of the LoRA factors, which train
+# --------------------------------------------------------------------------------------
+
+def lora_world(tmp_path):
+    """dfm_world's UNet with stage 4's LoRA of rank 2 (models.add_lora), its lora_B drawn away
+    from its zero start so that both factors have a gradient; the reference is the same UNet
+    with the adapters off (ref None), as under --lora-rank."""
+    unet, sched, _, vae, hard = dfm_world(tmp_path)
+    M.add_lora(unet, 2, None)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return unet, sched, vae, hard
+
+
+def pool_variants(hard, vae):
+    """Each hard pair's latents, then its copy under each member of the paper's pool."""
+    return [torch.stack([h.z] + [C.augment(a, h.pair, h.z, vae, 8, h.generator)
+                                 for a in C.AUGMENTATIONS]) for h in hard_pairs(hard)]
+
+
+def lora_args(**kw):
+    return argparse.Namespace(**{"lora_rank": 2, "dfm_modules": ["conv_out"],
+                                 "dfm_lora_modules": None, **kw})
+
+
+def test_eq11_under_lora_compares_the_lora_factors_in_both_forms(tmp_path):
+    """Under LoRA the default layers are the lora_A and lora_B of the decoder's last transformer
+    block (its up block's second attention here), all trained, conv_out frozen; on them the
+    one-pair reference (full gradients of the loss over the factors, with ε_ref the UNet with
+    its adapters off) and the batched form that reads each factor's per-sample gradient off
+    its input and output gradient give the same choice, latents and scores, also with
+    gradient checkpointing (sd15's), which recomputes the hooked layers in the backward."""
+    unet, sched, vae, hard = lora_world(tmp_path)
+    modules = M.dfm_layers(unet, lora_args())
+    block = unet.up_blocks[0].attentions[1].transformer_blocks[0]
+    projections = [p for a in (block.attn1, block.attn2)
+                   for p in (a.to_q, a.to_k, a.to_v, a.to_out[0])]
+    assert modules == [f["default"] for p in projections for f in (p.lora_A, p.lora_B)]
+    assert all(m.weight.requires_grad for m in modules) and not unet.conv_out.weight.requires_grad
+    variants = pool_variants(hard, vae)
+    batched = C.augmentation_scores(unet, sched, modules, hard_pairs(hard), variants)
+    picks = C.dfm_augmented_copies(unet, sched, modules, hard_pairs(hard), vae, 8)
+    for i, h in enumerate(hard_pairs(hard)):
+        a, scores = C.choose_augmentation(unet, None, sched, modules, h, vae, 8, 500.0)
+        assert picks[i][0] == C.AUGMENTATIONS[a] and torch.equal(picks[i][1], variants[i][1 + a])
+        torch.testing.assert_close(scores, batched[i], atol=1e-5, rtol=1e-4)
+        assert scores.max() - scores.min() > 1e-3
+    unet.enable_gradient_checkpointing()
+    again = C.augmentation_scores(unet, sched, modules, hard_pairs(hard), variants)
+    torch.testing.assert_close(again, batched, atol=1e-6, rtol=1e-5)
+
+
+def test_eq11_under_lora_in_bf16_autocast(tmp_path):
+    """sd15 trains in bf16 autocast, where peft casts a factor's input to its fp32 weight while
+    its output is bf16: the per-sample gradients take both in fp32, and Eq. 11 runs."""
+    unet, sched, vae, hard = lora_world(tmp_path)
+    modules = M.dfm_layers(unet, lora_args())
+    variants = pool_variants(hard, vae)
+    scores = C.augmentation_scores(unet, sched, modules, hard_pairs(hard), variants,
+                                   lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert scores.shape == (3, len(C.AUGMENTATIONS)) and ((scores >= 0) & (scores <= 2)).all()
+    layer, x = torch.nn.Linear(3, 2, bias=False), torch.randn(4, 6, 3)
+    go = torch.randn(4, 6, 2).bfloat16()
+    assert torch.equal(C.per_sample_grads(layer, x, go), C.per_sample_grads(layer, x, go.float()))
+
+
+def test_dfm_layers_name_what_trains():
+    """--dfm-modules with full fine-tuning; under LoRA the factors of the adapted layers at or
+    inside each --dfm-lora-modules; a module without an adapter, a name the UNet lacks, or
+    --dfm-lora-modules without LoRA stops the run naming the flag."""
+    unet, _ = tiny_unet()
+    full = lora_args(lora_rank=0)
+    assert M.dfm_layers(unet, full) == [unet.conv_out]
+    with pytest.raises(SystemExit, match="--dfm-lora-modules names the LoRA factors"):
+        M.dfm_layers(unet, lora_args(lora_rank=0, dfm_lora_modules=["up_blocks.0"]))
+    M.add_lora(unet, 2, None)
+    attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert M.dfm_layers(unet, lora_args(dfm_lora_modules=[f"{name}.to_k"])) == [
+        attn.to_k.lora_A["default"], attn.to_k.lora_B["default"]]
+    inside = M.dfm_layers(unet, lora_args(dfm_lora_modules=[name, f"{name}.to_q"]))
+    assert len(inside) == 8
+    assert inside[:2] == [attn.to_q.lora_A["default"], attn.to_q.lora_B["default"]]
+    bare = r"--dfm-lora-modules: \['conv_out'\] carry no LoRA adapter"
+    with pytest.raises(SystemExit, match=bare):
+        M.dfm_layers(unet, lora_args(dfm_lora_modules=["conv_out", name]))
+    with pytest.raises(SystemExit, match="--dfm-lora-modules: no module"):
+        M.dfm_layers(unet, lora_args(dfm_lora_modules=["up_blocks.9"]))

@@ -148,7 +148,7 @@ def test_setup_distributed_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys, torch; sys.path.insert(0, %r)\n"
-        "import utils as U\n"
+        "from lib import utils as U\n"
         "d = U.setup_distributed(device='cpu')\n"
         "x = torch.tensor([float(d.rank + 1)]); torch.distributed.all_reduce(x)\n"
         "print(d.rank, d.world_size, torch.distributed.get_backend(), x.item())\n"
@@ -287,7 +287,7 @@ def test_save_config_takes_a_moved_run_folder_for_the_same_run(tmp_path):
 
 
 def test_run_stage_turns_user_errors_into_one_message(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import utils as U\n"
+    code = ("import sys; sys.path.insert(0, %r); from lib import utils as U\n"
             "def main(): U.read_jsonl(%r)\n"
             "U.run_stage(main)\n") % (str(ROOT), str(tmp_path / "absent.jsonl"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
