@@ -269,8 +269,7 @@ class Phase:
             self.n_cached = (len(self.latents), len(self.text))
             prompt_encoder.cpu()
         if dfm:
-            named = dict(unet.named_modules())
-            self.dfm_modules = [named[m] for m in cfg.dfm_modules]
+            self.dfm_modules = M.dfm_layers(unet, cfg)  # the LoRA factors under --lora-rank
             self.queue = C.DescentRateQueue(cfg.dfm_k, cfg.dfm_tau, cfg.dfm_patience)
         self.dfm_seconds, self.dfm_train_seconds, self.dfm_hard, self.encode_seconds = 0.0, 0.0, 0, 0.0
         self.meter = Meter(device)
