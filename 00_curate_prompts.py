@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lib import data as D
+from lib import judge_client as J
 from lib import toyworld as W
 from lib import utils as U
 
@@ -76,13 +77,7 @@ def parse(argv=None):
                         "instructions/harm_concepts.json)")
     p.add_argument("--judge", choices=["toy", "openai"],
                    help="the curator: the toy world's programs or a model")
-    p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url",
-                   help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
-    p.add_argument("--judge-timeout", type=float,
-                   help="seconds to wait for one answer before a retry")
-    p.add_argument("--judge-retries", type=int,
-                   help="retries of an unanswered request (back-off 1, 2, 4, ... s)")
+    J.add_flags(p)
     p.add_argument("--concurrency", type=int, help="requests in flight at once")
     p.add_argument("--shard-size", type=int, help="prompts per resumable shard")
     p.add_argument("--max-prompts", type=int,
@@ -130,7 +125,6 @@ class OpenAICurator:
     """The two questions put to an OpenAI-compatible model, with the instructions' files."""
 
     def __init__(self, args):
-        from lib import judge_client as J
         self.client = J.OpenAIJudge(model=args.judge_model, base_url=args.judge_base_url,
                                     timeout=args.judge_timeout, max_retries=args.judge_retries)
         self.name, self.stats = self.client.name, self.client.stats

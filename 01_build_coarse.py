@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lib import data as D
+from lib import judge_client as J
 from lib import models as M
 from lib import scorers as S
 from lib import utils as U
@@ -99,13 +100,7 @@ def parse(argv=None):
                    help="sampling precision; auto: half precision where the hardware runs it "
                         "natively (models.sample_dtype)")
     p.add_argument("--judge", choices=["toy", "openai"])
-    p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url",
-                   help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
-    p.add_argument("--judge-timeout", type=float,
-                   help="seconds to wait for one judge answer before a retry")
-    p.add_argument("--judge-retries", type=int,
-                   help="retries of an unanswered judge call (back-off 1, 2, 4, ... s)")
+    J.add_flags(p)
     p.add_argument("--device")
     return U.parse_args(p, argv)
 

@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from lib import data as D
+from lib import judge_client as J
 from lib import models as M
 from lib import scorers as S
 from lib import utils as U
@@ -138,13 +139,7 @@ def parse(argv=None):
                         "natively (models.sample_dtype)")
     p.add_argument("--chunk-size", type=int, help="pairs per resumable chunk")
     p.add_argument("--judge", choices=["toy", "openai"])
-    p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url",
-                   help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
-    p.add_argument("--judge-timeout", type=float,
-                   help="seconds to wait for one judge answer before a retry")
-    p.add_argument("--judge-retries", type=int,
-                   help="retries of an unanswered judge call (back-off 1, 2, 4, ... s)")
+    J.add_flags(p)
     p.add_argument("--quality", choices=["toy", "pickscore"], help="the quality reward r(x, c)")
     p.add_argument("--pickscore-model")
     p.add_argument("--pickscore-processor")

@@ -273,3 +273,14 @@ class OpenAIJudge:
         if answer is None:
             self.stats["unparseable"] += 1
         return answer
+
+
+def add_flags(p) -> None:
+    """The OpenAI-compatible judge's flags, shared by every stage that asks it (0, 1, 3)."""
+    p.add_argument("--judge-model")
+    p.add_argument("--judge-base-url",
+                   help="OpenAI-compatible endpoint (default OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--judge-timeout", type=float,
+                   help="seconds to wait for one judge answer before a retry")
+    p.add_argument("--judge-retries", type=int,
+                   help="retries of an unanswered judge call (back-off 1, 2, 4, ... s)")
