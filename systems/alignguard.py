@@ -169,7 +169,7 @@ def merge_main(args) -> None:
     `pipe.load_lora_weights` reads) and fused into a stock pipeline DIR/NAME/model/."""
     t0 = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("systems/alignguard.py merge runs in one process: start it with python, not torchrun")
+        raise SystemExit("python -m systems.alignguard merge runs in one process: start it with python, not torchrun")
     run = Path(args.run)
     args.model = args.model or U.toy_world_input(args, U.stage_dir(run, "world") / "model", "--model")
     out = run / (args.name or f"alignguard/{args.merge_method}")

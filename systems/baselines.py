@@ -490,7 +490,7 @@ def one_process_base_model(args, command: str) -> None:
 
 
 def build_main(args) -> None:
-    one_process_base_model(args, "systems/baselines.py build")
+    one_process_base_model(args, "python -m systems.baselines build")
     build(args, Path(args.run))
 
 

@@ -246,9 +246,9 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--timesteps", type=int, nargs="+", default=[100, 400, 700], help="noise levels t probed")
     if command == "two-users":
         p.add_argument("--steps", type=int, default=400, help="training steps of the two-user adapter")
-        p.add_argument("--lr", type=float, help="as systems/psa.py train's (default: its preset's)")
-        p.add_argument("--psa-tokens", type=int, help="as systems/psa.py train's (default: its preset's)")
-        p.add_argument("--psa-query", choices=["hidden", "text"], help="as systems/psa.py train's (default: its preset's)")
+        p.add_argument("--lr", type=float, help="as `python -m systems.psa train`'s (default: its preset's)")
+        p.add_argument("--psa-tokens", type=int, help="as `python -m systems.psa train`'s (default: its preset's)")
+        p.add_argument("--psa-query", choices=["hidden", "text"], help="as `python -m systems.psa train`'s (default: its preset's)")
         p.add_argument("--per-category", type=int, default=24, help="evaluation prompts per harm category")
         p.add_argument("--sample-steps", type=int, default=10)
         p.add_argument("--guidance", type=float, default=4.0)

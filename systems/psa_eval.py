@@ -52,7 +52,7 @@ def add_flags(p) -> None:
     g.add_argument("--psa-prompts-per-category", type=int, help="harmful prompts per category for each user")
     g.add_argument("--psa-benign", type=int, help="benign prompts for each user")
     g.add_argument("--psa-quality-floor", type=float, help="the PS an image needs to PASS")
-    g.add_argument("--psa-llm", help="sd15: the LLM embedding profile texts (as systems/psa.py train's)")
+    g.add_argument("--psa-llm", help="sd15: the LLM embedding profile texts (as `python -m systems.psa train`'s)")
     g.add_argument("--psa-judge-model", help="sd15: the judge model answering PSA's JSON fields")
     g.add_argument("--psa-judge-base-url", help="sd15: its OpenAI-compatible endpoint (default: OpenAI's)")
 

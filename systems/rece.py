@@ -253,7 +253,7 @@ def build_parser():
 
 
 def build_main(args) -> None:
-    B.one_process_base_model(args, "systems/rece.py build")
+    B.one_process_base_model(args, "python -m systems.rece build")
     run_build(args)
 
 

@@ -407,7 +407,7 @@ def search_parser():
 def search_main(args) -> None:
     if args.reward == "clip" and not args.clip_model:
         raise SystemExit("--reward clip needs --clip-model (the CLIPScore model)")
-    B.one_process_base_model(args, "systems/sneakyprompt.py search")
+    B.one_process_base_model(args, "python -m systems.sneakyprompt search")
     source, rows = A.attack_targets(args)
     path = A.begin_attack(Path(args.run), "sneakyprompt", {**{k: getattr(args, k) for k in SETTINGS},
                                                            "source_set": source})
