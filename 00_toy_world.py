@@ -10,7 +10,8 @@ Outputs (DIR = --run):
   DIR/world/model/           a stock diffusers StableDiffusionPipeline folder (--arch sdxl:
                              StableDiffusionXLPipeline, for Appendix E on the toy: make sdxl)
   DIR/world/prompts/*.jsonl  harmful (with safe rewrites), benign, look-alike; train/eval
-  DIR/world/contact_sheet.png, metrics.json, config.json, log.jsonl
+  DIR/world/contact_sheet.png, metrics.json, config.json, log.jsonl (and with --report-to,
+                             tb/ or wandb/: lib/tracking.py)
 
 Order: prompts -> drawn training set -> VAE -> text encoder + UNet (eps-prediction, the SD
 recipe) -> save the pipeline -> measure it with the judges. Each training phase checkpoints
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from lib import models as M
 from lib import plots
 from lib import toyworld as W
+from lib import tracking as T
 from lib import utils as U
 
 # Whose each number is: the toy's own, all of them. The paper trains no base model: it aligns
@@ -51,7 +53,9 @@ U.PRESETS["toy"]["world"] = dict(
     ema_decay=0.995,  # an average over about the last 200 of the 1,500 UNet steps
     ckpt_every=200,  # a kill redoes at most 200 steps
     arch="sd",  # SD-1.5's architecture; sdxl is Appendix E's (make sdxl)
-    eval_per_set=64, judge_check=2000,  # the targets' samples, and scenes to check the judge on
+    # the targets' samples: 64 benign and look-alike prompts, 24 harmful ones per category (of
+    # about 51 held out each), and the scenes the judge is checked on
+    eval_per_set=64, eval_per_category=24, judge_check=2000,
     # every toy stage's sampling: 10 DDIM steps draw what 20 do (lib/utils.py); guidance 4,
     # with which the model meets the targets above
     sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0,
@@ -62,7 +66,8 @@ U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])
 # --tiny: every path in seconds; the UNet checkpoint at step 10 of 20 lets the resume test
 # stop a run on either side of it
 U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20,
-                       unet_channels="32,64", eval_per_set=8, sample_steps=4, judge_check=200,
+                       unet_channels="32,64", eval_per_set=8, eval_per_category=1,
+                       sample_steps=4, judge_check=200,
                        ckpt_every=10)
 
 
@@ -88,12 +93,16 @@ def parse(argv=None):
                    help="share of empty prompts, for classifier-free guidance")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--eval-per-set", type=int, help="held-out prompts sampled per prompt set")
+    p.add_argument("--eval-per-set", type=int,
+                   help="held-out benign and look-alike prompts sampled, each")
+    p.add_argument("--eval-per-category", type=int,
+                   help="held-out harmful prompts sampled per harm category")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--judge-check", type=int,
                    help="ground-truth images for the judge-agreement figure")
     p.add_argument("--device")
+    T.add_flags(p)  # --report-to
     return U.parse_args(p, argv)
 
 
@@ -101,42 +110,15 @@ def parse(argv=None):
 # 1. Prompt lists: harmful (each with its safe rewrite), benign, look-alike; disjoint splits
 # ---------------------------------------------------------------------------------------
 
-def prompt_row(kind: str, n: int, prompt: str, scene: dict) -> dict:
-    """A prompt list's row; a harmful one carries its safe rewrite (the scene without its
-    harm) and its category, concept and severity."""
-    row = {"id": f"{kind}-{n:05d}", "prompt": prompt, "kind": kind, "scene": dict(scene)}
-    if kind == "harmful":
-        row.update(safe_prompt=W.scene_to_prompt(scene, with_harm=False),
-                   category=scene["category"], concept=scene["concept"],
-                   severity=scene["severity"])
-    return row
-
-
 def build_prompt_lists(args, out: Path) -> dict[str, list[dict]]:
+    """The six lists (lib/toyworld.prompt_lists), written once and read back on a rerun."""
     prompt_dir = out / "prompts"
     kinds = ("harmful", "benign", "lookalike")
     files = {f"{k}_{split}": prompt_dir / f"{k}_{split}.jsonl"
              for k in kinds for split in ("train", "eval")}
     if all(f.exists() for f in files.values()):
         return {name: U.read_jsonl(f) for name, f in files.items()}
-    rng = random.Random(args.seed)
-    lists = {}
-    for kind in kinds:
-        seen, rows = set(), []
-        # until n_prompts distinct ones, or the grammar runs out
-        for _ in range(args.n_prompts * 20):
-            if len(rows) == args.n_prompts:
-                break
-            scene = W.random_scene(rng, kind)
-            prompt = W.scene_to_prompt(scene)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            for key in ("position", "slots"):  # drawn per image, not part of the prompt
-                scene.pop(key)
-            rows.append(prompt_row(kind, len(rows), prompt, scene))
-        n_eval = int(round(len(rows) * args.eval_fraction))
-        lists[f"{kind}_eval"], lists[f"{kind}_train"] = rows[:n_eval], rows[n_eval:]
+    lists = W.prompt_lists(random.Random(args.seed), args.n_prompts, args.eval_fraction)
     for name, rows in lists.items():
         U.write_jsonl(files[name], rows)
     return lists
@@ -207,6 +189,20 @@ def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def vae_training_set(args, x: torch.Tensor) -> torch.Tensor:
+    """The drawn set, 1-3 blob slots of every second image repainted in any mark colour alike.
+    SD's VAE learnt from generic images, not the prompts'. Trained on the drawn set alone,
+    where a harm colour is a few blobs in a tenth of the images, the VAE decoded 17% of sexual
+    marks at their severity, 42% with this set (docs/results.md, "Every category drawn")."""
+    rng = random.Random(args.seed + 3)
+    images = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8)
+    for i in range(0, len(images), 2):
+        for k in rng.sample(range(len(W.SLOTS)), rng.randint(1, 3)):
+            y, x0 = W.SLOTS[k]
+            images[i, y:y + W.BLOB, x0:x0 + W.BLOB] = torch.tensor(rng.choice(W.MARK_COLORS))
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
     """Reconstruction (L1 + MSE) with a tiny KL weight, as latent-diffusion VAEs are trained."""
     state = ckpt.load() or {}
@@ -236,6 +232,7 @@ def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
         opt.step()
         if step % 50 == 0:
             log.write(phase="vae", step=step, loss=loss.item())
+            log.scalars({"lr": opt.param_groups[0]["lr"]}, step, "vae")
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
             state = {"vae": vae.state_dict(), "vae_opt": opt.state_dict(), "vae_step": step + 1,
                      "vae_done": step + 1 == args.vae_steps}
@@ -314,7 +311,7 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -322,6 +319,8 @@ def train_unet(args, text_encoder, unet, tokenizer, scheduler, latents, prompts,
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if step % 50 == 0:
             log.write(phase="unet", step=step, loss=loss.item())
+            lr = opt.param_groups[0]["lr"]
+            log.scalars({"lr": lr, "grad_norm": float(grad_norm)}, step, "unet")
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
             state.update(unet=unet.state_dict(), text=text_encoder.state_dict(),
@@ -352,7 +351,7 @@ def train_world(args, out: Path, lists, log: U.MetricsLog, device) -> None:
     x, prompts = draw_training_set(args, lists)
     tokenizer, vae, text_encoder, unet = build_models(args)
     ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
-    train_vae(args, vae, x, ckpt, log, device)
+    train_vae(args, vae, vae_training_set(args, x), ckpt, log, device)
     lat_mean, lat_std = encode_latents(vae, x, device)
     # SD scales latents to unit variance; we measure the factor instead of assuming 0.18215
     scale = float(1.0 / lat_mean.std())
@@ -373,12 +372,22 @@ def train_world(args, out: Path, lists, log: U.MetricsLog, device) -> None:
 # 3. Measure the unaligned model with the exact judges
 # ---------------------------------------------------------------------------------------
 
+def eval_rows(args, lists, kind: str) -> list[dict]:
+    """The held-out prompts a target is measured on: for the harmful set, as many of each
+    category, so that a rarely drawn category shows in its own rate."""
+    if kind != "harmful":
+        return lists[f"{kind}_eval"][: args.eval_per_set]
+    return [r for cat in W.HARM
+            for r in [r for r in lists["harmful_eval"] if r["category"] == cat]
+            [: args.eval_per_category]]
+
+
 def evaluate_world(args, out: Path, lists, device) -> dict:
     # the stock loader: the folder is a real SD pipeline
     pipe = M.load_pipeline(out / "model", device)
     figures, sheet = {}, []
     for kind in ("harmful", "benign", "lookalike"):
-        rows = lists[f"{kind}_eval"][: args.eval_per_set]
+        rows = eval_rows(args, lists, kind)
         seeds = [args.seed * 10_000 + i for i in range(len(rows))]
         samples = M.generate(pipe, [r["prompt"] for r in rows], seeds, args.sample_steps,
                              args.guidance)
@@ -389,7 +398,9 @@ def evaluate_world(args, out: Path, lists, device) -> dict:
         figures[f"harmful_rate_on_{kind}"] = float(np.mean([j >= 1 for j in judged]))
         figures[f"quality_{kind}"] = float(np.mean(q))
         figures[f"quality_ratio_{kind}"] = float(np.mean(q) / np.mean(q_true))
-        for r, im, gt in list(zip(rows, samples, truth))[:6]:
+        if kind == "harmful":
+            figures["harmful_rate_by_category"] = rate_by_category(rows, judged)
+        for r, im, gt in list(zip(rows, samples, truth))[::max(1, len(rows) // 6)][:6]:
             sheet.append((f"[{kind}] {r['prompt']}  (judge {W.toy_judge(im)})", [gt, im]))
     rng = random.Random(args.seed + 2)
     agree = 0
@@ -399,6 +410,14 @@ def evaluate_world(args, out: Path, lists, device) -> dict:
     figures["judge_agreement"] = agree / args.judge_check
     plots.contact_sheet(sheet, out / "contact_sheet.png")
     return figures
+
+
+def rate_by_category(rows: list[dict], judged: list[int]) -> dict[str, float]:
+    """Per harm category, the share of its prompts on which the judge finds harm (any kind)."""
+    hits: dict[str, list[bool]] = {cat: [] for cat in W.HARM}
+    for r, j in zip(rows, judged):
+        hits[r["category"]].append(j >= 1)
+    return {cat: float(np.mean(h)) for cat, h in hits.items() if h}
 
 
 def main():
@@ -412,7 +431,7 @@ def main():
     out = U.stage_dir(args.run, "world")
     out.mkdir(parents=True, exist_ok=True)
     U.save_config(args, out)
-    log = U.MetricsLog(out / "log.jsonl")
+    log = T.Log(out / "log.jsonl", args)  # log.jsonl, and --report-to's tracker
 
     lists = build_prompt_lists(args, out)
     U.log("prompts: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
@@ -421,6 +440,9 @@ def main():
     figures = evaluate_world(args, out, lists, device)
     figures["seconds"] = round(time.time() - t0, 1)
     U.atomic_write_json(out / "metrics.json", figures)
+    log.scalars(figures, args.unet_steps, "eval")
+    log.image("eval/contact_sheet", U.load_png(out / "contact_sheet.png"), args.unet_steps)
+    log.close()
     U.log(U.format_metrics(figures))
 
 

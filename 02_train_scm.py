@@ -22,12 +22,13 @@ spread of held-out safe costs for both, to measure the paper's claim rather than
 Reads (DIR = --run):  DIR/coarse/pairs.jsonl and its images (stage 1).
 Writes:  DIR/scm/scm.safetensors + scm_config.json (what `scorers.load_scm` reads: stages 3
 and 5 score every image with it), DIR/scm/no_anchor/ (the γ = 0 model), metrics.json,
-config.json, log.jsonl.
+config.json, log.jsonl (and with --report-to, tb/ or wandb/: lib/tracking.py).
 Runs as `python 02_train_scm.py` or under `torchrun --nproc_per_node=N` (DDP).
 """
 import argparse
 import math
 import multiprocessing
+import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 import common as C
 from lib import scorers as S
+from lib import tracking as T
 from lib import utils as U
 
 # Whose each number is. Sec. 3.1 gives the backbone (OpenCLIP ViT-H/14 with a lightweight
@@ -52,9 +54,15 @@ U.PRESETS["toy"]["scm"] = dict(
     # the toy's: batch 64, a head rate ×2 and a tower rate ×3 or ×½ did no better there
     batch=32, lr=1e-3, lr_tower=5e-4,
     gamma=1.0,  # ours: the paper gives no γ (Eq. 1); 1 weighs L_CR and L_CA alike
+    # the toy's: the trained costs scaled so that harmful training images average 8 units above
+    # μ_safe (set_cost_span). Unscaled, the toy's SCMs spanned 3.5-4.8 units, and at the
+    # paper's λ = 0.15 the harmful side won 9-15% of harmful-safe pairs, more where the span
+    # was smaller (docs/results.md, "What moves the toy's verdicts")
+    cost_span=8.0,
     # the toy's: refreshing μ_safe every 5 steps did no better there; of "a large pool"
     # (Sec. 3.1) the toy keeps a fixed 256 images, one batch of `costs` per refresh
     mu_every=25, mu_pool=256,
+    vertical_flip=True,  # the toy's: its harm marks have no up or down (flip_augment)
     ckpt_every=100,  # the toy's: a kill redoes at most 100 steps
     # a bad row stops the run; the toy's 3,000 decoded 32-pixel images fit in memory
     skip_bad=False, cache_images=True,
@@ -72,8 +80,12 @@ U.PRESETS["sd15"]["scm"] = dict(
     # it, at 1% of that, so as not to forget what it was pretrained on
     lr=1e-4, lr_tower=1e-6,
     gamma=1.0,  # ours: the paper gives no γ (Eq. 1); 1 weighs L_CR and L_CA alike
+    cost_span=None,  # the paper's SCM: its costs as trained, unscaled
     # ours: "a large pool" (Sec. 3.1) of 2,048 verified safe images, re-measured 30 times a run
     mu_every=100, mu_pool=2048,
+    # ours: horizontal flips only. Photographs have an up and a down: an upside-down image is
+    # out of what the frozen ViT-H saw in pretraining and of what SD-1.5 draws
+    vertical_flip=False,
     ckpt_every=500,  # ours: a kill redoes at most 500 steps
     # a bad row stops the run; 15,000 decoded 512-pixel images would hold about 11 GiB in
     # every process, so they are decoded on demand
@@ -81,7 +93,8 @@ U.PRESETS["sd15"]["scm"] = dict(
     no_anchor_baseline=True, baseline_in_parallel=True, device=None)
 # --tiny, the toy's for tests: the smallest run that re-measures μ_safe and checkpoints midway
 # (a resume has a step 3 to start from), with a batch that two processes split evenly
-U.TINY["scm"] = dict(steps=6, batch=8, mu_every=3, mu_pool=16, ckpt_every=3)
+# (a 6-step SCM need not rank yet, so its costs stay as trained: cost_span 0)
+U.TINY["scm"] = dict(steps=6, batch=8, mu_every=3, mu_pool=16, ckpt_every=3, cost_span=0)
 
 
 def parse(argv=None):
@@ -97,9 +110,15 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, help="adapter head learning rate")
     p.add_argument("--lr-tower", type=float)
     p.add_argument("--gamma", type=float, help="weight of the cost anchoring loss (Eq. 1)")
+    p.add_argument("--cost-span", type=float,
+                   help="after training, scale the costs so that harmful training images "
+                        "average this far above μ_safe (what λ of Eq. 6 weighs); 0: as trained")
     p.add_argument("--mu-every", type=int, help="steps between refreshes of μ_safe")
     p.add_argument("--mu-pool", type=int,
-                   help="verified safe training images μ_safe is averaged over")
+                   help="verified safe training images μ_safe is averaged over, drawn at "
+                        "random (--seed) from all of them")
+    p.add_argument("--vertical-flip", action=argparse.BooleanOptionalAction,
+                   help="flip images vertically as well as horizontally while training")
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction,
                    help="skip (and count) bad pair rows instead of stopping")
@@ -111,6 +130,7 @@ def parse(argv=None):
                    help="on a CPU, single process: train the γ = 0 model in a second process "
                         "at the same time, half the threads each")
     p.add_argument("--device")
+    T.add_flags(p)  # --report-to
     return U.parse_args(p, argv)
 
 
@@ -134,17 +154,20 @@ def load_pairs(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
     return U.read_checked_rows(path, check, skip_bad)
 
 
-def split_pairs(path: Path, pairs: list[dict], mu_pool: int) -> tuple[list, list, list]:
+def split_pairs(path: Path, pairs: list[dict], mu_pool: int,
+                seed: int) -> tuple[list, list, list]:
     """(train pairs, held-out pairs, μ_safe's pool). The judge's held-out split (by prompt,
     stage 1) gives the figures; the rest trains. The pool is Sec. 3.1's "verified safe
-    samples": the first --mu-pool safe training images (sign −1, the judge's verdict)."""
+    samples": --mu-pool of the safe training images (sign −1, the judge's verdict), drawn at
+    random over all of them. Not the first ones by name: stage 1 names the harmful prompts'
+    images first, so those would be borderline images of harmful prompts only."""
     train = [p for p in pairs if p.get("split", "train") == "train"]
     held_out = [p for p in pairs if p.get("split") == "eval"]
     if not train or not held_out:
         raise U.DataError(f"{path}: need train and eval pairs, got {len(train)} and "
                           f"{len(held_out)}")
     pool = sorted({p[s]["file"] for p in train for s in ("w", "l") if p[s]["sign"] == -1})
-    pool = pool[:mu_pool]
+    pool = sorted(random.Random(seed).sample(pool, min(mu_pool, len(pool))))
     if not pool:
         raise U.DataError("no verified safe image (sign -1) among the training pairs: "
                           "μ_safe is undefined")
@@ -178,7 +201,8 @@ def flip_augment(images: torch.Tensor, flip_w: torch.Tensor,
     """Horizontal / vertical flips of uint8 [B, H, W, 3] where the [B] masks say. The reason
     is the toy's, not the paper's (Sec. 3.1 names no augmentation): toy harm marks do not
     depend on orientation, and on a small (1,500-image) toy coarse set the flips lifted
-    held-out pair accuracy from 89% to 92% (docs/results.md). The sd15 preset flips too."""
+    held-out pair accuracy from 89% to 92% (docs/results.md). sd15 flips horizontally only
+    (--no-vertical-flip, its preset)."""
     images = torch.where(flip_w.view(-1, 1, 1, 1), images.flip(2), images)
     return torch.where(flip_h.view(-1, 1, 1, 1), images.flip(1), images)
 
@@ -190,6 +214,7 @@ def draw_batch(args, step: int, train_pairs: list[dict], dist: U.Dist):
     g = U.step_generator(args.seed, step)
     idx = torch.randint(len(train_pairs), (args.batch,), generator=g)
     flips = torch.rand(2, 2, args.batch, generator=g) < 0.5
+    flips[1] &= args.vertical_flip
     flips = flips[..., dist.rank::dist.world_size].flatten(1)
     mine = [train_pairs[i] for i in idx[dist.rank::dist.world_size].tolist()]
     return mine, flips
@@ -246,7 +271,7 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
     # DDP's wrapper fits here: every step is one forward and one backward, the same on every
     # rank. (Stage 4 sums gradients by hand, since DFM's extra passes differ from rank to rank.)
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
-    log = U.MetricsLog(out / "log.jsonl")
+    log = T.Log(out / "log.jsonl", args)  # log.jsonl, and --report-to's tracker
     log.truncate(lambda r: r["step"] < start)  # the steps about to be redone go
     model.train()
     for step in tqdm(range(start, args.steps), desc=f"scm γ={gamma:g}", initial=start,
@@ -275,13 +300,43 @@ def train_scm(args, gamma: float, train_pairs, safe_pool, bank, out: Path, dist:
         opt.step()
         if step % 10 == 0:
             log.write(gamma=gamma, step=step, loss=loss.item(), mu_safe=mu)
+            # this process's pairs ranked right: under DDP, rank 0's share of the batch
+            ranked = (cost_w > cost_l).float().mean().item()
+            log.scalars({"lr": opt.param_groups[0]["lr"], "pair_accuracy": ranked}, step)
         if dist.is_main and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
             ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                        "mu_safe": mu})
-    mu = safe_anchor(model, bank, safe_pool, dist.device)
+    log.close()
+    model.eval()
+    mu, scale = safe_anchor(model, bank, safe_pool, dist.device), 1.0
+    if args.cost_span:
+        mu, scale = set_cost_span(model, bank, train_pairs, safe_pool, mu, args, dist.device)
     if dist.is_main:
         S.save_scm(model, out, mu)
-    return model.eval(), mu
+    return model, mu, scale
+
+
+def set_cost_span(model, bank, train_pairs, safe_pool, mu: float, args, device):
+    """C ← k·C, with k such that harmful training images average --cost-span above μ_safe:
+
+        k = span / (mean_{x harmful} C(x) − μ_safe),   μ_safe ← k·μ_safe
+
+    Eq. 1 fixes the sign of a cost (0 parts harmful from safe) but not its unit: the logistic
+    terms keep pushing costs apart for as long as training runs, so the unit differs from
+    run to run, and with it what λ of Eq. 6 weighs a cost against quality. A positive k keeps
+    every sign and every ranking. The harmful images are as many as μ_safe's pool, drawn by
+    --seed; k is folded into the head's last layer, so the saved model carries it."""
+    harmful = sorted({p[s]["file"] for p in train_pairs for s in ("w", "l") if p[s]["sign"] == 1})
+    harmful = sorted(random.Random(args.seed).sample(harmful, min(len(safe_pool), len(harmful))))
+    gap = float(costs(model, bank, harmful, device).mean()) - mu
+    if not gap > 0:
+        raise U.DataError(f"the trained SCM costs harmful training images {gap:.3g} above "
+                          f"μ_safe, not more: it has not learnt to rank (--cost-span needs it)")
+    scale = args.cost_span / gap
+    with torch.no_grad():
+        model.head[-1].weight.mul_(scale)
+        model.head[-1].bias.mul_(scale)
+    return mu * scale, scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,7 +368,7 @@ def train_no_anchor(args, train_pairs, eval_pairs, safe_pool, out: Path, threads
         torch.set_num_threads(threads)
     dist = dist or U.Dist(0, 1, 0, torch.device("cpu"))
     bank = bank or ImageBank(args.cache_images)
-    model, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
+    model, _, _ = train_scm(args, 0.0, train_pairs, safe_pool, bank, out / "no_anchor", dist)
     return evaluate(model, eval_pairs, bank, dist.device)
 
 
@@ -337,7 +392,11 @@ def main():
         U.save_config(args, out)
 
     pairs, n_bad = load_pairs(coarse / "pairs.jsonl", args.skip_bad)
-    train_pairs, eval_pairs, safe_pool = split_pairs(coarse / "pairs.jsonl", pairs, args.mu_pool)
+    train_pairs, eval_pairs, safe_pool = split_pairs(coarse / "pairs.jsonl", pairs, args.mu_pool,
+                                                     args.seed)
+    if dist.is_main:
+        U.atomic_write_json(out / "mu_safe_pool.json", [str(f.relative_to(coarse))
+                                                       for f in safe_pool])
     bank = ImageBank(args.cache_images)
     U.log(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out, {n_bad} bad rows "
           f"skipped; μ_safe pool {len(safe_pool)} images")
@@ -353,8 +412,8 @@ def main():
         baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out,
                                threads // 2)
         torch.set_num_threads(threads - threads // 2)
-    model, mu = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
-    metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu,
+    model, mu, scale = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
+    metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu, "cost_scale": scale,
                "gamma": args.gamma, "n_train_pairs": len(train_pairs),
                "n_eval_pairs": len(eval_pairs), "bad_rows_skipped": n_bad}
     if args.no_anchor_baseline:
@@ -367,6 +426,7 @@ def main():
                                 bank=bank)
         metrics.update(no_anchor_figures(b, metrics))
     metrics["seconds"] = round(time.time() - t0, 1)
+    T.summary(args, out, metrics, args.steps)  # the held-out accuracies, to --report-to's tracker
     if dist.is_main:
         U.atomic_write_json(out / "metrics.json", metrics)
     U.log(U.format_metrics(metrics))

@@ -48,6 +48,7 @@ A killed run skips the chunks whose shard exists. Runs as `python 03_build_hf.py
 """
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +387,7 @@ def hf_metrics(shards: list[dict], records: list[dict]) -> dict:
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
     return {
         "n_pairs": len(records), "n_harmful_safe": len(hs), "n_safe_safe": len(ss),
+        "harmful_safe_by_category": dict(sorted(Counter(p["category"] for p in hs).items())),
         "dropped_not_safer": sum(s["dropped_not_safer"] for s in shards),
         "skipped_no_answer": sum(s["skipped_no_answer"] for s in shards),
         "share_safe_side_severity_0": mean([p["b"]["severity"] == 0 for p in hs

@@ -22,13 +22,15 @@ augmentations, the one that turns its gradient the most (argmax 1 − cos(g_i, g
 Reads (DIR = --run):  DIR/<data>/hf_pairs.jsonl (stage 3's; --data), the base model (--model)
 Writes (NAME = --name, default the objective):
   DIR/NAME/model/       the aligned model, a stock diffusers pipeline folder (the base's class)
+                        with its model card, README.md (lib/model_card.py)
   DIR/NAME/lora/        with --lora-rank > 0: weights for `pipe.load_lora_weights`
   DIR/NAME/model.json   what stage 5 needs to find and evaluate it (models.write_manifest)
   DIR/NAME/log.jsonl    every --log-every steps: loss, implicit accuracy, reward margin, DFM
+  DIR/NAME/tb/, wandb/, validation/   with --report-to, --validation-every (lib/tracking.py)
   DIR/NAME/metrics.json, config.json, ckpt/train_state.pt, cache/ (latents, text embeddings)
 
 Launch:  python 04_train_spo.py [--objective spo|safety|safe-wins], or one process per GPU:
-         torchrun --nproc_per_node=N 04_train_spo.py --run-dir DIR ...
+         torchrun --nproc_per_node=N 04_train_spo.py --run-dir DIR ... [--shard: lib/shard.py]
 
 The math is in common.py; this script is the data and the loop: setup(), train_step() with
 its three numbered phases, finish(). T2I-SPO's choice at each point of the loop is a method of
@@ -39,13 +41,15 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import common as C
 from lib import data as D
+from lib import model_card as MC
 from lib import models as M
+from lib import shard as S
+from lib import tracking as T
 from lib import utils as U
 
 # Each number is the paper's (Sec. 6.1, its SD-1.5 run), the Diffusion-DPO authors' code's ("DPO
@@ -68,8 +72,9 @@ U.PRESETS["sd15"]["spo"] = dict(
     # nor which gradients Eq. 11 compares (the trained weights nearest the output: one short
     # backward; conv_out, or under LoRA, which freezes it, None: the last transformer block's)
     dfm_k=5, dfm_patience=2, dfm_modules=["conv_out"], dfm_lora_modules=None,
+    dfm_reading="loss",  # the paper's: each visit's loss (Eq. 10's words; docs/results.md, DFM)
     grad_checkpointing=True, bf16=True,  # ours: full fine-tuning in a 24-GB GPU (the paper's)
-    log_every=10, skip_bad=False, device=None)  # ours
+    log_every=10, skip_bad=False, device=None, shard=False)  # ours
 # Appendix E on SDXL: sd15's settings (the paper gives none of its own) at 1,024 px
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 U.PRESETS["sdxl"]["spo"] = dict(U.PRESETS["sd15"]["spo"], model=SDXL)
@@ -119,12 +124,10 @@ def parser(stage: str = "spo", description: str | None = None) -> argparse.Argum
     p.add_argument("--dfm-modules", nargs="+", help="UNet modules whose weights Eq. 11 compares")
     p.add_argument("--dfm-lora-modules", nargs="+", help="with LoRA: those whose LoRA factors")
     p.add_argument("--dfm-augmentations", nargs="+", choices=C.AUGMENTATIONS, help="Eq. 11's pool")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (GPU only)")
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip bad pair rows")
-    p.add_argument("--device")
+    p.add_argument("--dfm-reading", choices=C.DFM_READINGS, help="Eq. 10's queue holds each "
+                   "visit's loss (the paper's), probe: the loss at a fixed t, ε; or normalised")
+    M.add_machine_flags(p)  # --grad-checkpointing, --bf16, --shard, --device, ...
+    T.add_flags(p, validation=True)  # --report-to, --validation-every, --validation-prompts
     return p
 
 
@@ -190,7 +193,7 @@ class SPO:
 
     def save(self, tr: "Training") -> None:
         """The aligned model as a stock pipeline folder (and its LoRA, with --lora-rank)."""
-        M.save_final(tr.args, tr.unet, tr.out)
+        M.save_final(tr.args, tr.unet, tr.out, S.full_weights(tr.ckpt, self.state(tr)))
 
     def publish(self, tr: "Training") -> None:
         """model.json: the folder is a finished model for stage 5 to evaluate."""
@@ -230,6 +233,7 @@ class Training:
     queue: C.DescentRateQueue | None = None  # Eq. 10's loss queues
     step: int = 0
     totals: dict = dataclasses.field(default_factory=lambda: M.dfm_totals(C.AUGMENTATIONS))
+    memory: dict = dataclasses.field(default_factory=dict)  # --shard: S.bytes_per_process
 
 
 def setup(args, spo: SPO) -> Training:
@@ -251,23 +255,19 @@ def setup(args, spo: SPO) -> Training:
     pairs, counts = spo.pairs(args, hf)
     # how often the reward lets the safe image win a harmful-safe pair: 100% for the safety
     # objectives; below it for T2I-SPO, where a faithful harmful image outscores a poor safe one
-    hs = [p for p in pairs if p["kind"] == "harmful-safe"]
-    safe_wins = sum(p["w"]["role"] == "safe" for p in hs)
-    counts["safe_side_wins_harmful_safe"] = safe_wins / max(1, len(hs))
-    if len(pairs) < args.batch:
-        raise U.DataError(f"{hf / 'hf_pairs.jsonl'}: {len(pairs)} pairs left after relabelling "
-                          f"and selection ({counts['pairs_dropped']} dropped by --margin), fewer "
-                          f"than one batch of {args.batch}")
+    counts["safe_side_wins_harmful_safe"] = M.safe_side_wins(pairs)
+    M.require_a_batch(pairs, args.batch, counts["pairs_dropped"], hf / "hf_pairs.jsonl")
     U.log(f"{len(pairs)} pairs after relabelling (objective {args.objective}, λ={args.lam}); "
           f"{counts}; {dist.world_size} process(es), micro-batches of {micro}")
 
     # The frozen parts run once: every latent and text embedding is cached before training
     unet, ref, vae, prompt_encoder, noise_scheduler = spo.models(args, dist.device)
+    S.shard(args.shard, dist.device, unet, ref)  # --shard: FSDP2 over the processes
     size = M.image_size(unet, vae)
     latents, text, index = M.build_caches(args, pairs, vae, prompt_encoder, out, dist, size)
     prompt_encoder.cpu()  # done with it: the cache holds every embedding
     ckpt = U.Checkpoint(out / "ckpt" / "train_state.pt")
-    log = U.MetricsLog(out / "log.jsonl")
+    log = T.Log(out / "log.jsonl", args)  # log.jsonl, and --report-to's tracker
     tr = Training(args=args, spo=spo, dist=dist, out=out, pairs=pairs, data_counts=counts,
                   unet=unet, ref=ref, vae=vae, noise_scheduler=noise_scheduler, size=size,
                   latents=latents, text=text, index=index, mine=mine, micro=micro,
@@ -279,14 +279,14 @@ def setup(args, spo: SPO) -> Training:
     tr.opt = U.adamw(tr.params, lr=lr, weight_decay=args.weight_decay)
     warmup = lambda s: min(1.0, (s + 1) / max(1, args.warmup))  # linear (Sec. 6.1), then constant
     tr.sched = torch.optim.lr_scheduler.LambdaLR(tr.opt, warmup)
-    tr.queue = C.DescentRateQueue(args.dfm_k, args.dfm_tau, args.dfm_patience)
+    tr.queue = C.DescentRateQueue.for_run(args, noise_scheduler, tr.latents.shape[1:], mine)
     resume(tr)
     return tr
 
 
 def resume(tr: Training) -> None:
     """Continue from the checkpoint, if there is one; the log keeps each step exactly once."""
-    state = tr.ckpt.load()
+    state = S.load_checkpoint(tr.ckpt, tr.opt, lambda: tr.spo.state(tr))  # --shard: from DCP
     if state:
         tr.spo.load_state(tr, state["model"])
         tr.opt.load_state_dict(state["opt"])
@@ -314,6 +314,7 @@ def dfm_copies(tr: Training, step: int, ids: list, t, noise, hard_ids: set) -> t
     the copies' losses."""
     args, dev = tr.args, tr.dist.device
     hard = [(j, i) for j, i in enumerate(ids) if i in hard_ids]
+    hard, weight = S.stand_in(tr.unet, hard, (0, ids[0]), bool(hard_ids))  # --shard: lockstep
     chosen = torch.zeros(len(C.AUGMENTATIONS) + 1)
     if hard:
         # each keeps its visit's t and ε; its augmentations draw from a stream named by its
@@ -332,9 +333,9 @@ def dfm_copies(tr: Training, step: int, ids: list, t, noise, hard_ids: set) -> t
         z = torch.stack([z for _, z in picks])
         js = [j for j, _ in hard]
         per_pair, _, _ = pair_losses(tr, [i for _, i in hard], t[js], noise[js], z)
-        (per_pair.sum() / args.batch).backward()
+        (weight * per_pair.sum() / args.batch).backward()
         chosen[-1] = per_pair.detach().sum().float().cpu()
-    return U.all_gather_cat(chosen[None]).sum(0)
+    return U.all_gather_cat(weight * chosen[None]).sum(0)
 
 
 def train_step(tr: Training) -> dict:
@@ -358,6 +359,8 @@ def train_step(tr: Training) -> dict:
             raise M.nonfinite_loss(tr.ckpt.path, step, str(e)) from None
         (per_pair.sum() / args.batch).backward()
         parts.append((per_pair.detach(), dt, dr))
+    S.lockstep(tr.unet, args.batch, args.micro_batch, len(ids),  # --shard: equal passes
+               lambda: pair_losses(tr, ids[:1], t[:1], noise[:1])[0])
     # every process sees every pair's loss, in the batch's order: a NaN stops all of them, and
     # the DFM queues stay identical everywhere
     gathered = (U.gather_positions(torch.cat(x).float().cpu(), args.batch) for x in zip(*parts))
@@ -370,7 +373,8 @@ def train_step(tr: Training) -> dict:
     #    Eq. 11 adds, for each, the augmented copy that turns its gradient the most
     n_aug, dfm_record = 0, {}
     if args.dfm == "on":
-        hard_ids = set(tr.queue.update(batch_ids, losses))
+        probe = lambda t_i, noise_i: pair_losses(tr, ids, t_i, noise_i)[0]  # --dfm-reading probe
+        hard_ids = set(tr.queue.update(batch_ids, losses, t, probe))
         counts = dfm_copies(tr, step, ids, t, noise, hard_ids)
         n_aug = int(counts[:-1].sum())
         dfm_record = M.count_dfm(tr.totals, tr.pairs, batch_ids, losses, hard_ids, counts)
@@ -378,7 +382,7 @@ def train_step(tr: Training) -> dict:
     # 3. one gradient sum over processes (hand-written, not DDP's wrapper: DFM's extra passes
     #    differ from process to process), rescaled to the mean over the B pairs and their
     #    n_aug copies, g ← g · B / (B + n_aug); then clipping and one update
-    U.allreduce_gradients(tr.params)
+    S.allreduce_gradients(tr.params)  # --shard: FSDP summed the sharded ones in backward
     if n_aug:
         for p in tr.params:
             p.grad.mul_(args.batch / (args.batch + n_aug))
@@ -392,27 +396,16 @@ def train_step(tr: Training) -> dict:
                 dfm_flagged_total=tr.totals["dfm_flagged"], **dfm_record)
 
 
-def save_checkpoint(tr: Training) -> None:
-    tr.ckpt.save({"model": tr.spo.state(tr), "opt": tr.opt.state_dict(),
-                  "sched": tr.sched.state_dict(), "dfm": tr.queue.state_dict(), "step": tr.step,
-                  "totals": tr.totals})
-
-
 def finish(tr: Training, seconds: float) -> None:
     """The trained weights as stock folders, and the headline figures: the mean over the
     logged steps of the last tenth of training."""
-    args, totals = tr.args, tr.totals
+    args = tr.args
     tr.spo.save(tr)
-    rows = {r["step"]: r for r in U.read_jsonl(tr.out / "log.jsonl")}
-    last = [r for s, r in rows.items() if s > 0.9 * args.steps] or [rows[max(rows)]]
-    metrics = {"final_loss": float(np.mean([r["loss"] for r in last])),
-               "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
-               **tr.data_counts, "dfm_flagged": totals["dfm_flagged"],
-               "aug_wins": totals["aug_wins"], "dfm_flagged_by_kind": totals["dfm_flagged_by_kind"],
-               "n_pairs": len(tr.pairs), "dfm_pairs_flagged": len(totals["dfm_pairs_flagged"]),
-               "objective": args.objective, "lam": args.lam, "world_size": tr.dist.world_size,
-               "seconds": round(seconds, 1)}
+    metrics = {**M.closing_figures(tr.out / "log.jsonl", args.steps, tr.totals), **tr.data_counts,
+               "n_pairs": len(tr.pairs), "objective": args.objective, "lam": args.lam,
+               "world_size": tr.dist.world_size, "seconds": round(seconds, 1), **tr.memory}
     U.atomic_write_json(tr.out / "metrics.json", metrics)
+    MC.write(tr.out)  # model/README.md: the model card, in the Hugging Face Hub's layout
     tr.spo.publish(tr)  # last: a folder with model.json is a finished model to stage 5
     U.log(U.format_metrics(metrics))
 
@@ -426,6 +419,7 @@ def train(args, spo: SPO) -> None:
         U.log(f"{tr.out} is finished (step {tr.step} of {args.steps}): nothing to do")
         return U.cleanup_distributed()
     bar = tqdm(total=args.steps, initial=tr.step, desc=args.name, disable=not tr.dist.is_main)
+    tr.log.validation_images(tr)  # the starting weights' (--validation-every)
     while tr.step < args.steps:
         if args.stop_after is not None and tr.step >= args.stop_after:
             raise SystemExit(f"stopped after {tr.step} steps (--stop-after); run again to resume")
@@ -434,9 +428,15 @@ def train(args, spo: SPO) -> None:
         if tr.step % args.log_every == 0 or tr.step == args.steps:
             tr.log.write(**record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_accuracy']:.2f}")
-        if tr.dist.is_main and (tr.step % args.ckpt_every == 0 or tr.step == args.steps):
-            save_checkpoint(tr)
+        tr.log.validation_images(tr)
+        if tr.step % args.ckpt_every == 0 or tr.step == args.steps:
+            state = {"model": tr.spo.state(tr), "opt": tr.opt.state_dict(), "step": tr.step,
+                     "sched": tr.sched.state_dict(), "dfm": tr.queue.state_dict(),
+                     "totals": tr.totals}
+            S.save_checkpoint(tr.ckpt, state)  # --shard: through torch.distributed.checkpoint
     bar.close()
+    tr.log.close()
+    tr.memory = S.bytes_per_process(tr.unet, tr.opt, tr.ref)  # --shard: each process's share
     if tr.dist.is_main:
         finish(tr, time.time() - t0)
     U.cleanup_distributed()

@@ -21,11 +21,17 @@
 #   make psa-seeds - after make psa: the adapter with seeds 1 and 2, for seed verdicts of PSA's claims
 #   make sdxl    - Appendix E on the toy: stages 0-5 into runs/sdxl on a toy world whose model has
 #                  SDXL's architecture (stage 0 --arch sdxl), ending with T2I-SPO against its own base
+#   make draws   - the spread over draws of the world: make toy with stage 0's --seed at each of
+#                  DRAWS (0 1 2) into DRAWS_DIR/world<seed> (runs/draws; a finished draw is kept),
+#                  then per draw the headline figures, the targets and stage 5's verdicts, and each
+#                  over the draws with its t interval, in DRAWS_DIR/draws.md (systems/draws.py)
 PYTHON ?= python3
 VENV ?= .venv
 RUN ?= runs/toy
 XL_RUN ?= runs/sdxl
 WORLD_FLAGS ?=
+DRAWS ?= 0 1 2
+DRAWS_DIR ?= runs/draws
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
@@ -39,12 +45,14 @@ PAIR = $(MAKE) --no-print-directory -j2
 SEED_RUNS := seed-spo-1 seed-safety-1 seed-spo-2 seed-safety-2
 
 # dfm-<setting>-<seed>: the DFM study's runs, longest first so that two at a time finish together;
-# τ = 0.2 (the preset's, the on runs) and the τ sweep of Fig. 5 left
+# τ = 0.2 (the preset's, the on runs), the τ sweep of Fig. 5 left, and beside the paper's reading
+# of Eq. 10 (each visit's loss) the one chosen on seed 0: the loss at a (t, ε) fixed per pair
 DFM_TAUS := 0.05 0.5 1
-DFM_RUNS := dfm-on-0 dfm-on-1 dfm-on-2 $(foreach t,$(DFM_TAUS),$(foreach s,0 1 2,dfm-tau$(t)-$(s))) \
-	dfm-pool2-0 dfm-pool1-0 dfm-off-0 dfm-off-1 dfm-off-2
+DFM_RUNS := dfm-probe-0 dfm-probe-1 dfm-probe-2 dfm-on-0 dfm-on-1 dfm-on-2 \
+	$(foreach t,$(DFM_TAUS),$(foreach s,0 1 2,dfm-tau$(t)-$(s))) dfm-pool2-0 dfm-pool1-0 dfm-off-0 dfm-off-1 dfm-off-2
 DFM_STUDY := --pair-subset 48 --steps 150 --dfm-k 5 --dfm-patience 2
 DFM_on :=
+DFM_probe := --dfm-reading probe
 DFM_off := --dfm off
 DFM_pool1 := --dfm-augmentations color_jitter
 DFM_pool2 := --dfm-augmentations color_jitter latent_noise_erase
@@ -68,7 +76,7 @@ PSA_SEEDS := psa-seed-1 psa-seed-2
 BASELINES := esd-u filter rece uce sld
 ATTACK_PROMPTS := 32
 
-.PHONY: toy sdxl test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
+.PHONY: toy sdxl draws test test-slow figures seeds dfm alignguard alignguard-seeds baselines psa psa-seeds $(PSA_SEEDS) $(BASELINES:%=baseline-%) install stage4-spo stage4-safety fig-lam0 fig-lam0.5 fig-lam2 fig-nodfm \
 	$(SEED_RUNS) $(DFM_RUNS) spo-promptedit all-single $(AG_EXPERTS) $(AG_MERGES:%=merge-%) $(PROMPTEDIT_SEEDS)
 
 install: $(VENV)/.installed
@@ -102,6 +110,16 @@ toy: install
 # Appendix E on the toy: the whole pipeline on a toy world whose model has SDXL's architecture
 sdxl:
 	$(MAKE) toy RUN=$(XL_RUN) WORLD_FLAGS="--arch sdxl"
+
+# A draw of the world per stage-0 seed (the later stages keep their own seeds); a draw whose
+# stage 5 has finished is kept as it is, a killed one resumes
+draws: install
+	for s in $(DRAWS); do \
+		if [ -f $(DRAWS_DIR)/world$$s/eval/metrics.json ]; then echo "draw $$s: $(DRAWS_DIR)/world$$s is finished"; \
+		else $(MAKE) --no-print-directory toy RUN=$(DRAWS_DIR)/world$$s WORLD_FLAGS="--seed $$s" || exit 1; fi; \
+	done
+	$(PY) -m systems.draws table --runs $(DRAWS:%=$(DRAWS_DIR)/world%) --out $(DRAWS_DIR)/draws.md \
+		--json $(DRAWS_DIR)/draws.json
 
 stage4-spo stage4-safety: install
 	$(STAGE4) --objective $(@:stage4-%=%)

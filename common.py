@@ -14,8 +14,9 @@ systems/baselines.py).
   2.  Sec. 4.1  DPO (Eq. 4, not computed); denoising_errors, diffusion_dpo_loss (Eq. 5),
                 dpo_pair_losses (Eq. 5 on a batch; Eq. 9 on relabelled pairs)
   3.  Sec. 4.2  composite_reward (Eq. 6), preference_probability (Eq. 7), relabel_pairs (Eq. 8)
-  4.  Sec. 4.3  DescentRateQueue (Eq. 10); the augmentation pool; choose_augmentation (Eq. 11
-                for one pair, as the paper writes it) and dfm_augmented_copies (Eq. 11 batched)
+  4.  Sec. 4.3  DescentRateQueue (Eq. 10) and what it records (DescentReading); the augmentation
+                pool; choose_augmentation (Eq. 11 for one pair, as the paper writes it) and
+                dfm_augmented_copies (Eq. 11 batched)
   5.  Sec. 5    ua_score (Eq. 12)
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import models as M
+from lib import utils as U
 
 
 class NonFiniteError(ValueError, FloatingPointError):
@@ -310,15 +312,27 @@ class DescentRateQueue:
     and v̄ is the mean of v_i over the pairs of the current batch whose queue is full. The
     paper calls a pair hard when v_i stays below τ·v̄; here that is on `patience` consecutive
     visits (the paper gives no count). Under DDP every rank must call `update` with the GLOBAL
-    batch (all-gathered ids and losses) so the queues stay identical.
+    batch (all-gathered ids and losses) so the queues stay identical. L^(k) is what `reading`
+    records at the pair's k-th last visit: by default its loss, as the paper words it.
     """
 
-    def __init__(self, k: int = 5, tau: float = 0.2, patience: int = 2):
+    def __init__(self, k: int = 5, tau: float = 0.2, patience: int = 2,
+                 reading: DescentReading | None = None):
         if k < 2 or patience < 1:
             raise ValueError(f"need k >= 2 and patience >= 1, got k={k}, patience={patience}")
         self.k, self.tau, self.patience = k, tau, patience
+        self.reading = reading or DescentReading()
         self.queues: dict[Any, deque] = {}
         self.streak: dict[Any, int] = {}
+        self.v_bar: float | None = None  # the last update's v̄ (None: no full queue in its batch)
+
+    @classmethod
+    def for_run(cls, args, noise_scheduler, latent_shape, mine: list[int]) -> DescentRateQueue:
+        """Stage 4's queue: --dfm-k, --dfm-tau, --dfm-patience and the --dfm-reading of a run
+        with --seed whose process holds positions `mine` of each global batch."""
+        reading = DescentReading(args.dfm_reading, args.seed,
+                                 noise_scheduler.config.num_train_timesteps, latent_shape, mine)
+        return cls(args.dfm_k, args.dfm_tau, args.dfm_patience, reading)
 
     def rate(self, pid) -> float | None:
         """v_i of Eq. 10, or None while the queue of `pid` holds fewer than K losses."""
@@ -327,25 +341,29 @@ class DescentRateQueue:
             return None
         return sum(q[j - 1] - q[j] for j in range(1, self.k)) / (self.k - 1)
 
-    def update(self, ids: Sequence, losses) -> list:
-        """Append one loss per id (one training visit each) and return the ids now hard."""
-        if isinstance(losses, torch.Tensor):
-            losses = losses.tolist()
-        losses = [float(x) for x in losses]
+    def update(self, ids: Sequence, losses, t=None, probe=None) -> list:
+        """Append one value per id (one training visit each) and return the ids now hard. The
+        value is what the reading records (`DescentReading`): by default the visit's loss; `t`
+        (this process's timesteps) and `probe` serve the other readings."""
         if len(ids) != len(losses):
             raise ValueError(f"{len(ids)} ids but {len(losses)} losses")
         if len(set(ids)) != len(ids):
             raise ValueError("ids within one update must be distinct")
+        losses = self.reading(ids, losses, t, probe)
+        if isinstance(losses, torch.Tensor):
+            losses = losses.tolist()
+        losses = [float(x) for x in losses]
         if not all(math.isfinite(x) for x in losses):
             raise ValueError(f"non-finite loss in DFM update: {losses}")
         for pid, loss in zip(ids, losses):
             self.queues.setdefault(pid, deque(maxlen=self.k)).append(loss)
         rates = {pid: self.rate(pid) for pid in ids}
         full = [v for v in rates.values() if v is not None]
+        self.v_bar = None
         if not full:
             return []
         # v̄ is the paper's "batch average rate": THIS batch's full queues, not every queue kept
-        v_bar = sum(full) / len(full)
+        v_bar = self.v_bar = sum(full) / len(full)
         hard = []
         for pid in ids:
             v = rates[pid]
@@ -359,16 +377,96 @@ class DescentRateQueue:
         """JSON-serialisable state; ids keep their type (stored as [id, value] items)."""
         return {"k": self.k, "tau": self.tau, "patience": self.patience,
                 "queues": [[pid, list(q)] for pid, q in self.queues.items()],
-                "streak": [[pid, n] for pid, n in self.streak.items()]}
+                "streak": [[pid, n] for pid, n in self.streak.items()], **self.reading.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.__init__(state["k"], state["tau"], state["patience"])
+        self.__init__(state["k"], state["tau"], state["patience"], self.reading)
         self.queues = {_hashable(pid): deque(q, maxlen=self.k) for pid, q in state["queues"]}
         self.streak = {_hashable(pid): n for pid, n in state["streak"]}
+        self.reading.load_state_dict(state)
 
 
 def _hashable(x):
     return tuple(x) if isinstance(x, list) else x
+
+
+# What Eq. 10's queue records. The paper: "for each preference sample, maintain its recent
+# training steps loss queue". Each visit of a pair draws its own t and ε (Eq. 5), and a pair's
+# loss varies with t more than it falls over K visits (docs/results.md, "Is a descent rate signal
+# or noise?"), so --dfm-reading offers the other readings those words allow.
+DFM_READINGS = ("loss", "probe", "normalised")
+
+
+class DescentReading:
+    """The value Eq. 10's queue records at each visit of a pair, by --dfm-reading:
+
+        loss        L_i(t, ε), the visit's loss at its own t and ε: the paper's reading, the
+                    default.
+        probe       L_i(t_i, ε_i) at a t_i and ε_i drawn once per pair (`probe_draws`) and the
+                    same at every visit, computed without gradient before the update, as the
+                    visit's own loss is: visits compare like with like. It costs one more
+                    forward of the policy and the reference per visited pair.
+        normalised  L_i(t, ε) · Ē / Ē(t): the visit's loss over the expected loss at its t,
+                    times the expected loss over all t, so the values keep the fall training
+                    gives every pair. Ē(t) is a running mean of the visits' losses in t's bin of
+                    `bins` equal bins of timesteps (each loss moves its bin's mean `rate` of the
+                    way: about the last 1/rate losses of the bin, the batch's own included), and
+                    Ē the mean of the bins' means. No extra forward.
+
+    Under DDP the queue is updated with the global batch on every process (DescentRateQueue), so
+    `t` and the probe's losses, which each process holds for its positions `mine`, are gathered.
+    """
+
+    def __init__(self, name: str = "loss", seed: int = 0, n_timesteps: int = 1000,
+                 latent_shape: Sequence[int] = (), mine: list[int] | None = None,
+                 bins: int = 10, rate: float = 0.05):
+        if name not in DFM_READINGS:
+            raise ValueError(f"unknown DFM reading {name!r}: one of {DFM_READINGS}")
+        self.name, self.seed, self.n_timesteps = name, seed, n_timesteps
+        self.latent_shape, self.mine = tuple(latent_shape), mine
+        self.bins, self.rate = bins, rate
+        self.bin_means: list[float | None] = [None] * bins
+
+    def probe_draws(self, ids: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pair's probe t_i and ε_i: stream `id` of step −1 of the run's seed, a step no
+        training draw uses, so the probe is the same at every visit and on any process."""
+        draws = [U.step_generator(self.seed, -1, pid) for pid in ids]
+        t = torch.cat([torch.randint(0, self.n_timesteps, (1,), generator=g) for g in draws])
+        noise = torch.stack([torch.randn(self.latent_shape, generator=g) for g in draws])
+        return t, noise
+
+    def __call__(self, ids: Sequence, losses, t=None, probe=None):
+        """The values to record for the global batch `ids` from its visits' `losses`; `t`: this
+        process's timesteps (normalised); probe(t, noise): this process's pairs' losses at those
+        draws (probe)."""
+        if self.name == "loss":
+            return losses
+        n = len(ids)
+        if self.name == "normalised":
+            return self.normalise(U.gather_positions(torch.as_tensor(t).cpu(), n),
+                                  torch.as_tensor(losses, dtype=torch.float32))
+        t_probe, noise = self.probe_draws(ids)
+        mine = list(range(n)) if self.mine is None else self.mine
+        with torch.no_grad():
+            local = probe(t_probe[mine], noise[mine])
+        return U.gather_positions(local.detach().float().cpu(), n)
+
+    def normalise(self, t: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        bins = (t.long() * self.bins // self.n_timesteps).tolist()
+        for b, x in zip(bins, losses.tolist()):
+            m = self.bin_means[b]
+            self.bin_means[b] = x if m is None else m + self.rate * (x - m)
+        seen = [m for m in self.bin_means if m is not None]
+        overall = sum(seen) / len(seen)
+        expected = [self.bin_means[b] for b in bins]
+        return torch.tensor([x * overall / e for x, e in zip(losses.tolist(), expected)])
+
+    def state_dict(self) -> dict:
+        """The running means, for an exact resume (the other readings keep no state)."""
+        return {} if self.name == "loss" else {"reading": self.name, "bin_means": self.bin_means}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bin_means = list(state.get("bin_means", [None] * self.bins))
 
 
 # The augmentation pool A of Eq. 11 (Sec. 4.3): four members, each applied to both images of
@@ -482,11 +580,18 @@ def dfm_augmented_copies(unet, noise_scheduler, modules, hard: list[HardPair], v
     last transformer block). Returns, per hard pair, (chosen name, its augmented latents
     [2, C, h, w]).
     """
-    variants = [torch.stack([h.z] + [augment(a, h.pair, h.z, vae, size, h.generator) for a in pool])
-                for h in hard]
+    variants = augmented_variants(hard, vae, size, pool)
     scores = augmentation_scores(unet, noise_scheduler, modules, hard, variants, autocast)
     picks = [int(torch.argmax(s)) for s in scores]
     return [(pool[a], v[1 + a]) for a, v in zip(picks, variants)]
+
+
+def augmented_variants(hard: list[HardPair], vae, size: int, pool: Sequence[str] = AUGMENTATIONS
+                       ) -> list[torch.Tensor]:
+    """Each hard pair's latents and its copies under every member of `pool`, in the pool's order,
+    the parameters drawn from its generator: [1 + A, 2, C, h, w] per pair."""
+    return [torch.stack([h.z] + [augment(a, h.pair, h.z, vae, size, h.generator) for a in pool])
+            for h in hard]
 
 
 def augmentation_scores(unet, noise_scheduler, modules, hard: list[HardPair], variants,

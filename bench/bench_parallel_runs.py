@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_spo_step import ROOT, C, W, cpu_name, random_toy_model, random_toy_models
+from bench_spo_step import ROOT, C, W, random_toy_model, random_toy_models
 from lib import models as M  # noqa: E402 (bench_spo_step put the repository on sys.path)
 from lib import scorers as S  # noqa: E402
 from lib import utils as U  # noqa: E402
@@ -114,7 +114,7 @@ def main():
     if args.worker:
         return worker(args)
     half = max(1, args.threads // 2)
-    print(f"{cpu_name()}: one process x {args.threads} threads "
+    print(f"{U.machine()}: one process x {args.threads} threads "
           f"vs two processes x {half} threads, the same work ({2 * args.reps} units of batch {args.batch})")
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_toy_model(Path(tmp) / "model")

@@ -35,7 +35,6 @@ The last line printed is `speedup <optimised / naive pairs per second>`.
 import argparse
 import contextlib
 import gc
-import platform
 import random
 import resource
 import sys
@@ -404,14 +403,6 @@ def summarise(rounds: list[dict]) -> dict:
     return r
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None):
     a, cfg = parse(argv)
     cfg.seed = a.seed
@@ -426,7 +417,7 @@ def main(argv=None):
             raise SystemExit(f"{source}: fewer than one batch of {cfg.batch}")
         sel = random.Random(a.seed).sample(range(len(pairs)), cfg.batch)
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"{cpu_name()}, {torch.get_num_threads()} threads")
+                 else f"{U.machine()}, {torch.get_num_threads()} threads")
         print(f"bench_spo_step: preset {a.preset}, {device.type} ({where}), batch {cfg.batch} pairs in micro-batches "
               f"of {cfg.micro_batch}, {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}, "
               f"bf16 {cfg.bf16}, grad checkpointing {cfg.grad_checkpointing}; {a.steps} timed steps after "

@@ -17,6 +17,7 @@ on an image (lib/scorers.py).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -376,11 +377,12 @@ def sampler(spec: ModelSpec, device, dtype, steps: int):
 
 def fingerprint(spec: ModelSpec) -> str:
     """What the image cache keys on: relative name, size and mtime of every file of the model
-    (its pipeline, LoRA and recipe folder), so a model rebuilt in place never gets old images."""
+    (its pipeline, LoRA and recipe folder), so a model rebuilt in place never gets old images.
+    The model card (README.md) is left out: it is documentation, and stage 5 rewrites it."""
     recipe = spec.folder if spec.folder and spec.folder not in (spec.path, *spec.path.parents) else None
     h = hashlib.sha1()
     for folder in [spec.path] + [f for f in (spec.lora, recipe) if f]:
-        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
             st = f.stat()
             h.update(f"{f.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -584,32 +586,45 @@ def load_trainable_state(unet, state: dict, lora: bool) -> None:
         unet.load_state_dict(state)
 
 
-def save_final(args, unet, out: Path) -> None:
+def save_final(args, unet, out: Path, weights: dict) -> None:
     """The aligned model as a stock pipeline folder of the base model's class; LoRA also as its
-    own weights file that `pipe.load_lora_weights(out / "lora")` loads onto the base model."""
+    own weights file that `pipe.load_lora_weights(out / "lora")` loads onto the base model.
+    `weights`: the trained weights whole, as trainable_state gives them (a sharded UNet's are
+    read back from its last checkpoint: shard.full_weights)."""
     pipe = load_pipeline(args.model)
     if args.lora_rank > 0:
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft import get_peft_model_state_dict
         tmp = out / ".lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         config = unet.peft_config["default"]  # r and α travel with the weights: load_lora_weights reads them
         type(pipe).save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(weights),
             unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
                                         "target_modules": sorted(config.target_modules)})
         U.replace_dir(tmp, out / "lora")
         fuse_lora(pipe, out / "lora")
     else:
-        pipe.unet.load_state_dict(unet.state_dict())
+        pipe.unet.load_state_dict(weights)
     save_pipeline(pipe, out / "model")
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Stage 4's loop plumbing: the batch each process draws, the autocast of its forwards,
-#    the image size, the modules DFM reads, DFM's counts for the log and metrics.json, and
-#    the error a non-finite loss stops the run with
+# 7. Stage 4's loop plumbing: its machine flags, the batch each process draws, the autocast
+#    of its forwards, the image size, the modules DFM reads, DFM's counts for the log and
+#    metrics.json, the run's closing figures, and the error a non-finite loss stops it with
 # ----------------------------------------------------------------------------------------
+
+def add_machine_flags(p) -> None:
+    """Stage 4's flags of how it runs, not of what it computes (on one process, unsharded)."""
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (GPU only)")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, help="skip bad pair rows")
+    p.add_argument("--device")
+    p.add_argument("--shard", action=argparse.BooleanOptionalAction, help="FSDP2 over torchrun's "
+                   "processes: each holds 1/N of the weights, gradients and AdamW state")
+
 
 def draw_batch(n_pairs: int, batch: int, mine: list[int], seed: int, step: int, n_timesteps: int,
                latent_shape) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -729,6 +744,30 @@ def count_dfm(totals: dict, pairs: list[dict], ids: list[int], losses: torch.Ten
         return {}
     hard_loss = losses[[k for k, i in enumerate(ids) if i in hard_ids]].mean().item()
     return {"dfm_hard_loss": hard_loss, "dfm_copy_loss": float(counts[-1]) / len(hard_ids)}
+
+
+def safe_side_wins(pairs: list[dict]) -> float:
+    """The share of relabelled harmful-safe pairs whose safe image is the winner."""
+    hs = [p for p in pairs if p["kind"] == "harmful-safe"]
+    return sum(p["w"]["role"] == "safe" for p in hs) / max(1, len(hs))
+
+
+def require_a_batch(pairs: list[dict], batch: int, dropped: int, path: Path) -> None:
+    if len(pairs) < batch:
+        raise U.DataError(f"{path}: {len(pairs)} pairs left after relabelling and selection "
+                          f"({dropped} dropped by --margin), fewer than one batch of {batch}")
+
+
+def closing_figures(log: Path, steps: int, totals: dict) -> dict:
+    """metrics.json's training figures: the loss and implicit accuracy averaged over the logged
+    steps of the last tenth of training (the last logged step, if none), and DFM's totals."""
+    rows = {r["step"]: r for r in U.read_jsonl(log)}
+    last = [r for s, r in rows.items() if s > 0.9 * steps] or [rows[max(rows)]]
+    return {"final_loss": float(np.mean([r["loss"] for r in last])),
+            "implicit_accuracy": float(np.mean([r["implicit_accuracy"] for r in last])),
+            "dfm_flagged": totals["dfm_flagged"], "aug_wins": totals["aug_wins"],
+            "dfm_flagged_by_kind": totals["dfm_flagged_by_kind"],
+            "dfm_pairs_flagged": len(totals["dfm_pairs_flagged"])}
 
 
 def nonfinite_loss(ckpt: Path, step: int, why: str) -> FloatingPointError:

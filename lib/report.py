@@ -1,9 +1,9 @@
-"""Stage 5's report (~170 lines): the paper's tables as Markdown — Table 2 (harmful prompts),
+"""Stage 5's report (~200 lines): the paper's tables as Markdown — Table 2 (harmful prompts),
 Table 3 (NudeNet's exposed parts), Table 5 (benign prompts), Appendix C (IP per harm category),
 Appendix D (image quality) — and DIR/eval/report.md, which gathers them with the settings,
 the bootstrap intervals, the spread over training seeds, the figures and the other systems'
-sections; DIR/eval/report.html, every image under its scores (lib/html_report.py); and
-DIR/eval/config.json.
+sections; DIR/eval/report.html, every image under its scores (lib/html_report.py); each
+stage-4 model's rows in its model card (lib/model_card.py); and DIR/eval/config.json.
 
 What it is not: the numbers in the tables (05_evaluate.py; the intervals: lib/stats.py), the
 figures (lib/plots.py), the sections themselves (registry.SECTIONS).
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lib import html_report
+from lib import model_card
 from lib import registry as R
 from lib import scorers as S
 from lib import stats
@@ -170,7 +171,26 @@ def write_report(ev, scm_path: Path, figures: list[str], sections: list[dict]) -
                      "number above: `metrics.json`.")
     U.atomic_write_text(ev.out / "report.md", "\n".join(lines) + "\n")
     html_report.write_page(ev)
+    write_model_cards(ev)
     return "\n\n".join(console)
+
+
+def write_model_cards(ev) -> None:
+    """Each model card stage 4 wrote (model/README.md) gets its model's rows of Tables 2 and 5
+    beside the base model's, in place of its last Evaluation section (a LoRA drawn on top of a
+    folder is another model than the folder's card describes)."""
+    base, args = ev.models[0].name, ev.args
+    for m in (m for m in ev.models[1:] if not m.lora and model_card.is_ours(m.path)):
+        tables = ([f"Harmful prompts (Table 2):\n\n{ev.table2([base, m.name], ev.harmful)}"]
+                  if ev.harmful else [])
+        tables += ([f"Benign prompts (Table 5):\n\n{ev.table5([base, m.name], ev.benign)}"]
+                   if ev.benign else [])
+        model_card.set_evaluation(m.path, "\n\n".join([
+            f"Stage 5 (`05_evaluate.py`, preset `{args.preset}`): {args.seeds_per_prompt} image(s) "
+            f"per prompt, {args.sample_steps} sampling steps, beside the base model. IP: share "
+            "judged inappropriate; SC: mean safety cost; PS: mean quality; UAS: Eq. 12. Every "
+            "image: the run folder's `eval/report.html`; every table: `eval/report.md`.",
+            *tables]))
 
 
 def write_config(args, out: Path, models, sets: dict, harmful: list[str], dtype,

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import platform
 import random
 import shutil
 import sys
@@ -170,7 +171,7 @@ def require_inputs(paths: Iterable[str | Path], stage: str) -> None:
 # judge answers the same wherever it is served: its model and rubric decide, not its address).
 RESUMABLE_WITH_OTHER = {"argv", "stop_after", "device", "log_every", "ckpt_every", "world_size", "processes",
                         "grad_accum", "baseline_in_parallel", "skip_bad", "judge_base_url", "judge_timeout",
-                        "judge_retries"}
+                        "judge_retries", "report_to", "validation_every", "validation_prompts"}
 
 
 def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = True, **extra) -> dict:
@@ -257,6 +258,19 @@ def log(*msg) -> None:
     """print on rank 0 only (stdout, flushed so torchrun interleaves cleanly)."""
     if is_main():
         print(*msg, flush=True)
+
+
+def machine() -> str:
+    """The CPU as /proc/cpuinfo names it (model name, family, model), and its cores: what a
+    result table is headed by, since kernels round differently on each CPU kind."""
+    info = {}
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    return (f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), "
+            f"{os.cpu_count()} cores")
 
 
 class MetricsLog:

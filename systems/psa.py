@@ -2,14 +2,15 @@
 
 A child's profile bans all seven harm categories; an adult artist's bans none. PSA conditions
 the frozen text-to-image model on the user through a cross-attention adapter, and trains the
-adapter with Diffusion-DPO on preferences that depend on the user (~560 lines: its users, its
+adapter with Diffusion-DPO on preferences that depend on the user (~600 lines: its users, its
 per-user rewards, its adapter and how it trains; its evaluation is systems/psa_eval.py).
 
 Commands (DIR = --run):
-  python -m systems.psa users    simulated users (toy): profiles with attributes, and the banned
-                         categories their written rules imply (banned_categories: in the toy
-                         world a program, so exact); held-out users; six reference users from
-                         permissive to restrictive (PSA's levels), into DIR/world/users/
+  python -m systems.psa users    simulated users (toy): profiles with attributes (a third: adults
+                         asking not to see one category), and the banned categories their
+                         written rules imply (banned_categories: in the toy world a program, so
+                         exact); held-out users; six reference users from permissive to
+                         restrictive (PSA's levels), into DIR/world/users/
   python -m systems.psa train    the LibraAlign-HF pairs relabelled per user (user_reward) and the
                          adapter trained by stage 4's loop with the UNet frozen (class PSA), into
                          DIR/psa/adapter/; sd15 reads Sage's metadata.jsonl and users.csv
@@ -75,6 +76,9 @@ RULES = (
     ("pregnant or a heart condition", lambda u: u["physical_condition"] in ("pregnant", "heart condition"),
      ("shocking", "violence")),
     ("65 or older", lambda u: u["age"] >= 65, ("shocking",)),
+    # the toy's own: Sage's profiles have attributes only, and no attribute rule bans violence,
+    # hate, harassment, self-harm or illegal activity alone; a stated dislike gives users who do
+    *((f"asks not to see {c}", lambda u, c=c: u["avoids"] == c, (c,)) for c in CATEGORIES),
 )
 
 # Six fixed users from permissive to restrictive, banning 0, 2, 4, 4, 5 and 7 categories
@@ -96,23 +100,30 @@ def banned_categories(user: dict) -> list[str]:
 
 
 def profile_text(user: dict) -> str:
-    """The text PSA embeds: the profile, then its banned and allowed lists."""
+    """The text PSA embeds: the profile, the dislike in the user's words (if any), then its
+    banned and allowed lists."""
     banned = user["banned"]
     allowed = [c for c in CATEGORIES if c not in banned]
+    said = f' In their words: "I do not want to see {user["avoids"]} images."' if user["avoids"] else ""
     return (f"User profile: age {user['age']}, {user['gender']}, religion {user['religion']}, physical condition "
-            f"{user['physical_condition']}, mental condition {user['mental_condition']}. Banned categories: "
+            f"{user['physical_condition']}, mental condition {user['mental_condition']}.{said} Banned categories: "
             f"{', '.join(banned) or 'none'}. Allowed categories: {', '.join(allowed) or 'none'}.")
 
 
 def make_user(uid: str, attributes: dict) -> dict:
-    user = {"id": uid, **attributes}
+    """A user of the attributes (avoids: none unless given), its banned list and its text."""
+    user = {"id": uid, "avoids": None, **attributes}
     user["banned"] = banned_categories(user)
     user["text"] = profile_text(user)
     return user
 
 
-def random_user(rng: random.Random, uid: str) -> dict:
-    """A user drawn so that every rule fires often: ages from children to the old."""
+def random_user(rng: random.Random, uid: str, avoids: str | None = None) -> dict:
+    """A user drawn so that every rule fires often: ages from children to the old. One who
+    avoids a category is an adult no other rule restricts: that category is all it bans."""
+    if avoids is not None:
+        return make_user(uid, dict(REFERENCE_USERS[0], age=rng.randint(18, 64), gender=rng.choice(GENDERS),
+                                   avoids=avoids))
     age = rng.choice([rng.randint(8, 12), rng.randint(13, 17), rng.randint(18, 64), rng.randint(18, 64),
                       rng.randint(65, 85)])
     return make_user(uid, dict(age=age, gender=rng.choice(GENDERS),
@@ -121,21 +132,34 @@ def random_user(rng: random.Random, uid: str) -> dict:
                                mental_condition=rng.choice(("stable",) * 5 + MENTAL[1:])))
 
 
+# Every third user of a split asks not to see one category, the seven in turn, and nothing else
+# restricts it: no attribute rule bans violence, hate, harassment, self-harm or illegal activity
+# alone, so without these users no split would hold a user banning just one of them
+SINGLE_EVERY = 3
+
+
 def simulate_users(n_train: int, n_heldout: int, seed: int) -> dict[str, list[dict]]:
     """{"train", "heldout", "reference"}: drawn users (ids distinct across the splits) and the
     six fixed reference users."""
     rng = random.Random(seed * 7919 + 17)
-    drawn = [random_user(rng, f"user-{i:05d}") for i in range(n_train + n_heldout)]
-    return {"train": drawn[:n_train], "heldout": drawn[n_train:],
+    avoids = lambda i: CATEGORIES[i // SINGLE_EVERY % len(CATEGORIES)] if i % SINGLE_EVERY == 0 else None
+    return {"train": [random_user(rng, f"user-{i:05d}", avoids(i)) for i in range(n_train)],
+            "heldout": [random_user(rng, f"user-{n_train + i:05d}", avoids(i)) for i in range(n_heldout)],
             "reference": [make_user(f"level-{i}", u) for i, u in enumerate(REFERENCE_USERS)]}
+
+
+def single_bans(users: list[dict]) -> dict[str, int]:
+    """{category: how many of the users ban it and nothing else}."""
+    return {c: sum(u["banned"] == [c] for u in users) for c in CATEGORIES}
 
 
 USER_FIELDS = ("id", "age", "gender", "religion", "physical_condition", "mental_condition", "banned", "text")
 
 
 def read_users(path: Path) -> list[dict]:
-    """A users JSONL (stage 0's); a row without a field, or banning an unknown category, stops
-    the run naming the row."""
+    """A users JSONL (stage 0's); a row without a field, or banning or avoiding an unknown
+    category, stops the run naming the row. `avoids` is optional: a table without it (one
+    written before it existed, or of your own) reads as avoids none."""
     users = []
     for n, row in U.iter_jsonl(path):
         missing = [k for k in USER_FIELDS if k not in row]
@@ -144,6 +168,10 @@ def read_users(path: Path) -> list[dict]:
         unknown = sorted(set(row["banned"]) - set(CATEGORIES))
         if unknown:
             raise U.DataError(f"{path}:{n}: unknown banned categories {unknown} (categories: {list(CATEGORIES)})")
+        row.setdefault("avoids", None)
+        if row["avoids"] not in (None, *CATEGORIES):
+            raise U.DataError(f"{path}:{n}: avoids {row['avoids']!r}, not a category (categories: "
+                              f"{list(CATEGORIES)})")
         users.append(row)
     if not users:
         raise U.DataError(f"{path}: no users")
@@ -200,7 +228,7 @@ def relabel_for_users(pairs: list[dict], users: list[dict], per_pair: int, lam_b
 # Profile vectors: a small text encoder (toy, trained) or an LLM (sd15, frozen)
 # ---------------------------------------------------------------------------------------
 
-PROFILE_TOKENS = 64  # the longest toy profile is 48 tokens (checked when tokenized)
+PROFILE_TOKENS = 64  # the longest toy profile is 61 tokens (checked when tokenized)
 
 
 def tokenize_profiles(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,6 +591,7 @@ def users_main(args) -> None:
     folder = U.stage_dir(args.run, "users")
     for split, users in simulate_users(args.n_users, args.n_heldout_users, args.seed).items():
         U.write_jsonl(folder / f"{split}.jsonl", users)
+        U.log(f"{split}: {len(users)} users; banning one category alone: {single_bans(users)}")
     U.log(f"users in {folder}")
 
 

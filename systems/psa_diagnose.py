@@ -178,15 +178,13 @@ def accuracy_main(args) -> None:
 # 5. The two-user sanity run
 # ---------------------------------------------------------------------------------------
 
-# Two adults alike in every attribute; the sanity run writes each one's banned list itself
-# (no rule bans violence alone or illegal activity alone), so the profiles differ only there
-TWO_USERS = {"bans-violence": ["violence"], "bans-illegal": ["illegal activity"]}
+# Two adults alike in every attribute but the one category each asks not to see, all it bans,
+# so the profiles differ only there
+TWO_USERS = {"bans-violence": "violence", "bans-illegal": "illegal activity"}
 
 
 def two_users() -> list[dict]:
-    attrs = P.REFERENCE_USERS[0]
-    return [{"id": uid, **attrs, "banned": banned, "text": P.profile_text({**attrs, "banned": banned})}
-            for uid, banned in TWO_USERS.items()]
+    return [P.make_user(uid, {**P.REFERENCE_USERS[0], "avoids": c}) for uid, c in TWO_USERS.items()]
 
 
 @torch.no_grad()

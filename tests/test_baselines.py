@@ -422,4 +422,7 @@ def test_sld_draws_a_batch_holding_a_prompt_longer_than_the_window(bl_run):
     call = B.sld_call_kwargs(B.sld_recipe("strong", None), 2)
     both = M.generate(pipe, [long, "a blue square"], [0, 1], 2, 4.0, **call)
     alone = M.generate(pipe, [long], [0], 2, 4.0, **call)
-    assert (both[0] == alone[0]).all()
+    # a batch of two and one image alone run different kernels: their pixels may round a unit
+    # apart (seen on a Xeon), where a truncated or misplaced prompt would change the image
+    diff = np.abs(both[0].astype(int) - alone[0].astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())

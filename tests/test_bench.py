@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +73,52 @@ def test_bench_parallel_runs_prints_each_kind_asked_for():
     for _, one, two, ratio in rows:  # the printed ratio is the ratio of the printed times, to their rounding
         one, two, ratio = float(one), float(two), float(ratio)  # times to 0.05 ms, the ratio to 0.005
         assert one > 0 and two > 0 and abs(ratio - one / two) <= one / two * (0.05 / one + 0.05 / two) + 0.005
+
+
+def test_memory_plan_counts_and_arithmetic_on_the_toy(tmp_path):
+    """bench/memory_plan.py on the toy's UNet: 4 bytes a parameter of weights and of gradients
+    and 8 of AdamW, a 1/N share of each under --shard, LoRA training what models.add_lora
+    adds, and activations of a rows-long forward; its --check measures a real step's bytes
+    within a few percent of the count."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_plan as P
+    from lib import models as M
+    from lib import utils as U
+    assert sum(p.numel() for p in P.build("sd15").parameters()) == 859_520_964  # the checkpoints'
+    assert sum(p.numel() for p in P.build("sdxl").parameters()) == 2_567_463_684
+    world = U.load_script("00_toy_world.py")
+    _, vae, _, unet = world.build_models(argparse.Namespace(**U.preset_defaults("toy", "world", False)))
+    params = sum(p.numel() for p in unet.parameters())
+    M.add_lora(unet, 4, None)
+    lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "bench/memory_plan.py", "--models", "toy", "--gpus", "1", "2", "4",
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan, = json.loads(out.read_text())
+    assert (plan["params"], plan["lora_params"]) == (params, lora) and lora == 30_720
+    assert plan["vae_params"] == sum(p.numel() for p in vae.parameters())
+    rows = {(x["setting"], x["gpus"]): x for x in plan["rows"]}
+    full, act = rows["full", 1], plan["activations"]["full"]
+    assert (full["weights"], full["gradients"], full["optimizer"]) == (4 * params, 4 * params, 8 * params)
+    assert full["reference"] == 4 * params  # the toy preset trains in fp32: an fp32 reference
+    for n in (2, 4):
+        shard = rows["shard", n]
+        # lib/shard.py shards the frozen reference as it shards the policy
+        shared = ("weights", "gradients", "optimizer", "reference")
+        assert all(shard[k] == pytest.approx(full[k] / n, rel=1e-12) for k in shared)
+        assert shard["gather"] > 0 and shard["pairs_per_gpu"] == 16 // n
+    lo = rows["lora", 1]
+    assert (lo["weights"], lo["gradients"], lo["optimizer"], lo["reference"]) == (4 * (params + lora), 4 * lora, 8 * lora, 0)
+    # fp32: no bf16 weight copies; 16 pairs in one forward (32 rows), and DFM's worst case:
+    # every pair hard, 2 × (1 + 4 augmentations) rows each, the forward alone
+    assert act["const"] == 0 and 0 < act["ckpt_row"] < act["row"]
+    assert full["act_no_ckpt"] == 32 * (act["row"] + act["work"]) and full["dfm_no_ckpt"] == 160 * act["row"]
+    assert full["total_no_ckpt"] == sum(full[k] for k in ("weights", "gradients", "optimizer", "reference", "vae")) + \
+        max(full["act_no_ckpt"], full["dfm_no_ckpt"], full["step"])
+
+    step = P.check(argparse.Namespace(check="toy", side=None, pairs=16, lora_rank=0, ckpt=False))
+    measured, planned = step["held_after_forward"]  # 61.1 / 60.7 MiB on the CPU (BENCHMARKS.md)
+    assert abs(measured / planned - 1) < 0.05, (measured, planned)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, stage
+from conftest import free_port, module, stage
 
 import common as C
 from lib import models as M
@@ -252,3 +252,73 @@ def test_scm_module_ranks_and_anchors_on_synthetic_data():
         opt.step()
     c = model.cost(harm + safe)
     assert (c[:32] > 0).float().mean() > 0.9 and (c[32:] < 0).float().mean() > 0.9
+
+
+def test_mu_safe_pool_is_a_seeded_draw_over_every_safe_image(scm_run):
+    """Sec. 3.1's verified-safe pool: --mu-pool images drawn (by --seed) from all safe training
+    images, not the first by name; stage 2 records the pool it used."""
+    S2 = module("02_train_scm.py")
+    coarse = scm_run / "coarse"
+    pairs, _ = S2.load_pairs(coarse / "pairs.jsonl", False)
+    safe = sorted({p[s]["file"] for p in pairs if p.get("split", "train") == "train"
+                   for s in "wl" if p[s]["sign"] == -1})
+    assert len(safe) > 16
+    draws = [S2.split_pairs(coarse / "pairs.jsonl", pairs, 16, seed)[2] for seed in (0, 0, 1)]
+    assert draws[0] == draws[1] != draws[2]
+    assert all(len(d) == 16 and set(d) <= set(safe) for d in draws)
+    assert draws[0] != safe[:16]
+    assert S2.split_pairs(coarse / "pairs.jsonl", pairs, 10**6, 0)[2] == safe
+    recorded = json.loads((scm_run / "scm" / "mu_safe_pool.json").read_text())
+    assert recorded == [str(f.relative_to(coarse)) for f in draws[0]]
+
+
+def test_vertical_flips_follow_the_flag():
+    """The toy flips both ways; sd15's preset horizontally only, from the same random draws."""
+    S2 = module("02_train_scm.py")
+    pairs = [{"w": {}, "l": {}}] * 4
+    for preset, vertical in (("toy", True), ("sd15", False)):
+        args = S2.parse(["--preset", preset, "--run", "x"])
+        assert args.vertical_flip is vertical
+        args.batch = 64
+        _, flips = S2.draw_batch(args, 3, pairs, U.Dist(0, 1, 0, torch.device("cpu")))
+        assert 0.3 < flips[0].float().mean() < 0.7
+        assert bool(flips[1].any()) == vertical
+
+
+def test_cost_span_fixes_the_unit_and_keeps_signs_and_ranks():
+    """set_cost_span: afterwards harmful training images average --cost-span above μ_safe, and
+    every cost is the old one times the same positive factor (signs and rankings kept)."""
+    import random
+    from types import SimpleNamespace
+    S2 = module("02_train_scm.py")
+    torch.manual_seed(0)
+    model = S.SafetyCostModel("toy-ViT-tiny", hidden=32)
+    rng = random.Random(0)
+    images = {f"h{i}": W.render(W.random_scene(rng, "harmful")) for i in range(12)}
+    images.update({f"s{i}": W.render(W.random_scene(rng, "benign")) for i in range(12)})
+    opt = torch.optim.AdamW(model.parameters(), 5e-4)
+    x = torch.from_numpy(np.stack(list(images.values())))
+    for _ in range(40):
+        c = model(x)
+        loss = C.scm_loss(c[:12], c[12:], torch.ones(12), -torch.ones(12), mu_safe=-1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    bank = SimpleNamespace(batch=lambda files: torch.from_numpy(np.stack([images[f] for f in files])))
+    pairs = [{"w": {"file": f"h{i}", "sign": 1}, "l": {"file": f"s{i}", "sign": -1}} for i in range(12)]
+    pool = [f"s{i}" for i in range(12)]
+    before = S2.costs(model, bank, list(images), "cpu")
+    mu = S2.safe_anchor(model, bank, pool, "cpu")
+    args = SimpleNamespace(cost_span=8.0, seed=0)
+    mu2, k = S2.set_cost_span(model, bank, pairs, pool, mu, args, "cpu")
+    after = S2.costs(model, bank, list(images), "cpu")
+    assert k > 0 and mu2 == pytest.approx(k * mu)
+    assert after.numpy() == pytest.approx(k * before.numpy(), rel=1e-4, abs=1e-5)
+    assert float(after[:12].mean()) - mu2 == pytest.approx(8.0, rel=1e-4)
+    assert S2.safe_anchor(model, bank, pool, "cpu") == pytest.approx(mu2, rel=1e-4, abs=1e-5)
+    with torch.no_grad():  # an SCM that ranks harmful below safe has no unit to fix
+        model.head[-1].weight.neg_()
+        model.head[-1].bias.neg_()
+    with pytest.raises(U.DataError, match="has not learnt to rank"):
+        S2.set_cost_span(model, bank, pairs, pool, S2.safe_anchor(model, bank, pool, "cpu"), args, "cpu")

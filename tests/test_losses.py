@@ -351,6 +351,106 @@ def test_descent_rate_rejects_bad_input():
         C.DescentRateQueue(k=1)
 
 
+# ------------------------------------------- Eq. 10's readings (--dfm-reading): what the queue records
+
+def test_probe_reading_records_the_probe_not_the_loss_and_flags_by_hand():
+    """probe: the queue records probe(t_i, ε_i) of the batch's pairs, the visit's loss unused.
+    Probe values 1.0, 1.0, 1.0 then 0.5, 0.9, 1.0: v = 0.5, 0.1, 0.0, v̄ = 0.2, τ·v̄ = 0.1, so c
+    (0.0) is hard and b (0.1, not below) is not. The losses would give v = −0.8, 0.1, 0.2 and
+    flag a instead."""
+    script = iter([[1.0, 1.0, 1.0], [0.5, 0.9, 1.0]])
+    seen = []
+
+    def probe(t, noise):
+        seen.append((t.shape, noise.shape, torch.is_grad_enabled()))
+        return torch.tensor(next(script))
+
+    reading = C.DescentReading("probe", seed=3, n_timesteps=100, latent_shape=(2, 1, 1))
+    q = C.DescentRateQueue(k=2, tau=0.5, patience=1, reading=reading)
+    assert q.update(["a", "b", "c"], [0.1, 0.2, 0.3], torch.tensor([1, 2, 3]), probe) == []
+    assert q.update(["a", "b", "c"], [0.9, 0.1, 0.1], torch.tensor([4, 5, 6]), probe) == ["c"]
+    assert q.rate("a") == pytest.approx(0.5) and q.v_bar == pytest.approx(0.2)
+    assert seen == [(torch.Size([3]), torch.Size([3, 2, 1, 1]), False)] * 2  # no gradient
+    plain = C.DescentRateQueue(k=2, tau=0.5, patience=1)
+    plain.update(["a", "b", "c"], [0.1, 0.2, 0.3])
+    assert plain.update(["a", "b", "c"], [0.9, 0.1, 0.1]) == ["a"]
+
+
+def test_probe_loss_is_the_same_at_every_visit_for_unchanged_weights():
+    """Each pair's probe (t_i, ε_i) is drawn once from the run's seed: at unchanged weights its
+    recorded loss is the same at every visit, whatever the visit's own t and ε and whichever
+    batch it comes in, and is Eq. 5 at those draws; so v_i = 0. Another seed draws others."""
+    unet, sched = tiny_unet()
+    ref = tiny_unet()[0].requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(3)
+    z, emb = torch.randn(4, 2, 4, 4, 4, generator=g), torch.randn(4, 5, 8, generator=g)
+
+    def probe_of(ids):
+        return lambda t, noise: C.dpo_pair_losses(unet, ref, sched, z[ids, 0], z[ids, 1], emb[ids], t, noise, 100.0)[0]
+
+    reading = C.DescentReading("probe", seed=7, n_timesteps=100, latent_shape=(4, 4, 4))
+    q = C.DescentRateQueue(k=3, tau=0.2, patience=1, reading=reading)
+    for ids, losses, t in (([0, 1, 2], [0.9, 0.1, 0.5], [5, 50, 95]), ([2, 0], [0.2, 0.3], [10, 20]),
+                           ([3, 2, 0, 1], [0.4, 0.8, 0.6, 0.7], [1, 2, 3, 4])):
+        q.update(ids, losses, torch.tensor(t), probe_of(ids))
+    for pid in (0, 2):
+        assert max(q.queues[pid]) - min(q.queues[pid]) < 1e-6 and abs(q.rate(pid)) < 1e-6
+    t2, noise2 = reading.probe_draws([2])
+    assert torch.equal(reading.probe_draws([0, 2])[0][1:], t2)  # the same draw in any batch
+    with torch.no_grad():
+        expected = C.dpo_pair_losses(unet, ref, sched, z[[2], 0], z[[2], 1], emb[[2]], t2, noise2, 100.0)[0]
+    assert q.queues[2][0] == pytest.approx(float(expected), abs=1e-6)
+    assert float(expected) != pytest.approx(math.log(2), abs=1e-4)  # policy and reference differ
+    other = C.DescentReading("probe", seed=8, n_timesteps=100, latent_shape=(4, 4, 4))
+    assert not torch.equal(other.probe_draws([2])[1], noise2)
+
+
+def test_normalised_reading_by_hand():
+    """normalised, 2 bins of t (0-49, 50-99), each loss moving its bin's mean half way:
+      visit 1: a t=10 loss 0.8, b t=60 loss 0.4 -> means 0.8, 0.4, Ē 0.6; records 0.6, 0.6
+      visit 2: a t=70 loss 0.3, b t=20 loss 0.7 -> means 0.75, 0.35, Ē 0.55;
+               records 0.3·0.55/0.35, 0.7·0.55/0.75 = 0.4714, 0.5133
+    v = 0.1286, 0.0867, v̄ = 0.1076: neither below τ·v̄ = 0.0538. On the raw losses b (v = −0.3,
+    its second t the harder) would be hard.
+      visit 3: a t=15 loss 0.7, b t=65 loss 0.3 -> means 0.725, 0.325, Ē 0.525;
+               records 0.7·0.525/0.725, 0.3·0.525/0.325 = 0.5069, 0.4846
+    v = −0.0355, +0.0287, v̄ = −0.0034: a is hard."""
+    reading = C.DescentReading("normalised", n_timesteps=100, bins=2, rate=0.5)
+    q = C.DescentRateQueue(k=2, tau=0.5, patience=1, reading=reading)
+    assert q.update(["a", "b"], [0.8, 0.4], torch.tensor([10, 60])) == []
+    assert list(q.queues["a"]) == pytest.approx([0.6]) and list(q.queues["b"]) == pytest.approx([0.6])
+    assert q.update(["a", "b"], [0.3, 0.7], torch.tensor([70, 20])) == []
+    assert q.queues["a"][-1] == pytest.approx(0.3 * 0.55 / 0.35) and q.queues["b"][-1] == pytest.approx(0.7 * 0.55 / 0.75)
+    assert reading.bin_means == pytest.approx([0.75, 0.35])
+    assert q.update(["a", "b"], [0.7, 0.3], torch.tensor([15, 65])) == ["a"]
+    assert q.queues["a"][-1] == pytest.approx(0.7 * 0.525 / 0.725) and q.queues["b"][-1] == pytest.approx(0.3 * 0.525 / 0.325)
+    plain = C.DescentRateQueue(k=2, tau=0.5, patience=1)
+    plain.update(["a", "b"], [0.8, 0.4])
+    assert plain.update(["a", "b"], [0.3, 0.7]) == ["b"]
+
+
+def test_normalised_reading_resumes_exactly_and_unknown_readings_are_refused():
+    import json
+    make = lambda: C.DescentRateQueue(k=2, tau=0.5, patience=1,
+                                      reading=C.DescentReading("normalised", n_timesteps=100, bins=4))
+    a, b = make(), make()
+    seq = [(["x", "y"], [0.9, 0.5], [3, 80]), (["x", "y"], [0.4, 0.6], [60, 20]), (["y", "x"], [0.2, 0.7], [99, 0])]
+    for ids, ls, t in seq[:2]:
+        a.update(ids, ls, torch.tensor(t))
+        b.update(ids, ls, torch.tensor(t))
+    c = make()
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    ids, ls, t = seq[2]
+    assert a.update(ids, ls, torch.tensor(t)) == c.update(ids, ls, torch.tensor(t))
+    assert a.state_dict() == c.state_dict() and a.state_dict()["bin_means"][3] is not None
+    assert "bin_means" not in C.DescentRateQueue().state_dict()  # the paper's reading: as before
+    with pytest.raises(ValueError, match="unknown DFM reading 'lossy'"):
+        C.DescentReading("lossy")
+
+
 # ---------------------------------------------------------------- Eq. 12 UAScore
 
 def test_ua_score_reproduces_paper_rows():

@@ -52,6 +52,35 @@ def test_profile_text_names_the_profile_and_both_lists():
     assert "Banned categories: none." in user()["text"]
 
 
+def test_asking_not_to_see_a_category_bans_exactly_it_and_is_said_in_the_text():
+    for c in P.CATEGORIES:
+        assert user(avoids=c)["banned"] == [c]
+    assert user(avoids="hate", religion="hindu")["banned"] == ["sexual", "hate"]  # the union, as every rule
+    assert user(age=10, avoids="hate")["banned"] == list(P.CATEGORIES)
+    assert user(avoids="violence")["text"] == (
+        'User profile: age 30, female, religion none, physical condition healthy, mental condition stable. In their '
+        'words: "I do not want to see violence images." Banned categories: violence. Allowed categories: sexual, '
+        'hate, harassment, self-harm, shocking, illegal activity.')
+    assert user()["avoids"] is None and "their words" not in user()["text"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_category_is_banned_alone_by_training_and_held_out_users(seed):
+    sizes = U.PRESETS["toy"]["users"]
+    users = P.simulate_users(sizes["n_users"], sizes["n_heldout_users"], seed)
+    avoiding = {s: [u["avoids"] for u in users[s] if u["avoids"]] for s in ("train", "heldout")}
+    # every third user of a split avoids one category, the seven in turn, and bans nothing else
+    assert [avoiding["train"].count(c) for c in P.CATEGORIES] == [10, 10, 10, 10, 9, 9, 9]
+    assert [avoiding["heldout"].count(c) for c in P.CATEGORIES] == [2] * 7
+    assert all(u["banned"] == [u["avoids"]] for s in ("train", "heldout") for u in users[s] if u["avoids"])
+    train, heldout = P.single_bans(users["train"]), P.single_bans(users["heldout"])
+    assert min(train.values()) >= 9 and min(heldout.values()) >= 2
+    # a religion alone bans sexual, 65 or older alone shocking: more users ban those alone
+    assert train["sexual"] > 10 and train["shocking"] > 10
+    ids, _ = P.tokenize_profiles([u["text"] for s in users.values() for u in s])  # each within PROFILE_TOKENS
+    assert ids.shape[1] == P.PROFILE_TOKENS
+
+
 def test_simulated_users_are_deterministic_and_disjoint():
     a, b = P.simulate_users(30, 10, 3), P.simulate_users(30, 10, 3)
     assert a == b and a != P.simulate_users(30, 10, 4)
@@ -69,6 +98,17 @@ def test_users_file_bad_rows_are_named(tmp_path):
     U.write_jsonl(f, [{**good, "banned": ["nudity"]}])
     with pytest.raises(U.DataError, match=r"users.jsonl:1: unknown banned categories \['nudity'\]"):
         P.read_users(f)
+    U.write_jsonl(f, [good, {**good, "avoids": "nudity"}])
+    with pytest.raises(U.DataError, match=r"users.jsonl:2: avoids 'nudity', not a category"):
+        P.read_users(f)
+
+
+def test_users_files_without_avoids_read_as_avoiding_nothing(tmp_path):
+    f = tmp_path / "users.jsonl"
+    old = {k: v for k, v in user(age=70, religion="christian").items() if k != "avoids"}  # a file before `avoids`
+    U.write_jsonl(f, [old, user(avoids="hate")])
+    got = P.read_users(f)
+    assert got[0] == {**old, "avoids": None} and got[1]["avoids"] == "hate" and got[1]["banned"] == ["hate"]
 
 
 def sage_folder(tmp, rows, users):
@@ -471,6 +511,7 @@ def test_users_are_written_by_psa_users(psa_run):
     run, _ = psa_run
     users = {s: P.read_users(run / "world" / "users" / f"{s}.jsonl") for s in ("train", "heldout", "reference")}
     assert (len(users["train"]), len(users["heldout"]), len(users["reference"])) == (16, 4, 6)
+    assert [u["avoids"] for u in users["heldout"]] == ["sexual", None, None, "violence"]  # every third, in turn
 
 
 def test_psa_trains_the_adapter_only_and_resumes_exactly(psa_run):

@@ -201,3 +201,39 @@ def test_stage0_is_toy_only(tmp_path):
     r = subprocess.run([sys.executable, "00_toy_world.py", "--preset", "sd15", "--run", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "stage 0 builds the toy world only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stage0_reports_the_harmful_rate_of_every_category(tiny_world):
+    """Stage 0 samples as many held-out harmful prompts of each category (--eval-per-category)
+    and reports each category's rate, so that a category the model rarely draws shows."""
+    S0 = U.load_script("00_toy_world.py")
+    m = json.loads((tiny_world / "world" / "metrics.json").read_text())
+    assert set(m["harmful_rate_by_category"]) == set(W.HARM)
+    assert all(r in (0.0, 1.0) for r in m["harmful_rate_by_category"].values())  # one prompt each
+    assert m["harmful_rate_on_harmful"] == pytest.approx(np.mean(list(m["harmful_rate_by_category"].values())))
+    rows = [{"category": c} for c in ("violence", "hate", "violence", "violence")]
+    assert S0.rate_by_category(rows, [2, 0, 0, 1]) == {"violence": 2 / 3, "hate": 0.0}
+    args = S0.parse(["--run", str(tiny_world), "--tiny", "--eval-per-category", "2"])
+    lists = {"harmful_eval": [{"category": c, "n": i} for i, c in enumerate(["hate"] * 3 + ["sexual"] * 3)]}
+    assert [(r["category"], r["n"]) for r in S0.eval_rows(args, lists, "harmful")] == [
+        ("sexual", 3), ("sexual", 4), ("hate", 0), ("hate", 1)]
+
+
+def test_vae_training_set_repaints_blob_slots_of_every_second_image():
+    """The VAE's set: odd images as drawn; even images differ only inside blob slots, which
+    hold a mark colour; the same seed repaints the same."""
+    import torch
+    S0 = U.load_script("00_toy_world.py")
+    args = S0.parse(["--tiny", "--run", "x"])
+    imgs = np.stack([W.render(s) for s in scenes(8)])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = S0.vae_training_set(args, x)
+    assert torch.equal(y, S0.vae_training_set(args, x)) and torch.equal(y[1::2], x[1::2])
+    out = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+    slots = np.zeros((32, 32), bool)
+    for r, c in W.SLOTS:
+        slots[r:r + W.BLOB, c:c + W.BLOB] = True
+    changed = (out != imgs).any(-1)
+    assert not changed[:, ~slots].any() and changed[::2].any(axis=(1, 2)).all()
+    colours = {tuple(c) for c in W.MARK_COLORS}
+    assert all(tuple(p) in colours for p in out[::2][changed[::2]])

@@ -228,10 +228,10 @@ def test_every_flag_of_every_command_has_an_entry_in_every_preset():
                    "05_evaluate.py"):
         m = U.load_script(script)
         parsers.append((script, lambda argv, m=m: m.parse(argv)))
-    for system in ("alignguard", "baselines", "attacks", "psa", "dfm_study"):
+    for system in ("alignguard", "baselines", "attacks", "psa", "dfm_study"):  # draws: no preset
         for name, (parser, _) in importlib.import_module(f"systems.{system}").COMMANDS.items():
             parsers.append((f"{system} {name}", lambda argv, parser=parser: U.parse_args(parser(), argv)))
-    assert len(parsers) == 6 + 7
+    assert len(parsers) == 6 + 8
     required = {"alignguard expert": ["--categories", "hate"], "alignguard merge": ["--merge-experts", "e"],
                 "baselines build": ["--baseline", "uce"]}
     for what, parse in parsers:
