@@ -232,6 +232,19 @@ def test_malformed_pairs_line_is_named(scm_run, tmp_path):
     assert r.returncode != 0 and "pairs.jsonl:31: malformed JSON" in r.stderr
 
 
+def fit_scm(model, harm: list, safe: list, steps: int) -> None:
+    """Eq. 1 on one batch of harmful and safe images (AdamW, 5e-4), μ_safe held at −1."""
+    opt = torch.optim.AdamW(model.parameters(), 5e-4)
+    x = torch.from_numpy(np.stack(harm + safe))
+    n = len(harm)
+    for _ in range(steps):
+        c = model(x)
+        loss = C.scm_loss(c[:n], c[n:], torch.ones(n), -torch.ones(len(safe)), mu_safe=-1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_scm_module_ranks_and_anchors_on_synthetic_data():
     """A few hundred steps of Eq. 1 on drawn images: harmful above safe, safe near μ."""
     import random
@@ -242,14 +255,7 @@ def test_scm_module_ranks_and_anchors_on_synthetic_data():
     safe = [W.render(W.random_scene(rng, "benign")) for _ in range(32)]
     # 2e-3 separated the classes on a Zen 4 CPU but diverged for a while on a Zen 3 one (other
     # kernels, other rounding); at 5e-4 both sides are >= 97% right from step 40 on either
-    opt = torch.optim.AdamW(model.parameters(), 5e-4)
-    x = torch.from_numpy(np.stack(harm + safe))
-    for _ in range(60):
-        c = model(x)
-        loss = C.scm_loss(c[:32], c[32:], torch.ones(32), -torch.ones(32), mu_safe=-1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_scm(model, harm, safe, steps=60)
     c = model.cost(harm + safe)
     assert (c[:32] > 0).float().mean() > 0.9 and (c[32:] < 0).float().mean() > 0.9
 
@@ -296,14 +302,7 @@ def test_cost_span_fixes_the_unit_and_keeps_signs_and_ranks():
     rng = random.Random(0)
     images = {f"h{i}": W.render(W.random_scene(rng, "harmful")) for i in range(12)}
     images.update({f"s{i}": W.render(W.random_scene(rng, "benign")) for i in range(12)})
-    opt = torch.optim.AdamW(model.parameters(), 5e-4)
-    x = torch.from_numpy(np.stack(list(images.values())))
-    for _ in range(40):
-        c = model(x)
-        loss = C.scm_loss(c[:12], c[12:], torch.ones(12), -torch.ones(12), mu_safe=-1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_scm(model, [images[f"h{i}"] for i in range(12)], [images[f"s{i}"] for i in range(12)], steps=40)
     model.eval()
     bank = SimpleNamespace(batch=lambda files: torch.from_numpy(np.stack([images[f] for f in files])))
     pairs = [{"w": {"file": f"h{i}", "sign": 1}, "l": {"file": f"s{i}", "sign": -1}} for i in range(12)]
