@@ -8,7 +8,9 @@
 #   make seeds   - stage 4 (both objectives) again with seeds 1 and 2: mean and spread per figure
 #   make dfm     - Fig. 5 where Eq. 10 can measure descent rates: 48 pairs visited ~50 times each,
 #                  DFM on/off over three seeds, τ of Eq. 10 at 0.05, 0.2, 0.5 and 1 over three
-#                  seeds, and smaller augmentation pools, into $(RUN)/dfm/
+#                  seeds, smaller augmentation pools, and beside the paper's reading of Eq. 10
+#                  the probe's (--dfm-reading probe) over three seeds, into $(RUN)/dfm/
+#                  (19 min on 2 cores)
 #   make alignguard - AlignGuard: prompt-edited (CoProV2-style) pairs, a LoRA safety expert per harm
 #                  category, one LoRA on all of them, the experts merged (Co-Merge and peft's merges),
 #                  T2I-SPO on the prompt-edited pairs; then the per-category report
