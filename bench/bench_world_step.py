@@ -9,7 +9,7 @@ costed before it is trained. A step's cost does not depend on the weights, so th
 random. It measures time only, not what a size does to the world (its harm rates, its
 quality): that needs stage 0 trained at that size.
 
-    python bench/bench_world_step.py [--threads 2] [--reps 15]
+    python bench/bench_world_step.py [--threads 2] [--reps 15] [--warmup 3]
 """
 import argparse
 import statistics
@@ -67,9 +67,9 @@ def unet_step(widths: str, batch: int):
     return step
 
 
-def seconds(step, reps: int) -> float:
-    """Median seconds of one step, after three warm-up steps."""
-    for _ in range(3):
+def seconds(step, reps: int, warmup: int) -> float:
+    """Median seconds of one step, after `warmup` steps."""
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(reps):
@@ -83,6 +83,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads, median of {args.reps} steps\n")
@@ -91,7 +92,7 @@ def main():
     for part, sizes, build in (("VAE", VAE_SIZES, vae_step), ("UNet + text", UNET_SIZES, unet_step)):
         base = None
         for widths, batch in sizes:
-            per_sample = seconds(build(widths, batch), args.reps) / batch
+            per_sample = seconds(build(widths, batch), args.reps, args.warmup) / batch
             base = base or per_sample
             print(f"| {part} | {widths} | {batch} | {1000 * per_sample * batch:.0f} | "
                   f"{1000 * per_sample:.2f} | {per_sample / base:.2f} |", flush=True)

@@ -75,6 +75,27 @@ def test_bench_parallel_runs_prints_each_kind_asked_for():
         assert one > 0 and two > 0 and abs(ratio - one / two) <= one / two * (0.05 / one + 0.05 / two) + 0.005
 
 
+def test_bench_world_step_times_every_size_against_the_preset():
+    r = subprocess.run([sys.executable, "bench/bench_world_step.py", "--threads", "1", "--reps", "1",
+                        "--warmup", "0"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^\| (VAE|UNet \+ text) \| (.+?) \| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      r.stdout, re.M)
+    assert [(part, int(batch)) for part, _, batch, *_ in rows] == \
+        [("VAE", 32), ("VAE", 64), ("VAE", 32), ("VAE", 64),
+         ("UNet + text", 32), ("UNet + text", 64), ("UNet + text", 32), ("UNet + text", 32), ("UNet + text", 64)]
+    assert rows[0][1] == "(16, 32, 64)" and rows[4][1] == "64,128"  # the preset's sizes come first
+    firsts = {}
+    for part, _, batch, per_step, per_sample, ratio in rows:
+        firsts.setdefault(part, float(per_sample))
+        # the step's time is the sample's times the batch, and the ratio is against the part's first row,
+        # each to the rounding of the printed figures
+        assert abs(int(per_step) - float(per_sample) * int(batch)) <= 0.5 + 0.005 * int(batch)
+        assert abs(float(ratio) - float(per_sample) / firsts[part]) <= 0.01 + 0.005 / firsts[part]
+    assert [float(row[5]) for row in (rows[0], rows[4])] == [1.0, 1.0]
+
+
 def test_memory_plan_counts_and_arithmetic_on_the_toy(tmp_path):
     """bench/memory_plan.py on the toy's UNet: 4 bytes a parameter of weights and of gradients
     and 8 of AdamW, a 1/N share of each under --shard, LoRA training what models.add_lora
