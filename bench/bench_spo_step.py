@@ -94,11 +94,12 @@ def parse(argv=None):
 # Data
 # ---------------------------------------------------------------------------------------
 
-def random_toy_models():
-    """Stage 0's tokenizer, VAE, text encoder and UNet with random weights (no training)."""
+def random_toy_models(**flags):
+    """Stage 0's tokenizer, VAE, text encoder and UNet with random weights (no training);
+    `flags` override the toy preset's stage-0 flags (e.g. unet_channels="32,64")."""
     world = U.load_script("00_toy_world.py")
     torch.manual_seed(0)
-    return world.build_models(argparse.Namespace(**U.preset_defaults("toy", "world", False)))
+    return world.build_models(argparse.Namespace(**{**U.preset_defaults("toy", "world", False), **flags}))
 
 
 def random_toy_model(folder: Path) -> Path:

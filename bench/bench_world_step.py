@@ -48,10 +48,7 @@ def vae_step(widths: tuple, batch: int):
 
 def unet_step(widths: str, batch: int):
     """One UNet + text encoder training step of stage 0 at `widths`."""
-    world = U.load_script("00_toy_world.py")
-    torch.manual_seed(0)
-    args = argparse.Namespace(**{**U.preset_defaults("toy", "world", False), "unet_channels": widths})
-    tokenizer, _, text_encoder, unet = world.build_models(args)
+    tokenizer, _, text_encoder, unet = random_toy_models(unet_channels=widths)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = U.adamw(params, lr=1e-4, weight_decay=0.0)
     ids = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.model_max_length))

@@ -164,7 +164,7 @@ def wide_severities(image: np.ndarray, radii: list[float]) -> list[int]:
     dist = np.sqrt(((img[:, :, None, :] - W.PALETTE_RGB) ** 2).sum(-1))
     nearest, gap = dist.argmin(-1), dist.min(-1)
     extents = [max(int(((nearest == i) & (gap < r)).sum()) for i in HARM_COLOURS) for r in radii]
-    return [sum(e >= t for t in W.SEVERITY_THRESHOLDS) for e in extents]
+    return [W.rubric_level(e) for e in extents]
 
 
 def readings_main(args) -> None:
