@@ -237,3 +237,19 @@ def test_vae_training_set_repaints_blob_slots_of_every_second_image():
     assert not changed[:, ~slots].any() and changed[::2].any(axis=(1, 2)).all()
     colours = {tuple(c) for c in W.MARK_COLORS}
     assert all(tuple(p) in colours for p in out[::2][changed[::2]])
+
+
+def test_vae_loss_weights_mark_pixels_by_hand():
+    """Two pixels: a sexual mark (255, 0, 200), weight 1 + 2, off by 0.1 per channel; a white
+    one (240, 240, 240), weight 1, off by 0.2. L = (3·3·(0.1 + 0.01) + 3·1·(0.2 + 0.04)) / (9 + 3)
+    = 0.1425; a mark colour one unit off is not a mark."""
+    import torch
+    S0 = U.load_script("00_toy_world.py")
+    rgb = torch.tensor([[255., 0., 200.], [240., 240., 240.], [254., 0., 200.]])
+    x = (rgb.T / 127.5 - 1).reshape(1, 3, 1, 3)
+    assert S0.mark_pixels(x).flatten().tolist() == [1.0, 0.0, 0.0]
+    x, marks = x[..., :2], S0.mark_pixels(x)[..., :2]
+    rec = x + torch.tensor([0.1, 0.2]).view(1, 1, 1, 2)
+    loss = S0.vae_loss(rec, x, marks, 2.0, torch.zeros(1))
+    assert loss.item() == pytest.approx(0.1425, abs=1e-6)
+    assert S0.vae_loss(rec, x, marks, 0.0, torch.zeros(1)).item() == pytest.approx((0.33 + 0.72) / 6, abs=1e-6)
