@@ -1,4 +1,4 @@
-"""What moves the toy's verdicts on one draw of the world (~240 lines): the measurements behind
+"""What moves the toy's verdicts on one draw of the world (~350 lines): the measurements behind
 docs/results.md's "The two targets that fail". Not a stage of any pipeline: each command prints
 its table and writes DIR/world_diagnose/<command>.json. Toy preset only: it reads the toy
 world's exact judge and quality terms (lib/toyworld.py), which mean nothing on real images.
@@ -18,6 +18,14 @@ world's exact judge and quality terms (lib/toyworld.py), which mean nothing on r
                                   stage 5's benign and look-alike images per (set, model), the
                                   background term per background, and on LibraAlign-HF per
                                   (kind, side, source, background)
+  python -m systems.world_diagnose vae-round-trip --run DIR  stage 0's VAE alone on ground
+                                  truth: per category, the share of harmful renders whose judged
+                                  severity survives encoding and decoding, and benign renders'
+                                  quality after it against before
+  python -m systems.world_diagnose displacement --run DIR    how much worse each aligned UNet
+                                  denoises than the base, err_θ − err_ref of Eq. 5 at fixed
+                                  (t, ε), on ground truth of held-out benign prompts and on both
+                                  sides of LibraAlign-HF's harmful→safe pairs
 
 Why wider readings: the judge counts a pixel within 32 RGB units of a mark colour, half the 64
 units that separate illegal activity's colour from the ink-blot look-alike's. A mark a model
@@ -27,6 +35,7 @@ read as harm colour X only where X is its nearest colour of the world's palette,
 look-alike's blob (nearer its own colour) never counts as harm, at any R.
 """
 import argparse
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -213,6 +222,116 @@ def quality_terms_main(args) -> None:
         print_rows(rows)
     write(run, "quality-terms", result)
 
+# ---------------------------------------------------------------------------------------
+# 5. Stage 0's VAE on ground truth
+# ---------------------------------------------------------------------------------------
+
+def round_trip_rows(codec, per_category: int, benign: int, seed: int) -> dict:
+    """`codec` (uint8 image -> uint8 image) on ground-truth renders: per harm category, of
+    `per_category` harmful scenes of it, the share whose judged severity comes back exactly
+    and the share still judged harmful; over `benign` benign scenes, the mean of quality after
+    / quality before. The judge counts mark pixels within 32 RGB units of their colour, so a
+    VAE that tints or blurs marks erases harm the UNet drew (00_toy_world.vae_loss)."""
+    rng, rows = random.Random(seed), []
+    for cat in W.HARM:
+        exact, harmful = [], []
+        while len(exact) < per_category:
+            s = W.random_scene(rng, "harmful")
+            if s["category"] == cat:
+                truth, back = W.render(s), codec(W.render(s))
+                exact.append(W.toy_judge(back) == W.toy_judge(truth))
+                harmful.append(W.toy_judge(back) > 0)
+        rows.append({"category": cat, "images": per_category, "severity_kept": float(np.mean(exact)),
+                     "judged_harmful": float(np.mean(harmful))})
+    ratios = []
+    for _ in range(benign):
+        s = W.random_scene(rng, "benign")
+        prompt, truth = W.scene_to_prompt(s), W.render(s)
+        ratios.append(W.toy_quality(codec(truth), prompt) / W.toy_quality(truth, prompt))
+    return {"categories": rows, "benign_quality_ratio": float(np.mean(ratios))}
+
+
+def vae_round_trip_main(args) -> None:
+    from diffusers import AutoencoderKL
+    run = Path(args.run)
+    folder = U.stage_dir(run, "world") / "model" / "vae"
+    toy_inputs(run, "world", [folder / "config.json"])
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+
+    @torch.no_grad()
+    def codec(image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1)
+        return ((rec.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    result = round_trip_rows(codec, args.per_category, args.benign, args.scene_seed)
+    print_rows(result["categories"])
+    print(f"benign quality after / before: {result['benign_quality_ratio']:.3f}")
+    write(run, "vae-round-trip", {"per_category": args.per_category, "benign": args.benign,
+                                  "scene_seed": args.scene_seed, **result})
+
+# ---------------------------------------------------------------------------------------
+# 6. How far training moved each model off what it was trained on
+# ---------------------------------------------------------------------------------------
+
+def displacement_sets(run: Path, n: int) -> dict[str, tuple[list[np.ndarray], list[str]]]:
+    """(images, prompts) per set: ground truth of the first n held-out benign prompts (their
+    seeds 0..n-1), and the safe and the harmful side of the first n harmful→safe pairs of
+    LibraAlign-HF, each under the pair's prompt, as stage 4 trains on them."""
+    benign = U.read_jsonl(U.stage_dir(run, "world") / "prompts" / "benign_eval.jsonl")[:n]
+    truth = [W.render(W.draw_layout(r["scene"], random.Random(i))) for i, r in enumerate(benign)]
+    path = U.stage_dir(run, "hf") / "hf_pairs.jsonl"
+    pairs = [p for p in U.read_jsonl(path) if p["kind"] == "harmful-safe"][:n]
+    side = {role: [next(p[s] for s in ("a", "b") if p[s]["role"] == role) for p in pairs]
+            for role in ("safe", "harmful")}
+    sets = {"benign ground truth": (truth, [r["prompt"] for r in benign])}
+    for role, rows in side.items():
+        sets[f"HF {role} side"] = ([U.load_png(path.parent / r["path"]) for r in rows],
+                                   [p["prompt"] for p in pairs])
+    return sets
+
+
+@torch.no_grad()
+def errors_at(unet, scheduler, z0, emb, timesteps: list[int], seed: int) -> torch.Tensor:
+    """[N]: err(x) of Eq. 5 per image, averaged over `timesteps`, each with its own ε drawn
+    from `seed`: the same (t, ε) for every model, so differences are the models'."""
+    from common import denoising_errors
+    total = torch.zeros(len(z0))
+    for k, t in enumerate(timesteps):
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k))
+        total += denoising_errors(unet, scheduler, z0, torch.full((len(z0),), t), noise, emb)
+    return total / len(timesteps)
+
+
+def displacement_main(args) -> None:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from lib import models as M
+    run = Path(args.run)
+    base = U.stage_dir(run, "world") / "model"
+    toy_inputs(run, "hf", [base / "model_index.json", U.stage_dir(run, "hf") / "hf_pairs.jsonl",
+                           *[U.stage_dir(run, m) / "model" / "unet" for m in args.models]])
+    pipe = M.load_pipeline(base)
+    encode = M.PromptEncoder(base, "cpu", None)
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    timesteps = np.linspace(50, 950, args.timesteps).round().astype(int).tolist()
+    unets = {m: UNet2DConditionModel.from_pretrained(U.stage_dir(run, m) / "model" / "unet").eval()
+             for m in args.models}
+    rows = []
+    for name, (images, prompts) in displacement_sets(run, args.images).items():
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            z0 = M.encode_images(pipe.vae, x)
+        emb = encode(prompts, W.IMAGE_SIZE)
+        ref = errors_at(pipe.unet.eval(), scheduler, z0, emb, timesteps, args.noise_seed)
+        for m, unet in unets.items():
+            d = errors_at(unet, scheduler, z0, emb, timesteps, args.noise_seed) - ref
+            rows.append({"set": name, "model": m, "images": len(d), "err_ref": float(ref.mean()),
+                         "err_minus_ref": float(d.mean()),
+                         "standard_error": float(d.std() / np.sqrt(len(d))),
+                         "share_worse": float((d > 0).float().mean())})
+    print("err_θ − err_ref at fixed (t, ε): > 0, the model denoises the set worse than the base")
+    print_rows(rows)
+    write(run, "displacement", {"timesteps": timesteps, "noise_seed": args.noise_seed, "rows": rows})
+
 
 def parser(command: str) -> argparse.ArgumentParser:
     p = U.stage_parser(f"world_diagnose {command}", f"the toy world's diagnostics: {command}")
@@ -229,13 +348,25 @@ def parser(command: str) -> argparse.ArgumentParser:
     if command in ("readings", "quality-terms"):
         p.add_argument("--models", nargs="+", default=["base", "spo", "safety"],
                        help="stage 5's models to read")
+    if command == "vae-round-trip":
+        p.add_argument("--per-category", type=int, default=40, help="harmful renders per category")
+        p.add_argument("--benign", type=int, default=60, help="benign renders")
+        p.add_argument("--scene-seed", type=int, default=123, help="seed of the scenes drawn")
+    if command == "displacement":
+        p.add_argument("--models", nargs="+", default=["spo", "safety"],
+                       help="stage 4's runs to compare with the base")
+        p.add_argument("--images", type=int, default=64, help="images per set")
+        p.add_argument("--timesteps", type=int, default=10, help="timesteps from 50 to 950")
+        p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise ε")
     return p
 
 
 COMMANDS = {"sign-errors": (lambda: parser("sign-errors"), sign_errors_main),
             "off-colour": (lambda: parser("off-colour"), off_colour_main),
             "readings": (lambda: parser("readings"), readings_main),
-            "quality-terms": (lambda: parser("quality-terms"), quality_terms_main)}
+            "quality-terms": (lambda: parser("quality-terms"), quality_terms_main),
+            "vae-round-trip": (lambda: parser("vae-round-trip"), vae_round_trip_main),
+            "displacement": (lambda: parser("displacement"), displacement_main)}
 
 if __name__ == "__main__":
     U.run_commands(COMMANDS, __doc__)

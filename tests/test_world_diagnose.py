@@ -216,3 +216,76 @@ def test_missing_scores_and_other_presets_stop_with_one_message(tmp_path, monkey
     U.atomic_write_json(run / "eval" / "config.json", {"preset": "sd15"})
     with pytest.raises(SystemExit, match=r"eval/config.json: preset 'sd15'.*--preset toy"):
         run_command("readings", run)
+
+# ---------------------------------------------------------------------------------------
+# stage 0's VAE on ground truth
+# ---------------------------------------------------------------------------------------
+
+def test_round_trip_rows_of_exact_and_erasing_codecs():
+    """The identity keeps every severity and all quality; a codec that paints every image
+    white keeps none (every harmful render has severity >= 1) and loses quality."""
+    same = WD.round_trip_rows(lambda im: im, 3, 4, seed=1)
+    assert [r["category"] for r in same["categories"]] == list(W.HARM)
+    assert all(r["severity_kept"] == r["judged_harmful"] == 1.0 for r in same["categories"])
+    assert same["benign_quality_ratio"] == 1.0
+    white = WD.round_trip_rows(lambda im: np.full_like(im, 240), 3, 4, seed=1)
+    assert all(r["severity_kept"] == r["judged_harmful"] == 0.0 for r in white["categories"])
+    assert white["benign_quality_ratio"] < 0.9
+
+
+def test_vae_round_trip_reads_stage_0s_vae(tmp_path):
+    """On a run folder holding a (random-weight) stage-0 VAE: one row per category, shares in
+    [0, 1] and quality lost, written to world_diagnose/vae-round-trip.json."""
+    from diffusers import AutoencoderKL
+    world = toy_stage(tmp_path, "world")
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  sample_size=32).save_pretrained(world / "model" / "vae")
+    run_command("vae-round-trip", tmp_path, "--per-category", "2", "--benign", "2")
+    out = U.read_json(tmp_path / "world_diagnose" / "vae-round-trip.json")
+    assert (out["per_category"], out["benign"], out["scene_seed"]) == (2, 2, 123)
+    assert len(out["categories"]) == 7
+    assert all(0 <= r[k] <= 1 for r in out["categories"] for k in ("severity_kept", "judged_harmful"))
+    assert out["benign_quality_ratio"] < 1  # a random decoder does not give the renders back
+
+
+def test_displacement_is_zero_for_the_base_and_grows_with_an_output_shift(tmp_path):
+    """A random-weight stage-0 pipeline as the base; "spo" holds its UNet unchanged, so every
+    err_θ − err_ref is exactly 0; "safety" adds 3 to every output of the UNet, so its error at
+    each (t, ε) grows by 9 + 6·mean(pred − ε): about 9 on every image."""
+    import argparse
+    from diffusers import DDIMScheduler
+    S0 = U.load_script("00_toy_world.py")
+    flags = {**U.preset_defaults("toy", "world", True), "seed": 0}
+    torch.manual_seed(0)
+    tokenizer, vae, text, unet = S0.build_models(argparse.Namespace(**flags))
+    world = toy_stage(tmp_path, "world")
+    S0.as_pipeline(argparse.Namespace(**flags), tokenizer, vae, text, unet,
+                   DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                 clip_sample=False, steps_offset=1)).save_pretrained(world / "model")
+    rows = W.prompt_lists(random.Random(0), 40, 0.2)
+    U.write_jsonl(world / "prompts" / "benign_eval.jsonl", rows["benign_eval"])
+    hf = toy_stage(tmp_path, "hf")
+    pairs = []
+    for i, r in enumerate(rows["harmful_eval"][:4]):
+        sides = {}
+        for key, role, prompt in (("a", "harmful", r["prompt"]), ("b", "safe", r["safe_prompt"])):
+            image = render(W.draw_layout(W.prompt_to_scene(prompt), random.Random(i)))
+            U.save_png(hf / "images" / f"{i}{key}.png", image)
+            sides[key] = {"role": role, "path": f"images/{i}{key}.png", "prompt": prompt}
+        pairs.append({"kind": "harmful-safe", "prompt": r["prompt"], **sides})
+    U.write_jsonl(hf / "hf_pairs.jsonl", pairs)
+    unet.save_pretrained(tmp_path / "spo" / "model" / "unet")
+    unet.conv_out.bias.data += 3.0
+    unet.save_pretrained(tmp_path / "safety" / "model" / "unet")
+    run_command("displacement", tmp_path, "--images", "4", "--timesteps", "2")
+    out = U.read_json(tmp_path / "world_diagnose" / "displacement.json")
+    assert out["timesteps"] == [50, 950]
+    by = {(r["set"], r["model"]): r for r in out["rows"]}
+    assert set(by) == {(s, m) for s in ("benign ground truth", "HF safe side", "HF harmful side")
+                       for m in ("spo", "safety")}
+    for s in ("benign ground truth", "HF safe side", "HF harmful side"):
+        assert by[(s, "spo")]["err_minus_ref"] == 0.0 and by[(s, "spo")]["share_worse"] == 0.0
+        assert by[(s, "safety")]["err_minus_ref"] == pytest.approx(9.0, abs=1.5)
+        assert by[(s, "safety")]["share_worse"] == 1.0 and by[(s, "spo")]["images"] == 4
