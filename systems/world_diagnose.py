@@ -308,12 +308,12 @@ def displacement_main(args) -> None:
     run = Path(args.run)
     base = U.stage_dir(run, "world") / "model"
     toy_inputs(run, "hf", [base / "model_index.json", U.stage_dir(run, "hf") / "hf_pairs.jsonl",
-                           *[U.stage_dir(run, m) / "model" / "unet" for m in args.models]])
+                           *[run / m / "model" / "unet" for m in args.models]])
     pipe = M.load_pipeline(base)
     encode = M.PromptEncoder(base, "cpu", None)
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     timesteps = np.linspace(50, 950, args.timesteps).round().astype(int).tolist()
-    unets = {m: UNet2DConditionModel.from_pretrained(U.stage_dir(run, m) / "model" / "unet").eval()
+    unets = {m: UNet2DConditionModel.from_pretrained(run / m / "model" / "unet").eval()
              for m in args.models}
     rows = []
     for name, (images, prompts) in displacement_sets(run, args.images).items():
@@ -354,7 +354,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--scene-seed", type=int, default=123, help="seed of the scenes drawn")
     if command == "displacement":
         p.add_argument("--models", nargs="+", default=["spo", "safety"],
-                       help="stage 4's runs to compare with the base")
+                       help="stage 4's runs (their --name) to compare with the base")
         p.add_argument("--images", type=int, default=64, help="images per set")
         p.add_argument("--timesteps", type=int, default=10, help="timesteps from 50 to 950")
         p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise ε")
