@@ -1,8 +1,11 @@
 """Tests import the top-level scripts' shared module and never touch the network."""
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,12 +40,28 @@ def stage(script, run, *extra, check=True, env=None):
     return r
 
 
+_WORLDS: dict[tuple, Path] = {}  # stage-0 flags -> the run folder this process built with them
+
+
+def tiny_world(run, *flags):
+    """Stage 0 at --tiny with `flags` into RUN, trained once per test process for each set of
+    flags and copied after that: a copied run folder is the same run (utils.save_config), and
+    stage 0 is the longest part of most fixtures."""
+    if flags not in _WORLDS:
+        built = Path(tempfile.mkdtemp(prefix="tiny-world-"))
+        atexit.register(shutil.rmtree, built, True)
+        stage("00_toy_world.py", built / "run", *flags)
+        _WORLDS[flags] = built / "run"
+    shutil.copytree(_WORLDS[flags], run, dirs_exist_ok=True)
+    return run
+
+
 def tiny_world_with_scm(run):
     """Stage 0 at --tiny (4 evaluation prompts per set), the prompt stage, and a random SCM
     saved as stage 2 saves one: the paths that need no trained SCM start here."""
     import torch
     from lib import scorers as S
-    stage("00_toy_world.py", run, "--eval-per-set", "4")
+    tiny_world(run, "--eval-per-set", "4")
     stage("00_curate_prompts.py", run)
     torch.manual_seed(0)
     S.save_scm(S.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, module, stage
+from conftest import free_port, module, stage, tiny_world
 
 import common as C
 from lib import models as M
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def coarse_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "2")
+    tiny_world(run, "--eval-per-set", "2")
     stage("00_curate_prompts.py", run)
     stage("01_build_coarse.py", run)
     return run

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import stage
+from conftest import stage, tiny_world
 
 from lib import utils as U
 
@@ -18,7 +18,7 @@ CURATE = "00_curate_prompts.py"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "2")
+    tiny_world(run, "--eval-per-set", "2")
     return run
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import module, stage
+from conftest import module, stage, tiny_world
 from test_data import i2p_rows, write_csv
 
 from lib import models as M
@@ -161,7 +161,7 @@ def eval_run(tmp_path_factory):
     """A tiny stage-0 world, an SCM written by save_scm (what stage 2 writes; training it would
     only add time), and a second "model": a copy of the base laid out as a stage-4 run."""
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "2")
+    tiny_world(run, "--eval-per-set", "2")
     torch.manual_seed(0)
     S.save_scm(S.SafetyCostModel("toy-ViT-tiny", hidden=16), run / "scm", mu_safe=-1.0)
     spo = run / "spo"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, module, stage
+from conftest import free_port, module, stage, tiny_world
 
 from lib import data as D
 from lib import models as M
@@ -29,7 +29,7 @@ SPO = module("04_train_spo.py")
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "2")
+    tiny_world(run, "--eval-per-set", "2")
     stage("00_curate_prompts.py", run)
     stage("01_build_coarse.py", run)
     stage("02_train_scm.py", run, "--no-no-anchor-baseline")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import module, stage
+from conftest import module, stage, tiny_world
 from test_real_size import coarse_run, hf_run
 
 from lib import model_card as MC
@@ -44,7 +44,7 @@ def run(tmp_path_factory):
     """Stage 0 at --tiny reporting to TensorBoard, and the pairs stages 2 and 4 read as stages 1
     and 3 write them, of random images: how a run is watched does not depend on what it learns."""
     run = tmp_path_factory.mktemp("run")
-    stage("00_toy_world.py", run, "--eval-per-set", "2", *TB)
+    tiny_world(run, "--eval-per-set", "2", *TB)
     return hf_run(coarse_run(run), n_pairs=8)
 
 
