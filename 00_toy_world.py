@@ -45,9 +45,8 @@ U.PRESETS["toy"]["world"] = dict(
     n_images=8000,  # about 2.6 drawn images per train prompt
     # the measured 10-minute run: VAE 700 steps, UNet 1,500 steps, both at batch 32
     vae_steps=700, vae_batch=32, vae_lr=2e-3,
-    # a mark-colour pixel weighs 1 + 2 in the VAE's loss: trained alone on draw 0's set, the VAE
-    # gives back 99% of ground-truth marks at their judged severity, against 78% at 0, for 2% of
-    # benign quality (docs/results.md, "Marks on their colour")
+    # a mark-colour pixel weighs 1 + 2 in the VAE's loss: trained alone, the VAE gives back 99% of
+    # marks at their judged severity (78% at 0), for 2% of benign quality (docs/results.md)
     mark_weight=2.0,
     unet_steps=1500, unet_batch=32, unet_lr=1e-3,
     unet_channels="64,128", text_width=64,  # two UNet levels on the 8x8 latent
@@ -68,45 +67,36 @@ U.PRESETS["toy"]["world"] = dict(
 # let `--preset sd15` parse, every flag having its entry, so that main() can say so
 U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])
 # --tiny: every path in seconds; the UNet checkpoint at step 10 of 20 lets the resume test
-# stop a run on either side of it
-U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20,
+# stop a run on either side of it; 20 VAE steps on the plain loss (mark weight 0) give the
+# tiny runs' pairs the marks their tests need
+U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, mark_weight=0.0,
                        unet_channels="32,64", eval_per_set=8, eval_per_category=1,
-                       sample_steps=4, judge_check=200,
-                       ckpt_every=10)
+                       sample_steps=4, judge_check=200, ckpt_every=10)
 
 
 def parse(argv=None):
     p = U.stage_parser("world", __doc__.splitlines()[0])
-    p.add_argument("--n-prompts", type=int,
-                   help="distinct prompts drawn for each kind before the split")
+    p.add_argument("--n-prompts", type=int, help="distinct prompts drawn per kind before the split")
     p.add_argument("--eval-fraction", type=float, help="share of prompts held out for evaluation")
     p.add_argument("--n-images", type=int, help="drawn training images")
-    p.add_argument("--vae-steps", type=int)
-    p.add_argument("--vae-batch", type=int)
-    p.add_argument("--vae-lr", type=float)
-    p.add_argument("--mark-weight", type=float,
-                   help="extra weight of mark-colour pixels in the VAE's reconstruction loss")
-    p.add_argument("--unet-steps", type=int)
-    p.add_argument("--unet-batch", type=int)
-    p.add_argument("--unet-lr", type=float)
+    for flag, kind in (("--vae-steps", int), ("--vae-batch", int), ("--vae-lr", float),
+                       ("--unet-steps", int), ("--unet-batch", int), ("--unet-lr", float),
+                       ("--ema-decay", float), ("--ckpt-every", int), ("--sample-steps", int),
+                       ("--guidance", float)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--mark-weight", type=float, help="extra VAE-loss weight of mark-colour pixels")
     p.add_argument("--unet-channels", help="UNet block widths, comma-separated")
     p.add_argument("--text-width", type=int,
                    help="text encoder hidden size (sdxl: of both encoders together)")
     p.add_argument("--arch", choices=["sd", "sdxl"],
                    help="the base model's architecture: SD-1.5's, or SDXL's (two text encoders, "
                         "pooled embedding and time ids; make sdxl)")
-    p.add_argument("--cfg-dropout", type=float,
-                   help="share of empty prompts, for classifier-free guidance")
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--cfg-dropout", type=float, help="share of empty prompts (for guidance)")
     p.add_argument("--eval-per-set", type=int,
                    help="held-out benign and look-alike prompts sampled, each")
     p.add_argument("--eval-per-category", type=int,
                    help="held-out harmful prompts sampled per harm category")
-    p.add_argument("--sample-steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--judge-check", type=int,
-                   help="ground-truth images for the judge-agreement figure")
+    p.add_argument("--judge-check", type=int, help="ground-truth images checking the judge")
     p.add_argument("--device")
     T.add_flags(p)  # --report-to
     return U.parse_args(p, argv)
@@ -209,29 +199,10 @@ def vae_training_set(args, x: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def mark_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[N, 1, H, W]: 1 where a pixel of x (in [-1, 1]) is exactly one of the mark colours."""
-    rgb = ((x + 1) * 127.5).round()
-    marks = torch.tensor(W.MARK_COLORS, dtype=x.dtype).view(1, -1, 3, 1, 1)
-    return (rgb[:, None] == marks).all(dim=2).any(dim=1, keepdim=True).to(x.dtype)
-
-
-def vae_loss(rec, x, marks, mark_weight: float, kl) -> torch.Tensor:
-    """Reconstruction (L1 + MSE) with a tiny KL weight, as latent-diffusion VAEs are trained,
-    each pixel weighted by w = 1 + mark_weight·[a mark colour]:
-
-        L = Σ w·(|x̂ − x| + (x̂ − x)²) / Σ w  +  1e-6·KL
-
-    The judge reads a mark only within 32 RGB units of its colour and counts its pixels, so a
-    VAE that blurs a mark's edges or tints it toward a common colour erases harm the UNet drew:
-    the weight spends the VAE's capacity where the judge looks (the sums run over channels too)."""
-    w = (1 + mark_weight * marks).expand_as(x)
-    err = (rec - x).abs() + (rec - x) ** 2
-    return (w * err).sum() / w.sum() + 1e-6 * kl.mean()
-
-
 def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
-    """The VAE on `vae_loss`, its mark-colour pixels found once."""
+    """L = Σ w·(|x̂ − x| + (x̂ − x)²) / Σ w + 1e-6·KL (models.vae_loss), w = 1 +
+    mark_weight·[a mark colour]: the judge counts mark pixels within 32 RGB units of their
+    colour, so a VAE that blurs or tints marks erases harm the UNet drew (docs/results.md)."""
     state = ckpt.load() or {}
     if state.get("vae_done"):
         vae.load_state_dict(state["vae"])
@@ -244,7 +215,7 @@ def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
         start = state["vae_step"]
     # the log's records of the steps about to be redone go
     log.truncate(lambda r: r["phase"] != "vae" or r["step"] < start)
-    marks = mark_pixels(x)
+    marks = M.pixel_mask(x, W.MARK_COLORS)
     vae.to(device).train()
     for step in tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps):
         g = U.step_generator(args.seed, step, stream=1)
@@ -253,7 +224,7 @@ def train_vae(args, vae, x, ckpt: U.Checkpoint, log: U.MetricsLog, device):
         post = vae.encode(batch).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
-        loss = vae_loss(rec, batch, marks[idx].to(device), args.mark_weight, post.kl())
+        loss = M.vae_loss(rec, batch, 1 + args.mark_weight * marks[idx].to(device), post.kl())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
         opt.zero_grad(set_to_none=True)

@@ -150,6 +150,23 @@ def load_image(path: str, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def pixel_mask(x: torch.Tensor, colours) -> torch.Tensor:
+    """[N, 1, H, W]: 1 where a pixel of x (in [-1, 1]) is exactly one of `colours` (RGB 0-255)."""
+    rgb = ((x + 1) * 127.5).round()
+    palette = torch.tensor(colours, dtype=x.dtype).view(1, -1, 3, 1, 1)
+    return (rgb[:, None] == palette).all(dim=2).any(dim=1, keepdim=True).to(x.dtype)
+
+
+def vae_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """A VAE's reconstruction loss, L1 + MSE with a tiny KL weight, each pixel weighted by w
+    ([N, 1, H, W], broadcast over channels; the sums run over channels too):
+
+        L = Σ w·(|x̂ − x| + (x̂ − x)²) / Σ w  +  1e-6·KL"""
+    w = w.expand_as(x)
+    err = (rec - x).abs() + (rec - x) ** 2
+    return (w * err).sum() / w.sum() + 1e-6 * kl.mean()
+
+
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """VAE latents, scaled as the UNet expects. The posterior mean, not a sample: a cached
     latent must be one fixed tensor (SD's VAE posterior std is tiny next to its mean)."""

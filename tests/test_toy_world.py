@@ -244,12 +244,11 @@ def test_vae_loss_weights_mark_pixels_by_hand():
     one (240, 240, 240), weight 1, off by 0.2. L = (3·3·(0.1 + 0.01) + 3·1·(0.2 + 0.04)) / (9 + 3)
     = 0.1425; a mark colour one unit off is not a mark."""
     import torch
-    S0 = U.load_script("00_toy_world.py")
     rgb = torch.tensor([[255., 0., 200.], [240., 240., 240.], [254., 0., 200.]])
     x = (rgb.T / 127.5 - 1).reshape(1, 3, 1, 3)
-    assert S0.mark_pixels(x).flatten().tolist() == [1.0, 0.0, 0.0]
-    x, marks = x[..., :2], S0.mark_pixels(x)[..., :2]
+    assert M.pixel_mask(x, W.MARK_COLORS).flatten().tolist() == [1.0, 0.0, 0.0]
+    x, marks = x[..., :2], M.pixel_mask(x, W.MARK_COLORS)[..., :2]
     rec = x + torch.tensor([0.1, 0.2]).view(1, 1, 1, 2)
-    loss = S0.vae_loss(rec, x, marks, 2.0, torch.zeros(1))
+    loss = M.vae_loss(rec, x, 1 + 2.0 * marks, torch.zeros(1))
     assert loss.item() == pytest.approx(0.1425, abs=1e-6)
-    assert S0.vae_loss(rec, x, marks, 0.0, torch.zeros(1)).item() == pytest.approx((0.33 + 0.72) / 6, abs=1e-6)
+    assert M.vae_loss(rec, x, 1 + 0.0 * marks, torch.zeros(1)).item() == pytest.approx((0.33 + 0.72) / 6, abs=1e-6)
