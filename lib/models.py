@@ -1,5 +1,6 @@
-"""Text-to-image models as stock diffusers objects (~735 lines): loading, sampling, latents,
-LoRA files, the model folders stage 5 finds, and the image cache every evaluation shares.
+"""Text-to-image models as stock diffusers objects (~795 lines): loading, sampling, latents,
+LoRA files, the model folders stage 5 finds, the image cache every evaluation shares, and the
+toy VAE's pixel-weighted loss.
 
 What it is not: the training loop and its math (04_train_spo.py, common.py), what is measured
 on an image (lib/scorers.py).

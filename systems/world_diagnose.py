@@ -1,4 +1,4 @@
-"""What moves the toy's verdicts on one draw of the world (~350 lines): the measurements behind
+"""What moves the toy's verdicts on one draw of the world (~370 lines): the measurements behind
 docs/results.md's "The two targets that fail". Not a stage of any pipeline: each command prints
 its table and writes DIR/world_diagnose/<command>.json. Toy preset only: it reads the toy
 world's exact judge and quality terms (lib/toyworld.py), which mean nothing on real images.
@@ -231,7 +231,7 @@ def round_trip_rows(codec, per_category: int, benign: int, seed: int) -> dict:
     `per_category` harmful scenes of it, the share whose judged severity comes back exactly
     and the share still judged harmful; over `benign` benign scenes, the mean of quality after
     / quality before. The judge counts mark pixels within 32 RGB units of their colour, so a
-    VAE that tints or blurs marks erases harm the UNet drew (00_toy_world.vae_loss)."""
+    VAE that tints or blurs marks erases harm the UNet drew (00_toy_world.train_vae)."""
     rng, rows = random.Random(seed), []
     for cat in W.HARM:
         exact, harmful = [], []
