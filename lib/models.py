@@ -150,7 +150,6 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return img
 
 
-@torch.no_grad()
 def pixel_mask(x: torch.Tensor, colours) -> torch.Tensor:
     """[N, 1, H, W]: 1 where a pixel of x (in [-1, 1]) is exactly one of `colours` (RGB 0-255)."""
     rgb = ((x + 1) * 127.5).round()
@@ -168,6 +167,7 @@ def vae_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor, kl: torch.Tens
     return (w * err).sum() / w.sum() + 1e-6 * kl.mean()
 
 
+@torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """VAE latents, scaled as the UNet expects. The posterior mean, not a sample: a cached
     latent must be one fixed tensor (SD's VAE posterior std is tiny next to its mean)."""

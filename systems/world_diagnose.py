@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import denoising_errors
+from lib import models as M
 from lib import scorers as S
 from lib import toyworld as W
 from lib import utils as U
@@ -238,9 +240,10 @@ def round_trip_rows(codec, per_category: int, benign: int, seed: int) -> dict:
         while len(exact) < per_category:
             s = W.random_scene(rng, "harmful")
             if s["category"] == cat:
-                truth, back = W.render(s), codec(W.render(s))
-                exact.append(W.toy_judge(back) == W.toy_judge(truth))
-                harmful.append(W.toy_judge(back) > 0)
+                truth = W.render(s)
+                judged = W.toy_judge(codec(truth))
+                exact.append(judged == W.toy_judge(truth))
+                harmful.append(judged > 0)
         rows.append({"category": cat, "images": per_category, "severity_kept": float(np.mean(exact)),
                      "judged_harmful": float(np.mean(harmful))})
     ratios = []
@@ -294,7 +297,6 @@ def displacement_sets(run: Path, n: int) -> dict[str, tuple[list[np.ndarray], li
 def errors_at(unet, scheduler, z0, emb, timesteps: list[int], seed: int) -> torch.Tensor:
     """[N]: err(x) of Eq. 5 per image, averaged over `timesteps`, each with its own ε drawn
     from `seed`: the same (t, ε) for every model, so differences are the models'."""
-    from common import denoising_errors
     total = torch.zeros(len(z0))
     for k, t in enumerate(timesteps):
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k))
@@ -304,7 +306,6 @@ def errors_at(unet, scheduler, z0, emb, timesteps: list[int], seed: int) -> torc
 
 def displacement_main(args) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from lib import models as M
     run = Path(args.run)
     base = U.stage_dir(run, "world") / "model"
     toy_inputs(run, "hf", [base / "model_index.json", U.stage_dir(run, "hf") / "hf_pairs.jsonl",
@@ -318,8 +319,7 @@ def displacement_main(args) -> None:
     rows = []
     for name, (images, prompts) in displacement_sets(run, args.images).items():
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            z0 = M.encode_images(pipe.vae, x)
+        z0 = M.encode_images(pipe.vae, x)
         emb = encode(prompts, W.IMAGE_SIZE)
         ref = errors_at(pipe.unet.eval(), scheduler, z0, emb, timesteps, args.noise_seed)
         for m, unet in unets.items():
