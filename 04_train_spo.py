@@ -7,7 +7,7 @@
 
 Each ‖·‖² is taken as the mean over the latent's elements, as the Diffusion-DPO authors' code
 takes it, not their sum: a constant factor, folded into β with the paper's T·ω(λ_t). Winner
-and loser are noised with the same t and ε.
+and loser are noised with the same t and ε. The toy adds DPO-Positive's winner term (--dpop).
 
 T2I-SPO is Diffusion-DPO on pairs ordered by a reward that counts quality AND safety: one
 objective for both, so that alignment is not a zero-sum trade of quality for safety (Sec. 4.2).
@@ -60,6 +60,7 @@ U.PRESETS["sd15"]["spo"] = dict(
     lam=0.15,  # the paper's (Sec. 6.1; Sec. 6.3: lower λ loses safety, higher λ quality)
     margin=0.0,  # the paper's (Sec. 4.2): every pair is relabelled, none left out
     beta=5000.0,  # DPO code's (--beta_dpo, with Eq. 5's ½); the paper gives no β
+    dpop=0.0,  # Eq. 5 as the paper writes it
     lr=8e-8, scale_lr=False,  # the paper's "8e-8 per GPU", read as the rate (see --lr)
     warmup=500, steps=15000,  # the paper's: a 500-step linear warm-up, 15,000 steps
     batch=12, micro_batch=2,  # the paper's: 6 GPUs × 2 pairs, no accumulation
@@ -81,7 +82,8 @@ U.PRESETS["sdxl"]["spo"] = dict(U.PRESETS["sd15"]["spo"], model=SDXL)
 # The toy's own, for a tiny UNet on 8×8×4 latents trained on two CPU cores in minutes
 U.PRESETS["toy"]["spo"] = dict(
     U.PRESETS["sd15"]["spo"], model=None,  # None: the stage-0 model
-    beta=100.0, lr=5e-5,  # a sweep's best (docs/results.md, "Choosing the toy β and learning rate")
+    beta=100.0,  # a sweep's best (docs/results.md, "Choosing the toy β and learning rate")
+    dpop=1.0, lr=3e-5,  # draw 0's choice (docs/results.md, "Keeping the winners' likelihood")
     # 300 steps of 16 pairs visit each pair about 4 times, in about 3 minutes; a short warm-up
     steps=300, batch=16, warmup=20,
     dfm_k=3, dfm_patience=1,  # so few visits: a queue of 3 losses, one slow visit flags a pair
@@ -104,6 +106,7 @@ def parser(stage: str = "spo", description: str | None = None) -> argparse.Argum
     p.add_argument("--lam", type=float, help="λ of Eq. 6, the weight of the safety cost in R")
     p.add_argument("--margin", type=float, help="drop pairs with |ΔR| below this (Eq. 8)")
     p.add_argument("--beta", type=float, help="β of Eq. 5 (with its ½: the loss uses β/2)")
+    p.add_argument("--dpop", type=float, help="λ_p, DPO-Positive's winner term (0: Eq. 5 alone)")
     p.add_argument("--lr", type=float, help="peak learning rate of the mean gradient over the "
                    "global --batch, on any number of GPUs (the paper's '8e-8 per GPU' is 8e-8)")
     p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, help="Diffusion-DPO's "
@@ -179,9 +182,8 @@ class SPO:
         return emb
 
     def figures(self, tr: "Training", ids: list[int], d_theta, d_ref) -> dict:
-        """The step's preference figures from the batch's Δ_θ and Δ_ref. Implicit accuracy:
-        the share of pairs the policy prefers more than the reference does, Δ_θ < Δ_ref;
-        reward margin: the mean DPO logit −β/2·(Δ_θ − Δ_ref)."""
+        """Implicit accuracy: the share of pairs the policy prefers more than the reference
+        does, Δ_θ < Δ_ref; reward margin: the mean DPO logit −β/2·(Δ_θ − Δ_ref)."""
         return {"implicit_accuracy": (d_theta < d_ref).float().mean().item(),
                 "reward_margin": (-0.5 * tr.args.beta * (d_theta - d_ref)).mean().item()}
 
@@ -253,8 +255,7 @@ def setup(args, spo: SPO) -> Training:
 
     # Eqs. 6-8: relabel every pair by the composite reward (or by −C for the baseline)
     pairs, counts = spo.pairs(args, hf)
-    # how often the reward lets the safe image win a harmful-safe pair: 100% for the safety
-    # objectives; below it for T2I-SPO, where a faithful harmful image outscores a poor safe one
+    # the safe image's share of harmful-safe pair wins: below 100% for T2I-SPO alone (Eq. 6)
     counts["safe_side_wins_harmful_safe"] = M.safe_side_wins(pairs)
     M.require_a_batch(pairs, args.batch, counts["pairs_dropped"], hf / "hf_pairs.jsonl")
     U.log(f"{len(pairs)} pairs after relabelling (objective {args.objective}, λ={args.lam}); "
@@ -304,7 +305,7 @@ def pair_losses(tr: Training, ids: list[int], t, noise, z: torch.Tensor | None =
     z_w, z_l = (tr.latents[idx[:, 0]], tr.latents[idx[:, 1]]) if z is None else (z[:, 0], z[:, 1])
     emb = tr.spo.condition(tr, ids, tr.text[idx[:, 2]].to(dev))
     return C.dpo_pair_losses(tr.unet, tr.ref, tr.noise_scheduler, z_w.to(dev), z_l.to(dev), emb,
-                             t.to(dev), noise.to(dev), tr.args.beta, tr.autocast)
+                             t.to(dev), noise.to(dev), tr.args.beta, tr.autocast, tr.args.dpop)
 
 
 def dfm_copies(tr: Training, step: int, ids: list, t, noise, hard_ids: set) -> torch.Tensor:
@@ -346,8 +347,7 @@ def train_step(tr: Training) -> dict:
                                  tr.latents.shape[1:])
 
     # 1. Eq. 9 on this process's pairs, in micro-batches. Each pair's loss is weighted 1/B and
-    #    the gradients are summed over processes below, so the update follows
-    #        ∇ (1/B) Σ_{i in batch} L_i
+    #    the gradients are summed over processes below, so the update follows ∇ (1/B) Σ_i L_i
     #    on any number of processes and micro-batches.
     tr.opt.zero_grad(set_to_none=True)
     parts = []

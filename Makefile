@@ -61,11 +61,12 @@ DFM_pool2 := --dfm-augmentations color_jitter latent_noise_erase
 $(foreach t,$(DFM_TAUS),$(eval DFM_tau$(t) := --dfm-tau $(t)))
 
 # AlignGuard: experts (category words joined by _), its LoRA settings (rank 4 on the attention
-# projections, the safe image always wins, no DFM), and the merges, Co-Merge first
+# projections, the safe image always wins, no DFM, Eq. 5 without
+# the winner term as in its Diffusion-DPO code), and the merges, Co-Merge first
 AG_CATEGORIES := sexual violence hate harassment self-harm shocking illegal_activity
 AG_EXPERTS := $(AG_CATEGORIES:%=expert-%)
 AG_MERGES := comerge linear ties dare_ties cat svd
-AG_LORA := --data coprov2 --objective safe-wins --lora-rank 4 --dfm off --lr 3e-4 --warmup 10
+AG_LORA := --data coprov2 --objective safe-wins --lora-rank 4 --dfm off --dpop 0 --lr 3e-4 --warmup 10
 AG_EXPERT_STEPS := 60
 AG_ALL_STEPS := 420
 PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2

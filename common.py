@@ -152,7 +152,7 @@ def denoising_errors(net, noise_scheduler, z0, t, noise, emb,
 
 def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor,
                        ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
-                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       beta: float, dpop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 5, Diffusion-DPO (Wallace et al.). The paper writes, for t ∼ U(0, T) and the noised
     latents x_t^w ∼ q(x_t^w | x_0^w), x_t^l ∼ q(x_t^l | x_0^l):
 
@@ -176,12 +176,23 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor,
          β means twice as much.
     The reference is frozen (its errors get no gradient). Returns (mean loss, per-pair loss);
     the per-pair losses feed the DFM's queues (Eq. 10).
+
+    dpop > 0 (not the paper's; the toy's, docs/results.md "Keeping the winners' likelihood"):
+    DPO-Positive (Pal et al. 2024, "Smaug", Eq. 3) adds −λ_p·max(0, log π_ref(y_w) − log π_θ(y_w))
+    inside the sigmoid. Eq. 5 sees only Δ_θ − Δ_ref, so it is also lowered by raising both errors,
+    the winner's among them (likelihood displacement); with log π ∝ −err this term charges
+    every rise of the winner's error above the reference's:
+
+        L = mean of  −log σ( −β/2 · ( (Δ_θ − Δ_ref) + λ_p · max(0, err_θ(x_w) − err_ref(x_w)) ) )
+
+    Eq. 11 (`augmentation_scores`) keeps comparing gradients of Δ_θ, as the paper defines it.
     """
     _check_same_1d(model_err_w=model_err_w, model_err_l=model_err_l,
                    ref_err_w=ref_err_w, ref_err_l=ref_err_l)
     delta_theta = model_err_w - model_err_l
     delta_ref = (ref_err_w - ref_err_l).detach()
-    per_pair = -F.logsigmoid(-0.5 * beta * (delta_theta - delta_ref))
+    winner_rise = (model_err_w - ref_err_w.detach()).clamp(min=0)
+    per_pair = -F.logsigmoid(-0.5 * beta * (delta_theta - delta_ref + dpop * winner_rise))
     return per_pair.mean(), per_pair
 
 
@@ -200,7 +211,7 @@ def reference_net(unet, ref):
 
 
 def dpo_pair_losses(unet, ref, noise_scheduler, z_w, z_l, emb, t, noise, beta: float,
-                    autocast=contextlib.nullcontext):
+                    autocast=contextlib.nullcontext, dpop: float = 0.0):
     """Eq. 5 on a batch of pairs, and so Eq. 9, the T2I-SPO loss, on pairs from `relabel_pairs`.
     The paper derives Eq. 9 from Eq. 8 as Diffusion-DPO derives Eq. 5 from Eq. 4:
 
@@ -216,7 +227,7 @@ def dpo_pair_losses(unet, ref, noise_scheduler, z_w, z_l, emb, t, noise, beta: f
     err_w, err_l = denoising_errors(unet, *args, autocast).chunk(2)
     with torch.no_grad(), reference_net(unet, ref) as r:
         ref_w, ref_l = denoising_errors(r, *args, autocast).chunk(2)
-    _, per_pair = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta)
+    _, per_pair = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta, dpop)
     return per_pair, (err_w - err_l).detach(), (ref_w - ref_l).detach()
 
 

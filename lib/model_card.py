@@ -27,9 +27,9 @@ OBJECTIVES = {
     "safe-wins": "Diffusion-DPO on pairs in which the safe image always wins (AlignGuard's order)"}
 LOSS = ("    L = −E log σ(−β/2 · [(‖ε−ε_θ(x_w,t)‖² − ‖ε−ε_θ(x_l,t)‖²)\n"
         "                        − (‖ε−ε_ref(x_w,t)‖² − ‖ε−ε_ref(x_l,t)‖²)])")
-SETTINGS = ("objective", "lam", "beta", "margin", "lr", "scale_lr", "warmup", "steps", "batch",
-            "micro_batch", "weight_decay", "max_grad_norm", "lora_rank", "lora_alpha", "dfm",
-            "dfm_tau", "dfm_k", "dfm_patience", "dfm_augmentations", "bf16", "seed", "preset")
+SETTINGS = ("objective", "lam", "beta", "dpop", "margin", "lr", "scale_lr", "warmup", "steps",
+            "batch", "micro_batch", "weight_decay", "max_grad_norm", "lora_rank", "lora_alpha",
+            "dfm", "dfm_tau", "dfm_k", "dfm_patience", "dfm_augmentations", "bf16", "seed", "preset")
 FIGURES = {"n_pairs": "preference pairs", "pairs_dropped": "pairs dropped by --margin",
            "bad_rows_skipped": "bad rows skipped",
            "safe_side_wins_harmful_safe": "share of harmful–safe pairs the safe image wins",

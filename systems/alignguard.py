@@ -248,7 +248,8 @@ class Expert(S4.SPO):
         return category_filter(pairs, args.categories, hf / "hf_pairs.jsonl"), counts
 
 
-U.PRESETS["toy"]["expert"] = dict(U.PRESETS["toy"]["spo"], categories=None)
+# AlignGuard's experts train on Eq. 5 as its authors' Diffusion-DPO code does (no winner term)
+U.PRESETS["toy"]["expert"] = dict(U.PRESETS["toy"]["spo"], dpop=0.0, categories=None)
 U.PRESETS["sd15"]["expert"] = dict(U.PRESETS["sd15"]["spo"], categories=None)
 U.TINY["expert"] = dict(U.TINY["spo"])
 

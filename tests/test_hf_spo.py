@@ -2,6 +2,7 @@
 annotation, resume) and T2I-SPO training (one concatenated forward, DFM, exact resume, DDP
 with two processes equal to one, LoRA that stock diffusers loads, bad input)."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -285,10 +286,23 @@ def test_gradient_accumulation_matches_one_batch(spo_run, tmp_path):
     assert_same_training(run / "acc", run / "full")
 
 
+def test_dpop_reaches_the_loss(spo_run, tmp_path):
+    # DPO-Positive's winner term (--dpop) is zero while the policy is the reference (step 1's
+    # loss, taken before its update, is log 2 either way), then charges any winner whose error
+    # rose: at λ_p = 1000 the logged losses part from Eq. 5's
+    run = copy_run(spo_run, tmp_path / "run", "spo")
+    stage("04_train_spo.py", run, "--dfm", "off", "--dpop", "0", "--name", "plain")
+    stage("04_train_spo.py", run, "--dfm", "off", "--dpop", "1000", "--name", "dpop")
+    plain, dpop = U.read_jsonl(run / "plain" / "log.jsonl"), U.read_jsonl(run / "dpop" / "log.jsonl")
+    assert plain[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) == dpop[0]["loss"]
+    assert max(b["loss"] - a["loss"] for a, b in zip(plain[1:], dpop[1:])) > 0.01
+    assert U.read_json(run / "dpop" / "config.json")["dpop"] == 1000.0
+
+
 def test_scale_lr_is_the_rate_times_the_global_batch(spo_run, tmp_path):
     # Diffusion-DPO's --scale_lr: 5e-5 × (2 per process × 1 accumulation × 2 processes) = 5e-5 × --batch 4
     run = copy_run(spo_run, tmp_path / "run", "spo")
-    stage("04_train_spo.py", run, "--dfm", "off", "--scale-lr", "--name", "scaled")
+    stage("04_train_spo.py", run, "--dfm", "off", "--lr", "5e-5", "--scale-lr", "--name", "scaled")
     stage("04_train_spo.py", run, "--dfm", "off", "--lr", "2e-4", "--name", "times4")
     assert U.read_jsonl(run / "scaled" / "log.jsonl")[-1]["lr"] == pytest.approx(2e-4)
     assert_same_training(run / "scaled", run / "times4")

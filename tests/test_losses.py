@@ -160,6 +160,23 @@ def test_dpo_hand_value_has_the_half():
     assert abs(loss.item() - -logsig(1.5)) > 0.1
 
 
+def test_dpop_charges_only_a_rise_of_the_winner_error():
+    # pair 0: the winner's error rose 0.10 -> 0.16 (rise 0.06); pair 1: it fell (no charge)
+    mw, ml, rw, rl = t(0.16, 0.05), t(0.30, 0.40), t(0.10, 0.08), t(0.20, 0.30)
+    beta, lam_p = 10.0, 4.0
+    _, plain = C.diffusion_dpo_loss(mw, ml, rw, rl, beta)
+    _, dpop = C.diffusion_dpo_loss(mw, ml, rw, rl, beta, dpop=lam_p)
+    # pair 0: Δθ − Δref = (0.16 − 0.30) − (0.10 − 0.20) = −0.04; inside −5·(−0.04 + 4·0.06) = −1.0
+    assert dpop[0].item() == pytest.approx(-logsig(-1.0), rel=1e-12)
+    assert plain[0].item() == pytest.approx(-logsig(0.2), rel=1e-12)
+    assert dpop[1].item() == plain[1].item()
+    # its gradient on the winner's error grows by λ_p's share; on the loser's it is unchanged
+    mw.requires_grad_()
+    C.diffusion_dpo_loss(mw, ml, rw, rl, beta, dpop=lam_p)[0].backward()
+    sig = 1 / (1 + math.exp(-1.0))  # σ(−inside) at inside = −1.0
+    assert mw.grad[0].item() == pytest.approx(sig * 5.0 * (1 + lam_p) / 2, rel=1e-9)
+
+
 def test_dpo_swapping_winner_and_loser_flips_the_argument():
     mw, ml, rw, rl = t(0.10, 0.5), t(0.30, 0.2), t(0.20, 0.3), t(0.25, 0.3)
     beta = 4.0
