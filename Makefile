@@ -61,8 +61,8 @@ DFM_pool2 := --dfm-augmentations color_jitter latent_noise_erase
 $(foreach t,$(DFM_TAUS),$(eval DFM_tau$(t) := --dfm-tau $(t)))
 
 # AlignGuard: experts (category words joined by _), its LoRA settings (rank 4 on the attention
-# projections, the safe image always wins, no DFM, Eq. 5 without
-# the winner term as in its Diffusion-DPO code), and the merges, Co-Merge first
+# projections, the safe image always wins, no DFM, Eq. 5 without T2I-SPO's winner term as its
+# Diffusion-DPO code trains), and the merges, Co-Merge first
 AG_CATEGORIES := sexual violence hate harassment self-harm shocking illegal_activity
 AG_EXPERTS := $(AG_CATEGORIES:%=expert-%)
 AG_MERGES := comerge linear ties dare_ties cat svd
