@@ -27,9 +27,12 @@ OBJECTIVES = {
     "safe-wins": "Diffusion-DPO on pairs in which the safe image always wins (AlignGuard's order)"}
 LOSS = ("    L = −E log σ(−β/2 · [(‖ε−ε_θ(x_w,t)‖² − ‖ε−ε_θ(x_l,t)‖²)\n"
         "                        − (‖ε−ε_ref(x_w,t)‖² − ‖ε−ε_ref(x_l,t)‖²)])")
+DPOP = ("With `--dpop` λ_p > 0, λ_p·max(0, ‖ε−ε_θ(x_w,t)‖² − ‖ε−ε_ref(x_w,t)‖²) is added inside "
+        "the bracket (DPO-Positive: a rise of the winner's error is charged).")
 SETTINGS = ("objective", "lam", "beta", "dpop", "margin", "lr", "scale_lr", "warmup", "steps",
             "batch", "micro_batch", "weight_decay", "max_grad_norm", "lora_rank", "lora_alpha",
-            "dfm", "dfm_tau", "dfm_k", "dfm_patience", "dfm_augmentations", "bf16", "seed", "preset")
+            "dfm", "dfm_tau", "dfm_k", "dfm_patience", "dfm_augmentations", "bf16", "seed",
+            "preset")
 FIGURES = {"n_pairs": "preference pairs", "pairs_dropped": "pairs dropped by --margin",
            "bad_rows_skipped": "bad rows skipped",
            "safe_side_wins_harmful_safe": "share of harmful–safe pairs the safe image wins",
@@ -90,8 +93,9 @@ def write(out: Path) -> None:
         "image = pipe(\"a photo of a cat\").images[0]", "```", "",
         "## Objective and settings", "",
         "Each ‖·‖² is the mean over the latent's elements; x_w wins the pair under the reward:",
-        "", LOSS, "", table("setting", {f"`--{k.replace('_', '-')}`": shown(cfg[k])
-                                        for k in SETTINGS if cfg.get(k) is not None}), "",
+        "", LOSS, "", *([DPOP, ""] if cfg.get("dpop") else []),
+        table("setting", {f"`--{k.replace('_', '-')}`": shown(cfg[k])
+                          for k in SETTINGS if cfg.get(k) is not None}), "",
         "## Data", "",
         f"The preference pairs of `{cfg['data']}/hf_pairs.jsonl` in the run folder (stage 3's "
         f"LibraAlign-HF, or the data named by `--data`), relabelled by the objective's reward, "
