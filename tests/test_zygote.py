@@ -49,3 +49,10 @@ def test_stage_forks_from_the_zygote_and_falls_back_for_another_environment(tmp_
     assert not _ZYGOTE[0].serves({**other, "HF_HUB_OFFLINE": "1"})
     assert stage("00_curate_prompts.py", tmp_path / "run", "--no-such-flag", check=False,
                  env=other).returncode == 2
+
+
+def test_each_forked_command_draws_its_own_unseeded_random_state(zygote, tmp_path):
+    script = tmp_path / "draw.py"
+    script.write_text("import random, numpy\nprint(random.random(), numpy.random.rand())\n")
+    first, second = (zygote.run([str(script)], ENV).stdout.split() for _ in range(2))
+    assert len(first) == 2 and first[0] != second[0] and first[1] != second[1]

@@ -1,11 +1,11 @@
-"""The tests' stage runner (~75 lines): a process that imports torch, diffusers and
+"""The tests' stage runner (~90 lines): a process that imports torch, diffusers and
 transformers once, then forks a child per stage command, which runs the script as
 `python SCRIPT ARGS` would.
 
 Importing those libraries takes about 7 s of a tiny stage run's 10-15 s on 2 CPU cores, and
 the suite runs about 200 stage commands. A forked child starts with the imports done and
-nothing else shared: the script, its presets and its seeds are its own, as in a fresh
-interpreter. It is not a stage launcher for users, and not a sandbox: conftest.stage() falls
+nothing else shared: the script and its presets are its own, and Python's and NumPy's
+unseeded random states are drawn afresh, as in a fresh interpreter. It is not a stage launcher for users, and not a sandbox: conftest.stage() falls
 back to a real subprocess whenever the environment differs from the one this process was
 started with, since these libraries read variables (OMP_NUM_THREADS, HF_HUB_OFFLINE) at import.
 
@@ -14,12 +14,14 @@ Protocol, one JSON line each way: {"argv", "cwd", "env", "stdout", "stderr"} in,
 import atexit
 import json
 import os
+import random
 import runpy
 import sys
 import threading
 import traceback
 
 import diffusers  # noqa: F401  (the imports are the point: the children inherit them)
+import numpy
 import torch  # noqa: F401
 import transformers  # noqa: F401
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
@@ -44,6 +46,8 @@ def child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    random.seed()  # from the OS's entropy, as at an interpreter's start; the zygote's otherwise
+    numpy.random.seed()
     argv, code = request["argv"], 0
     try:
         if argv[0] == "-m":
