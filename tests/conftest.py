@@ -35,16 +35,16 @@ class Zygote:
     """This test process's tests/zygote.py: stage commands forked from one that has imported
     torch, diffusers and transformers (7 s of each tiny stage run otherwise)."""
 
+    # variables read when used, not at import: pytest's, and two that tokenizers and torch's
+    # compiler set in this process once a test has used them
+    READ_AT_USE = {"PYTEST_CURRENT_TEST", "TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR"}
+
     def __init__(self, env: dict):
         self.env = env
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT,
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.logs = Path(tempfile.mkdtemp(prefix="zygote-"))
         atexit.register(self.close)
-
-    # variables read when used, not at import: pytest's, and two that tokenizers and torch's
-    # compiler set in this process once a test has used them
-    READ_AT_USE = {"PYTEST_CURRENT_TEST", "TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_CACHE_DIR"}
 
     def serves(self, env: dict) -> bool:
         """Whether `env` is the one the libraries were imported under, but for READ_AT_USE."""
@@ -74,9 +74,10 @@ def stage(script, run, *extra, check=True, env=None):
     system's command too ("-m systems.psa train"); `env`: the whole environment, instead of this one's.
     Forked from the zygote when `env` is the one it started with, else a fresh interpreter."""
     argv = [*script.split(), "--tiny", "--run", str(run), *extra]
-    env = {**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1"}
+    suite = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = suite if env is None else {**env, "HF_HUB_OFFLINE": "1"}
     if not _ZYGOTE:
-        _ZYGOTE.append(Zygote({**os.environ, "HF_HUB_OFFLINE": "1"}))
+        _ZYGOTE.append(Zygote(suite))
     if _ZYGOTE[0].serves(env):
         r = _ZYGOTE[0].run(argv, env)
     else:

@@ -170,7 +170,7 @@ def test_dpop_charges_only_a_rise_of_the_winner_error():
     assert dpop[0].item() == pytest.approx(-logsig(-1.0), rel=1e-12)
     assert plain[0].item() == pytest.approx(-logsig(0.2), rel=1e-12)
     assert dpop[1].item() == plain[1].item()
-    # its gradient on the winner's error grows by λ_p's share; on the loser's it is unchanged
+    # its gradient on the winner's error grows by λ_p's share
     mw.requires_grad_()
     C.diffusion_dpo_loss(mw, ml, rw, rl, beta, dpop=lam_p)[0].backward()
     sig = 1 / (1 + math.exp(-1.0))  # σ(−inside) at inside = −1.0

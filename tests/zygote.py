@@ -20,10 +20,9 @@ import sys
 import threading
 import traceback
 
-import diffusers  # noqa: F401  (the imports are the point: the children inherit them)
 import numpy
+# the imports are the point: every child inherits them
 import torch  # noqa: F401
-import transformers  # noqa: F401
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
