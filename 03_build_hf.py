@@ -77,7 +77,8 @@ U.PRESETS["toy"]["hf"] = dict(
     sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0,  # every toy stage's sampling (lib/utils.py)
     # the toy's: none (1) to strong (7) around its 4, so a safe-safe pair differs in quality
     safe_guidances=[1.0, 2.0, 4.0, 7.0],
-    dtype="auto", chunk_size=200,  # the toy's: a kill redoes at most 200 pairs
+    dtype="float32",  # the toy's, as stage 1's (its reason)
+    chunk_size=200,  # the toy's: a kill redoes at most 200 pairs
     judge="toy", judge_model="gpt-4o",  # the toy's exact judge; gpt-4o for --judge openai
     judge_base_url=None, judge_timeout=60.0, judge_retries=5,  # as stage 1's (its reasons)
     quality="toy", pickscore_model=None, pickscore_processor=None,  # the toy's exact r(x, c)

@@ -14,7 +14,6 @@ import torch
 from conftest import free_port, module, stage, tiny_world
 
 import common as C
-from lib import models as M
 from lib import scorers as S
 from lib import toyworld as W
 from lib import utils as U
@@ -45,8 +44,8 @@ def test_coarse_pairs_are_judged_and_complete(coarse_run):
         for side in ("w", "l"):
             assert p[side]["sign"] == (1 if p[side]["severity"] >= 1 else -1)
         assert p["judge"] == "toy" and p["split"] in ("train", "eval")
-    config = json.loads((c / "config.json").read_text())  # the precision "auto" resolved to, recorded
-    assert config["dtype"] == "auto" and config["sample_dtype"] == str(M.sample_dtype("auto", "cpu"))
+    config = json.loads((c / "config.json").read_text())  # the toy samples in fp32 on every CPU
+    assert config["dtype"] == "float32" and config["sample_dtype"] == "torch.float32"
     # held-out prompts never appear in training pairs
     train = {p[s]["prompt"] for p in pairs if p["split"] == "train" for s in "wl"}
     held = {p[s]["prompt"] for p in pairs if p["split"] == "eval" for s in "wl"}

@@ -53,6 +53,7 @@ def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
     m = json.loads((hf / "metrics.json").read_text())
     assert m["n_pairs"] == len(pairs) and m["n_harmful_safe"] + m["dropped_not_safer"] == 8
     assert m["n_harmful_safe"] >= 2 and m["n_safe_safe"] == 6
+    assert json.loads((hf / "config.json").read_text())["sample_dtype"] == "torch.float32"  # any CPU
     scm = S.load_scm(hf_run / "scm")
     for p in pairs:
         a, b = (U.load_png(hf / p[s]["path"]) for s in "ab")
