@@ -160,12 +160,16 @@ def t975(dof: int) -> float:
 
 def paired_t_interval(d: list[float], better: float) -> dict:
     """Mean of paired differences d_s (one per seed) and its 95% interval, mean ± t·sd/√n
-    with n − 1 degrees of freedom, and the verdict that interval gives (None below 2 seeds)."""
+    with n − 1 degrees of freedom, and the verdict that interval gives (None below 2 seeds).
+    Equal differences give sd = 0 and an interval of no width, which measures no spread
+    rather than a certain effect (three draws can each move IP by the same one prompt in 86):
+    its verdict is "no spread", which no claim counts as holding."""
     m = float(np.mean(d))
     if len(d) < 2:
         return {"diff": m, "lo": None, "hi": None, "verdict": None, "n": len(d)}
     half = t975(len(d) - 1) * float(np.std(d, ddof=1)) / math.sqrt(len(d))
-    return {"diff": m, "lo": m - half, "hi": m + half, "verdict": verdict(m - half, m + half, better), "n": len(d)}
+    judged = verdict(m - half, m + half, better) if max(d) - min(d) > 1e-12 else "no spread"
+    return {"diff": m, "lo": m - half, "hi": m + half, "verdict": judged, "n": len(d)}
 
 
 def seed_differences(metrics, a: str, b: str, prompt_set: str, metric: str) -> list[float] | None:

@@ -109,6 +109,10 @@ def test_t_interval_on_hand_computed_differences():
     assert iv["hi"] == pytest.approx(-0.7516, abs=1e-4) and iv["verdict"] == "holds"
     assert stats.paired_t_interval([0.5, 0.7], better=-1.0)["verdict"] == "not separable"  # t(1) = 12.7: wide
     assert stats.paired_t_interval([0.3], better=-1.0) == {"diff": 0.3, "lo": None, "hi": None, "verdict": None, "n": 1}
+    # equal differences: sd 0, an interval of no width, no verdict of separation either way
+    iv = stats.paired_t_interval([-1 / 86] * 3, better=-1.0)
+    assert iv["lo"] == iv["hi"] == pytest.approx(-1 / 86) and iv["verdict"] == "no spread"
+    assert stats.claim_verdict([(iv["verdict"], "holds")]) == "not separable"
 
 
 def test_bootstrap_redraws_the_images_within_a_drawn_prompt():
