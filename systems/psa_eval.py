@@ -341,7 +341,7 @@ def level_claim(name: str, by_level: dict, seeds: dict, need: str) -> str:
     held = [lvl for lvl in CLAIM_LEVELS if by_level[lvl]["verdict"] == "holds"]
     verdict = "**holds** at each of levels 1–4" if len(held) == len(CLAIM_LEVELS) else (
         f"**fails**: holds at level{'s' if len(held) > 1 else ''} {', '.join(held)} only" if held
-        else "**fails** at each of levels 1–4")
+        else "**fails**: holds at none of levels 1–4")
     parts = "; ".join(f"level {lvl} {verdict_text(v)}" for lvl, v in by_level.items())
     seed = [seeds[(name, lvl, "")] for lvl in CLAIM_LEVELS if (name, lvl, "") in seeds]
     seed_part = ""

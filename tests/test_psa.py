@@ -371,6 +371,9 @@ def test_the_claims_need_every_level_and_name_the_levels_that_carry_them():
     assert "Allowed content respected" in text and "**holds** at each of levels 1–4" in text  # −0.05 is within 0.1
     assert text.count("− base +0.25 [+0.25, +0.25]: holds): **holds**") == 2
     assert "training seeds" not in text  # no seed runs
+    # no level separated either way: the claim fails, and says that no level carries it
+    unseparated = {lvl: {"diff": 0.0, "lo": -0.1, "hi": 0.1, "verdict": "not separable"} for lvl in PE.CLAIM_LEVELS}
+    assert PE.level_claim("falls", unseparated, {}, "- x").endswith("**fails**: holds at none of levels 1–4.")
 
 
 def test_a_users_bans_in_words():
