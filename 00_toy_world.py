@@ -54,7 +54,7 @@ U.PRESETS["toy"]["world"] = dict(
     # (the SD-1.5 model card)
     cfg_dropout=0.1,
     ema_decay=0.995,  # an average over about the last 200 of the 1,500 UNet steps
-    ckpt_every=200,  # a kill redoes at most 200 steps
+    ckpt_every=200, threads=2,  # a kill redoes ≤ 200 steps; 2 threads on any machine (use_threads)
     arch="sd",  # SD-1.5's architecture; sdxl is Appendix E's (make sdxl)
     # the targets' samples: 64 benign and look-alike prompts, 24 harmful ones per category (of
     # about 51 held out each), and the scenes the judge is checked on
@@ -71,7 +71,7 @@ U.PRESETS["sd15"]["world"] = dict(U.PRESETS["toy"]["world"])
 # tiny runs' pairs the marks their tests need
 U.TINY["world"] = dict(n_prompts=300, n_images=256, vae_steps=20, unet_steps=20, mark_weight=0.0,
                        unet_channels="32,64", eval_per_set=8, eval_per_category=1,
-                       sample_steps=4, judge_check=200, ckpt_every=10)
+                       sample_steps=4, judge_check=200, ckpt_every=10, threads=0)
 
 
 def parse(argv=None):
@@ -421,7 +421,7 @@ def rate_by_category(rows: list[dict], judged: list[int]) -> dict[str, float]:
 
 
 def main():
-    args = parse()
+    args = U.use_threads(parse())
     if args.preset != "toy":
         raise SystemExit(f"stage 0 builds the toy world only; --preset {args.preset} starts at "
                          f"stage 1 with real models and prompts (README, 'Running sd15 on GPUs')")

@@ -66,7 +66,8 @@ U.PRESETS["toy"]["scm"] = dict(
     ckpt_every=100,  # the toy's: a kill redoes at most 100 steps
     # a bad row stops the run; the toy's 3,000 decoded 32-pixel images fit in memory
     skip_bad=False, cache_images=True,
-    no_anchor_baseline=True, baseline_in_parallel=True, device=None)
+    no_anchor_baseline=True, baseline_in_parallel=True, device=None,
+    threads=1)  # the toy's: each model one thread, as side by side on 2 cores (utils.use_threads)
 U.PRESETS["sd15"]["scm"] = dict(
     # the paper's backbone (Sec. 3.1); it names no checkpoint: laion2b_s32b_b79k is the
     # OpenCLIP ViT-H/14 that PickScore, the reward model it follows, was fine-tuned from
@@ -382,7 +383,8 @@ def no_anchor_figures(b: dict, metrics: dict) -> dict:
 
 
 def main():
-    args = parse()
+    budget = torch.get_num_threads()  # this process's share of the cores (OMP_NUM_THREADS)
+    args = U.use_threads(parse())
     t0 = time.time()
     dist = U.setup_distributed(args.device)
     coarse, out = U.stage_dir(args.run, "coarse"), U.stage_dir(args.run, "scm")
@@ -403,15 +405,16 @@ def main():
 
     # The γ = 0 model needs nothing from the γ model. On a CPU a small model uses two cores
     # far from twice as well as one (BENCHMARKS.md), so one process per half of the cores
-    # finishes both sooner than training them one after the other.
+    # finishes both sooner than training them one after the other. Each model trains on
+    # --threads threads either way, when it is set, so the two orders compute the same.
+    threads = torch.get_num_threads()
+    each = args.threads or budget // 2
     parallel = (args.no_anchor_baseline and args.baseline_in_parallel and dist.world_size == 1
-                and dist.device.type == "cpu" and torch.get_num_threads() >= 2)
+                and dist.device.type == "cpu" and 1 <= each and 2 * each <= budget)
     if parallel:
-        threads = torch.get_num_threads()
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out,
-                               threads // 2)
-        torch.set_num_threads(threads - threads // 2)
+        baseline = pool.submit(train_no_anchor, args, train_pairs, eval_pairs, safe_pool, out, each)
+        torch.set_num_threads(args.threads or budget - each)
     model, mu, scale = train_scm(args, args.gamma, train_pairs, safe_pool, bank, out, dist)
     metrics = {**evaluate(model, eval_pairs, bank, dist.device), "mu_safe": mu, "cost_scale": scale,
                "gamma": args.gamma, "n_train_pairs": len(train_pairs),

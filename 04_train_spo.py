@@ -84,12 +84,12 @@ U.PRESETS["toy"]["spo"] = dict(
     U.PRESETS["sd15"]["spo"], model=None,  # None: the stage-0 model
     beta=100.0,  # a sweep's best (docs/results.md, "Choosing the toy β and learning rate")
     dpop=1.0, lr=3e-5,  # draw 0's choice (docs/results.md, "Keeping the winners' likelihood")
-    # 300 steps of 16 pairs visit each pair about 4 times, in about 3 minutes; a short warm-up
-    steps=300, batch=16, warmup=20,
+    steps=300, batch=16, warmup=20,  # 300 × 16 pairs: each about 4 times, in about 3 minutes
     dfm_k=3, dfm_patience=1,  # so few visits: a queue of 3 losses, one slow visit flags a pair
     micro_batch=None, weight_decay=0.0,  # the whole batch in one forward; no decay
     grad_checkpointing=False, bf16=False,  # fp32 on the CPU, the toy UNet fits in memory
-    ckpt_every=100, log_every=1)  # a run is short: three checkpoints, a log row every step
+    # a run is short: three checkpoints, a log row every step; one thread on any machine, as each
+    ckpt_every=100, log_every=1, threads=1)  # of make toy's two runs has on 2 cores (use_threads)
 # the tests': a few steps of 4 pairs; τ = 10 flags pairs once their queue fills: Eq. 11 runs
 U.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2,
                      dfm_patience=1, dfm_tau=10.0)
@@ -413,7 +413,7 @@ def finish(tr: Training, seconds: float) -> None:
 def train(args, spo: SPO) -> None:
     """setup(), train_step() until --steps (a checkpoint every --ckpt-every), finish()."""
     t0 = time.time()
-    tr = setup(args, spo)
+    tr = setup(U.use_threads(args), spo)
     done = (tr.out / "metrics.json").exists() and (tr.out / spo.final).exists()
     if tr.step >= args.steps and done:
         U.log(f"{tr.out} is finished (step {tr.step} of {args.steps}): nothing to do")

@@ -39,6 +39,8 @@ export HF_HUB_OFFLINE := 1
 
 # Independent stage-4 runs go side by side, half the cores each: a toy model uses two cores
 # far from twice as well as one (BENCHMARKS.md), so two runs at once finish sooner than in turn.
+# The toy's trainers set their own thread count (--threads: one for stage 4, as on 2 cores), so
+# that their results do not follow the machine's cores; HALF bounds only what they leave unset.
 HALF_CORES := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 1 ? n / 2 : 1 )))
 HALF = OMP_NUM_THREADS=$(HALF_CORES) $(PY)
 STAGE4 = $(HALF) 04_train_spo.py --run $(RUN)
@@ -71,7 +73,8 @@ AG_EXPERT_STEPS := 60
 AG_ALL_STEPS := 420
 PROMPTEDIT_SEEDS := spo-promptedit-1 spo-promptedit-2
 
-# PSA's adapter again with training seeds 1 and 2 (make psa-seeds)
+# PSA's adapter again with training seeds 1 and 2 (make psa-seeds), one after the other: each
+# trains on the two threads the toy preset gives the adapter, as seed 0 does
 PSA_SEEDS := psa-seed-1 psa-seed-2
 
 # The paper's other Table 2 methods, longest first (RECE is systems/rece.py's), and the number of prompts
@@ -207,8 +210,8 @@ psa: install
 
 # after make psa: the adapter with two more training seeds, for the seed verdicts of PSA's claims
 psa-seeds: install
-	$(PAIR) $(PSA_SEEDS)
+	$(MAKE) --no-print-directory $(PSA_SEEDS)
 	$(PY) 05_evaluate.py --run $(RUN)
 
 $(PSA_SEEDS): install
-	$(HALF) -m systems.psa train --run $(RUN) --seed $(@:psa-seed-%=%) --name psa_seed$(@:psa-seed-%=%)
+	$(PY) -m systems.psa train --run $(RUN) --seed $(@:psa-seed-%=%) --name psa_seed$(@:psa-seed-%=%)

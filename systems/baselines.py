@@ -448,11 +448,12 @@ U.PRESETS["toy"]["baseline"] = dict(
     model=None, baseline=None, erase_concepts=W.harm_concepts(), preserve_concepts=toy_preserve_concepts(),
     esd_iterations=200, esd_lr=2e-4, esd_eta=2.0, esd_guidance=3.0, esd_sample_steps=U.TOY_SAMPLE_STEPS, esd_batch=1,
     uce_lambda=0.5, filter_images=3000, filter_steps=600, filter_lr=1e-3, safety_checker=None, sld_concept=None,
-    ckpt_every=100, device=None)
+    ckpt_every=100, device=None,
+    threads=1)  # the toy's: `make baselines` trains two side by side on 2 cores (utils.use_threads)
 U.PRESETS["sd15"]["baseline"] = dict(
     U.PRESETS["toy"]["baseline"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", erase_concepts=["nudity"],
     preserve_concepts=[], esd_lr=5e-5, esd_sample_steps=50, safety_checker="CompVis/stable-diffusion-safety-checker",
-    ckpt_every=500)
+    ckpt_every=500, threads=0)
 U.TINY["baseline"] = dict(esd_iterations=4, esd_sample_steps=4, filter_images=60, filter_steps=5, ckpt_every=4)
 
 

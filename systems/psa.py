@@ -534,12 +534,13 @@ class PSA(S4.SPO):
 U.PRESETS["toy"]["psa"] = dict(
     U.PRESETS["toy"]["spo"], objective="psa", dfm="off", dpop=0.0, lr=5e-3, steps=1600, psa_users_per_pair=4,
     psa_lam_banned=10.0, psa_fidelity=2.0, psa_tokens=8, psa_scale=1.0, psa_profile_dim=32, psa_llm=None, sage=None,
-    psa_train_users=None, psa_query="text", psa_benign_pairs=False)
+    psa_train_users=None, psa_query="text", psa_benign_pairs=False,
+    threads=2)  # the toy's: `make psa` trains the adapter alone on 2 cores (utils.use_threads)
 U.PRESETS["sd15"]["psa"] = dict(  # PSA's: one user token, the query from the hidden states
     U.PRESETS["sd15"]["spo"], objective="psa", dfm="off", psa_users_per_pair=4, psa_lam_banned=10.0, psa_fidelity=0.0,
     psa_tokens=1, psa_scale=1.0, psa_profile_dim=32, psa_llm="Qwen/Qwen2.5-7B-Instruct", sage=None,
     psa_train_users=None, psa_query="hidden", psa_benign_pairs=False)
-U.TINY["psa"] = dict(U.TINY["spo"], psa_users_per_pair=2)
+U.TINY["psa"] = dict(U.TINY["spo"], psa_users_per_pair=2, threads=0)
 
 
 def train_parser():

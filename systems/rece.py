@@ -221,12 +221,13 @@ def run_build(args) -> None:
 U.PRESETS["toy"]["rece"] = dict(
     model=None, erase_concepts=W.harm_concepts(), preserve_concepts=B.toy_preserve_concepts(), uce_lambda=0.5,
     epochs=3, adv_lambda=0.1, rece_lambda=0.1, preserve_scale=0.1, val_prompts=None, val_n=64, val_sampler="model",
-    sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, batch_size=64, device=None)
+    sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, batch_size=64, device=None,
+    threads=1)  # the toy's: beside the other baselines on 2 cores (utils.use_threads)
 # sd15: RECE's nudity run (scripts/nudity.sh), validated as its train.py does: every prompt of
 # its CSV, LMS, 50 steps, guidance 7.5 (execs/generate_images.py)
 U.PRESETS["sd15"]["rece"] = dict(
     U.PRESETS["toy"]["rece"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", erase_concepts=["nudity"],
-    preserve_concepts=[], val_n=None, val_sampler="lms", sample_steps=50, guidance=7.5, batch_size=8)
+    preserve_concepts=[], val_n=None, val_sampler="lms", sample_steps=50, guidance=7.5, batch_size=8, threads=0)
 U.TINY["rece"] = dict(epochs=1, val_n=4, sample_steps=3)
 
 

@@ -358,7 +358,8 @@ U.PRESETS["toy"]["sneakyprompt"] = dict(
     reward="l2", threshold=0.6, queries=60, steps=50, subwords=3, subword_len=10, lr=0.1, gamma=1.0,
     l2_model=None, clip_model=None,  # the toy's: l2 offline, on the filter model's own encoder
     # the toy's: stage 5's sampler, steps (utils.TOY_SAMPLE_STEPS) and guidance, in fp32
-    scheduler="model", dtype="float32", sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, size=None)
+    scheduler="model", dtype="float32", sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0, size=None,
+    threads=2)  # the toy's: `make baselines` runs it alone on 2 cores (utils.use_threads)
 U.PRESETS["sd15"]["sneakyprompt"] = dict(
     U.PRESETS["toy"]["sneakyprompt"], model=U.PRESETS["sd15"]["jailbreak"]["model"], n_prompts=None, prompts=64,
     sensitive=read_word_list(NSFW_LIST), banned=A.SD15_BANNED_WORDS,
@@ -366,8 +367,8 @@ U.PRESETS["sd15"]["sneakyprompt"] = dict(
     # reward (search_utils.py); query images as its SD-v1.4's (text2image_pipeline.py): fp16,
     # the LMS sampler, 100 steps, the pipeline's default guidance 7.5
     reward="clip", threshold=0.26, clip_model=CLIP_B32, l2_model=CLIP_B32,
-    scheduler="lms", dtype="float16", sample_steps=100, guidance=7.5)
-U.TINY["sneakyprompt"] = dict(n_prompts=4, prompts=2, steps=4, queries=6)
+    scheduler="lms", dtype="float16", sample_steps=100, guidance=7.5, threads=0)
+U.TINY["sneakyprompt"] = dict(n_prompts=4, prompts=2, steps=4, queries=6, threads=0)
 SETTINGS = ("model", "source", "n_prompts", "prompts", "seed", "sensitive", "banned", "filter", "reward", "threshold",
             "queries", "steps", "subwords", "subword_len", "lr", "gamma", "clip_model", "l2_model", "scheduler",
             "dtype", "sample_steps", "guidance", "size")

@@ -218,6 +218,21 @@ def test_spo_resume_is_exact(spo_run, tmp_path):
     assert [r["step"] for r in U.read_jsonl(run / "spo" / "log.jsonl")] == list(range(1, 9))
 
 
+def test_spo_computes_the_same_on_any_core_count(spo_run, tmp_path):
+    """--threads (the toy's 1) fixes the threads a step computes with: under OMP_NUM_THREADS=2
+    the run ends at the weights of the suite's one thread, to the bit. With --threads 2 the
+    backward's sums split over two threads and the weights differ, as another machine's cores
+    would make them."""
+    run = copy_run(spo_run, tmp_path / "run", "spo")
+    two = {**os.environ, "OMP_NUM_THREADS": "2"}
+    stage("04_train_spo.py", run, env=two)
+    a, b = unet_weights(spo_run, "spo"), unet_weights(run, "spo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    stage("04_train_spo.py", run, "--threads", "2", "--name", "spo_threads2", env=two)
+    c = unet_weights(run, "spo_threads2")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_spo_ddp_two_processes_match_one(spo_run, tmp_path):
     run = copy_run(spo_run, tmp_path / "run", "spo")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
