@@ -413,7 +413,7 @@ def finish(tr: Training, seconds: float) -> None:
 def train(args, spo: SPO) -> None:
     """setup(), train_step() until --steps (a checkpoint every --ckpt-every), finish()."""
     t0 = time.time()
-    tr = setup(U.use_threads(args), spo)
+    tr = setup(args, spo)
     done = (tr.out / "metrics.json").exists() and (tr.out / spo.final).exists()
     if tr.step >= args.steps and done:
         U.log(f"{tr.out} is finished (step {tr.step} of {args.steps}): nothing to do")
@@ -447,4 +447,4 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
-    U.run_stage(lambda: train(parse(), SPO()))
+    U.run_stage(lambda: train(U.use_threads(parse()), SPO()))
