@@ -108,8 +108,11 @@ def use_threads(args: argparse.Namespace) -> argparse.Namespace:
     kind. Sampling gave the same images on 1, 2 and 4 threads (docs/results.md, "The
     cores"). The toy's presets set the counts its stages use on 2 cores under `make toy`;
     0, or a command without the flag (one that trains nothing), leaves torch's default."""
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", 0)
+    if threads < 0:
+        raise SystemExit(f"--threads {threads}: give a count of threads, or 0 for torch's default")
+    if threads:
+        torch.set_num_threads(threads)
     return args
 
 

@@ -297,6 +297,19 @@ def test_run_stage_turns_user_errors_into_one_message(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'absent.jsonl'}: file not found"
 
 
+def test_use_threads_sets_the_count_and_refuses_a_negative_one():
+    before = torch.get_num_threads()
+    try:
+        U.use_threads(argparse.Namespace(threads=0))  # torch's default, untouched
+        assert torch.get_num_threads() == before
+        U.use_threads(argparse.Namespace(threads=3))
+        assert torch.get_num_threads() == 3
+        with pytest.raises(SystemExit, match="--threads -1"):
+            U.use_threads(argparse.Namespace(threads=-1))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_metrics_log_truncate_keeps_each_step_once(tmp_path):
     log = U.MetricsLog(tmp_path / "log.jsonl")
     for s in (1, 2, 3):
