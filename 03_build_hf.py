@@ -11,9 +11,9 @@ teaching it that "safe" means "worse", the paper builds a second, smaller set of
     img2img pipeline (SDXL's in the paper) INITIALISED FROM x_h: the safe counterpart x_s
     keeps x_h's background, composition and style, so the pair isolates the safety-relevant
     change. Both images are paired under the ORIGINAL harmful prompt c: this is what the
-    aligned model should draw when asked for harm. The paper reports the pairs it kept, not a
-    filter; here the judge keeps a pair only when it finds x_s the safer image, and counts
-    the rest.
+    aligned model should draw when asked for harm. The paper reports only the pairs it kept;
+    here the judge keeps a pair when x_h shows harm and x_s, its "safe counterpart", none
+    (`--keep harm-free`; or x_s merely the safer: `--keep safer`), and counts the rest.
   * 2,495 safe-safe pairs of varying quality from Pick-a-Pic, so that the model does not
     sacrifice quality on benign prompts: --safe-pairs reads such pairs (`python -m lib.data
     pickapic` writes them); without it, two samples of one safe prompt (--safe-prompts;
@@ -71,6 +71,7 @@ U.PRESETS["toy"]["hf"] = dict(
     # the toy's: an even 600 + 600 (the paper's 8,265 : 2,495 is about 3.3 : 1), built in 95 s;
     # stage 4's 300 steps of 16 pairs see each kept pair about 4 times (docs/results.md)
     n_harmful_safe=600, n_safe_safe=600,
+    keep="harm-free",  # ours: Sec. 3.2's "safe counterpart", free of harm (docs/results.md)
     # the toy's, the paper giving no strength: 6 of the 10 sampling steps re-run from x_h;
     # 94.4% of the kept safe sides are then judged free of harm (docs/results.md)
     strength=0.6,
@@ -91,6 +92,7 @@ U.PRESETS["sd15"]["hf"] = dict(
     # ours: the paper keeps 8,265 harmful-safe pairs, not saying how many it drew: 10,000 before
     # the judge's filter. Its 2,495 safe-safe pairs are Pick-a-Pic's (--safe-pairs), not drawn
     n_harmful_safe=10000, n_safe_safe=0,
+    keep="harm-free",  # ours, as the toy's (its reason)
     strength=0.75,  # the paper gives none: CompVis/stable-diffusion scripts/img2img.py's default
     # ours, the paper giving no sampler: 7.5 is diffusers' SD default; 30 steps, as stage 1's
     sample_steps=30, guidance=7.5,
@@ -102,8 +104,10 @@ U.PRESETS["sd15"]["hf"] = dict(
     quality="pickscore", pickscore_model=None, pickscore_processor=None,  # PickScore (Sec. 3.2)
     device=None)
 # --tiny, the toy's for tests: 14 pairs in 3 chunks, the last one short, to resume or split
-# over two processes; at 4 sampling steps, strength 0.9 re-runs 3 of them (0.6 would re-run 2)
-U.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=4, strength=0.9)
+# over two processes; at 4 sampling steps, strength 0.9 re-runs 3 of them (0.6 would re-run 2).
+# The tiny world's model draws almost no mark the judge calls harm: "safer" pairs are kept
+U.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=4, strength=0.9,
+                    keep="safer")
 
 
 def parse(argv=None):
@@ -129,13 +133,12 @@ def parse(argv=None):
     p.add_argument("--n-harmful-safe", type=int,
                    help="harmful prompts to inpaint (pairs before the judge's filter)")
     p.add_argument("--n-safe-safe", type=int, help="safe-safe pairs to generate")
-    p.add_argument("--strength", type=float,
-                   help="img2img strength: share of the diffusion re-run from x_h")
+    p.add_argument("--keep", choices=["harm-free", "safer"], help="harmful-safe pairs kept: "
+                   "x_h judged harmful and x_s free of harm, or x_s merely the safer")
+    p.add_argument("--strength", type=float, help="img2img: share of the diffusion re-run from x_h")
     p.add_argument("--sample-steps", type=int)
-    p.add_argument("--guidance", type=float,
-                   help="guidance scale of harmful images and their safe counterparts")
-    p.add_argument("--safe-guidances", type=float, nargs="+",
-                   help="guidance scales safe-safe samples draw from")
+    p.add_argument("--guidance", type=float, help="guidance of x_h and its safe counterpart")
+    p.add_argument("--safe-guidances", type=float, nargs="+", help="safe-safe pairs' guidances")
     p.add_argument("--dtype", choices=M.SAMPLE_DTYPES,
                    help="sampling precision; auto: half precision where the hardware runs it "
                         "natively (models.sample_dtype)")
@@ -314,22 +317,24 @@ def draw_images(args, chunk: list[dict], pipe, i2i, out: Path) -> dict:
     return images
 
 
-def judge_filter(chunk: list[dict], images: dict, judge) -> tuple[list[dict], int, int]:
-    """(kept pairs, not safer, no answer): a harmful-safe pair is kept only when the judge finds
-    its safe side safer (the rewrite can fail to remove the harm); CoProV2's are taken as are."""
-    kept, not_safer, no_answer = [], 0, 0
+def judge_filter(args, chunk: list[dict], images: dict, judge) -> tuple[list[dict], Counter]:
+    """(kept pairs, dropped ones by reason): a harmful-safe pair is kept when the judge finds x_s
+    the safer and, with --keep harm-free, x_h harmful (severity >= 1) and x_s not (0): a rewrite
+    can leave harm, a harmful prompt draw none. CoProV2's pairs are taken as they are."""
+    kept, dropped = [], Counter()
     for p in chunk:
         if p["kind"] == "harmful-safe" and p.get("judge", True):
             verdict = judge.compare(images[p["id"], "a"], images[p["id"], "b"])
-            if verdict is None:  # unusable judge answer: counted, never guessed
-                no_answer += 1
+            sev = verdict and verdict["severity"]
+            reason = ("skipped_no_answer" if verdict is None else "dropped_not_safer"
+                      if verdict["winner"] != 0 else None if args.keep == "safer" else
+                      "dropped_harm_left" if sev[1] else "dropped_no_harm" if not sev[0] else None)
+            if reason:
+                dropped[reason] += 1
                 continue
-            if verdict["winner"] != 0:  # the judge finds the "safe" side no safer
-                not_safer += 1
-                continue
-            p["a"]["severity"], p["b"]["severity"] = verdict["severity"]
+            p["a"]["severity"], p["b"]["severity"] = sev
         kept.append(p)
-    return kept, not_safer, no_answer
+    return kept, dropped
 
 
 def annotate(kept: list[dict], images: dict, quality, scm, out: Path) -> list[dict]:
@@ -340,24 +345,20 @@ def annotate(kept: list[dict], images: dict, quality, scm, out: Path) -> list[di
     imgs = [images[p["id"], s] for p, s in flat]
     r = quality(imgs, [p["prompt"] for p, _ in flat])
     cost = scm.cost(imgs).tolist() if imgs else []
-    records = []
     for (p, s), img, q, c in zip(flat, imgs, r, cost):
         path = f"images/{p['id']}_{s}.png"
         U.save_png(out / path, img)
         p[s].update(path=path, quality=float(q), cost=float(c))
         p[s].pop("file", None)
-        if s == "b":
-            records.append(p)
-    return records
+    return kept
 
 
 def build_chunk(args, chunk: list[dict], pipe, i2i, judge, quality, scm, out: Path) -> dict:
     """Images, the judge's filter and the dual annotation of one chunk of planned pairs: the
     chunk's shard (a file written whole) is what a resumed run finds done."""
     images = draw_images(args, chunk, pipe, i2i, out)
-    kept, not_safer, no_answer = judge_filter(chunk, images, judge)
-    return {"pairs": annotate(kept, images, quality, scm, out), "dropped_not_safer": not_safer,
-            "skipped_no_answer": no_answer}
+    kept, dropped = judge_filter(args, chunk, images, judge)
+    return {"pairs": annotate(kept, images, quality, scm, out), **dropped}
 
 
 def load_models(args, model: str, device, dtype, scm_dir: Path):
@@ -389,8 +390,9 @@ def hf_metrics(shards: list[dict], records: list[dict]) -> dict:
     return {
         "n_pairs": len(records), "n_harmful_safe": len(hs), "n_safe_safe": len(ss),
         "harmful_safe_by_category": dict(sorted(Counter(p["category"] for p in hs).items())),
-        "dropped_not_safer": sum(s["dropped_not_safer"] for s in shards),
-        "skipped_no_answer": sum(s["skipped_no_answer"] for s in shards),
+        # harmful-safe pairs dropped (judge_filter): x_s no safer, still harmed, x_h unharmed
+        **{k: sum(s.get(k, 0) for s in shards) for k in (
+            "dropped_not_safer", "dropped_harm_left", "dropped_no_harm", "skipped_no_answer")},
         "share_safe_side_severity_0": mean([p["b"]["severity"] == 0 for p in hs
                                             if "severity" in p["b"]]),
         "quality_harmful_side": mean([p["a"]["quality"] for p in hs]),
@@ -407,24 +409,25 @@ def main():
     U.seed_everything(args.seed)
     # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
     dist = U.setup_distributed(args.device, timeout_hours=24)
-    device = dist.device
     world, out = U.stage_dir(args.run, "world"), Path(args.run) / args.name
     scm_dir = U.stage_dir(args.run, "scm")
     model = args.model or U.toy_world_input(args, world / "model", "--model")
     U.require_inputs([scm_dir / "scm.safetensors"], "scm")
-    dtype = M.sample_dtype(args.dtype, device)
+    dtype = M.sample_dtype(args.dtype, dist.device)
     plan = plan_pairs(args)
     if args.reuse_images:
         mark_shared_samples(args, plan, dtype)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        U.save_config(args, out, sample_dtype=str(dtype), processes=dist.world_size)
+        # a folder of a build before --keep existed kept every "safer" pair
+        U.save_config(args, out, absent_means={"keep": "safer"}, sample_dtype=str(dtype),
+                      processes=dist.world_size)
 
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     shard = lambda c: out / "shards" / f"pairs-{c:05d}.json"
     todo = U.my_share([c for c in range(len(chunks)) if not shard(c).exists()])  # every N-th
     if todo:
-        pipe, i2i, judge, quality, scm = load_models(args, model, device, dtype, scm_dir)
+        pipe, i2i, judge, quality, scm = load_models(args, model, dist.device, dtype, scm_dir)
         for c in tqdm(todo, desc="LibraAlign-HF chunks", disable=not dist.is_main):
             built = build_chunk(args, chunks[c], pipe, i2i, judge, quality, scm, out)
             U.atomic_write_json(shard(c), built)

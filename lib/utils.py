@@ -193,18 +193,21 @@ RESUMABLE_WITH_OTHER = {"argv", "stop_after", "device", "log_every", "ckpt_every
                         "judge_retries", "report_to", "validation_every", "validation_prompts"}
 
 
-def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = True, **extra) -> dict:
+def save_config(args: argparse.Namespace, out_dir: str | Path, check: bool = True,
+                absent_means: dict | None = None, **extra) -> dict:
     """Write every setting the stage ran with next to its outputs (config.json). With `check`,
     a folder that already holds a run with other settings is never resumed or overwritten:
     the stage stops, saying what differs and how to write elsewhere. A setting that only one
     of the two configs has is no difference: a flag is added with the default that does what
-    the code did before it existed, so a run folder of an older version resumes."""
+    the code did before it existed, so a run folder of an older version resumes. Where a new
+    default does something else, `absent_means` gives what a config without the flag ran with."""
     cfg = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     cfg.update(extra)
     cfg["argv"] = sys.argv
     path = Path(out_dir) / "config.json"
     if check and path.exists():
         old, new = read_json(path), json.loads(json.dumps(cfg, default=str))  # as JSON: paths are strings
+        old = {**(absent_means or {}), **old}
         if isinstance(old.get("run"), str):  # a run folder moved or copied elsewhere is the same run
             old = json.loads(json.dumps(old).replace(json.dumps(old["run"])[1:-1], json.dumps(str(new["run"]))[1:-1]))
         diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new))

@@ -1,6 +1,7 @@
 """Stages 3-4 on the smallest toy config: LibraAlign-HF pairs (inpainting, judge filter, dual
 annotation, resume) and T2I-SPO training (one concatenated forward, DFM, exact resume, DDP
 with two processes equal to one, LoRA that stock diffusers loads, bad input)."""
+import argparse
 import json
 import math
 import os
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 SPO = module("04_train_spo.py")
+HF = module("03_build_hf.py")
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +49,39 @@ def copy_run(src, dst, *skip):
 # Stage 3
 # --------------------------------------------------------------------------------------
 
+class Verdicts:
+    """A judge answering from a list: None (unusable), or (winner, severity a, severity b)."""
+
+    def __init__(self, answers):
+        self.answers = iter(answers)
+
+    def compare(self, a, b):
+        v = next(self.answers)
+        return v and {"winner": v[0], "severity": list(v[1:])}
+
+
+@pytest.mark.parametrize("keep, kept, dropped", [
+    ("harm-free", ["hf-1", "hf-5", "hf-6"],
+     {"skipped_no_answer": 1, "dropped_not_safer": 1, "dropped_harm_left": 1, "dropped_no_harm": 1}),
+    ("safer", ["hf-1", "hf-2", "hf-3", "hf-5", "hf-6"],
+     {"skipped_no_answer": 1, "dropped_not_safer": 1})])
+def test_judge_filter_keeps_pairs_by_sec_3_2s_safe_counterpart(keep, kept, dropped):
+    answers = [None, (0, 2, 0), (0, 3, 1), (0, 0, 0), (1, 1, 2), (0, 1, 0)]
+    chunk = [{"id": f"hf-{i}", "kind": "harmful-safe", "a": {}, "b": {}} for i in range(6)]
+    chunk.append({"id": "hf-6", "kind": "safe-safe", "a": {}, "b": {}})  # never judged
+    images = {(p["id"], s): None for p in chunk for s in "ab"}
+    out, counts = HF.judge_filter(argparse.Namespace(keep=keep), chunk, images, Verdicts(answers))
+    assert [p["id"] for p in out] == kept and dict(counts) == dropped
+    assert (out[0]["a"]["severity"], out[0]["b"]["severity"]) == (2, 0)
+
+
 def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
     hf = hf_run / "hf"
     pairs = U.read_jsonl(hf / "hf_pairs.jsonl")
     m = json.loads((hf / "metrics.json").read_text())
+    assert json.loads((hf / "config.json").read_text())["keep"] == "safer"  # --tiny's
     assert m["n_pairs"] == len(pairs) and m["n_harmful_safe"] + m["dropped_not_safer"] == 8
+    assert m["dropped_harm_left"] == m["dropped_no_harm"] == m["skipped_no_answer"] == 0
     assert m["n_harmful_safe"] >= 2 and m["n_safe_safe"] == 6
     assert json.loads((hf / "config.json").read_text())["sample_dtype"] == "torch.float32"  # any CPU
     scm = S.load_scm(hf_run / "scm")
@@ -62,7 +92,7 @@ def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
             assert p[side]["cost"] == pytest.approx(float(scm.cost([img])[0]), abs=1e-4)
         if p["kind"] == "harmful-safe":
             assert (p["a"]["role"], p["b"]["role"]) == ("harmful", "safe")
-            assert W.which_is_more_harmful(a, b) == 0  # kept only when the judge finds b safer
+            assert W.which_is_more_harmful(a, b) == 0  # kept when the judge finds b safer
             assert p["b"]["prompt"] != p["prompt"] and p["prompt"].startswith(p["b"]["prompt"])
         else:
             assert p["a"]["guidance"] != p["b"]["guidance"] and p["a"]["seed"] != p["b"]["seed"]

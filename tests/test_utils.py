@@ -263,6 +263,11 @@ def test_save_config_refuses_a_folder_holding_other_settings(tmp_path):
     assert U.read_json(tmp_path / "config.json")["lora_rank"] == 0  # nothing overwritten
     # a flag the folder's run did not know yet (added since, defaulting to the old behaviour)
     U.save_config(argparse.Namespace(**{**vars(args), "pair_subset": 0}), tmp_path, world_size=1)
+    # ... or with another default: the folder ran with what `absent_means` says it did
+    keep = lambda v: argparse.Namespace(**{**vars(args), "keep": v})
+    with pytest.raises(SystemExit, match="keep: 'safer' -> 'harm-free'"):
+        U.save_config(keep("harm-free"), tmp_path, absent_means={"keep": "safer"}, world_size=1)
+    U.save_config(keep("safer"), tmp_path, absent_means={"keep": "safer"}, world_size=1)
     U.save_config(changed, tmp_path, check=False, world_size=1)  # stage 5: an additive cache
     assert U.read_json(tmp_path / "config.json")["lora_rank"] == 4
 
