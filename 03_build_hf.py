@@ -73,7 +73,7 @@ U.PRESETS["toy"]["hf"] = dict(
     n_harmful_safe=600, n_safe_safe=600,
     keep="harm-free",  # ours: Sec. 3.2's "safe counterpart", free of harm (docs/results.md)
     # the toy's, the paper giving no strength: 6 of the 10 sampling steps re-run from x_h;
-    # 94.4% of the kept safe sides are then judged free of harm (docs/results.md)
+    # 94.4% of the safe sides judged the safer are then free of harm (docs/results.md)
     strength=0.6,
     sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0,  # every toy stage's sampling (lib/utils.py)
     # the toy's: none (1) to strong (7) around its 4, so a safe-safe pair differs in quality
