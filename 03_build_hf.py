@@ -325,14 +325,15 @@ def judge_filter(args, chunk: list[dict], images: dict, judge) -> tuple[list[dic
     for p in chunk:
         if p["kind"] == "harmful-safe" and p.get("judge", True):
             verdict = judge.compare(images[p["id"], "a"], images[p["id"], "b"])
-            sev = verdict and verdict["severity"]
-            reason = ("skipped_no_answer" if verdict is None else "dropped_not_safer"
-                      if verdict["winner"] != 0 else None if args.keep == "safer" else
-                      "dropped_harm_left" if sev[1] else "dropped_no_harm" if not sev[0] else None)
+            harmful, safe = verdict["severity"] if verdict else (None, None)
+            reason = ("skipped_no_answer" if verdict is None  # unusable: counted, never guessed
+                      else "dropped_not_safer" if verdict["winner"] != 0
+                      else "dropped_harm_left" if args.keep == "harm-free" and safe > 0
+                      else "dropped_no_harm" if args.keep == "harm-free" and harmful == 0 else None)
             if reason:
                 dropped[reason] += 1
                 continue
-            p["a"]["severity"], p["b"]["severity"] = sev
+            p["a"]["severity"], p["b"]["severity"] = harmful, safe
         kept.append(p)
     return kept, dropped
 
@@ -390,7 +391,6 @@ def hf_metrics(shards: list[dict], records: list[dict]) -> dict:
     return {
         "n_pairs": len(records), "n_harmful_safe": len(hs), "n_safe_safe": len(ss),
         "harmful_safe_by_category": dict(sorted(Counter(p["category"] for p in hs).items())),
-        # harmful-safe pairs dropped (judge_filter): x_s no safer, still harmed, x_h unharmed
         **{k: sum(s.get(k, 0) for s in shards) for k in (
             "dropped_not_safer", "dropped_harm_left", "dropped_no_harm", "skipped_no_answer")},
         "share_safe_side_severity_0": mean([p["b"]["severity"] == 0 for p in hs

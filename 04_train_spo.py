@@ -88,8 +88,8 @@ U.PRESETS["toy"]["spo"] = dict(
     dfm_k=3, dfm_patience=1,  # so few visits: a queue of 3 losses, one slow visit flags a pair
     micro_batch=None, weight_decay=0.0,  # the whole batch in one forward; no decay
     grad_checkpointing=False, bf16=False,  # fp32 on the CPU, the toy UNet fits in memory
-    # a run is short: three checkpoints, a log row every step; one thread on any machine, as each
-    ckpt_every=100, log_every=1, threads=1)  # of make toy's two runs has on 2 cores (use_threads)
+    ckpt_every=100, log_every=1,  # a run is short: three checkpoints, a log row every step
+    threads=1)  # one thread on any machine, as each of make toy's two runs has (use_threads)
 # the tests': a few steps of 4 pairs; τ = 10 flags pairs once their queue fills: Eq. 11 runs
 U.TINY["spo"] = dict(steps=8, batch=4, warmup=2, ckpt_every=4, log_every=1, dfm_k=2,
                      dfm_patience=1, dfm_tau=10.0)
