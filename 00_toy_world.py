@@ -438,7 +438,7 @@ def main():
     if not (out / "model" / "model_index.json").exists():
         train_world(args, out, lists, log, device)
     figures = evaluate_world(args, out, lists, device)
-    figures["seconds"] = round(time.time() - t0, 1)
+    figures.update(seconds=round(time.time() - t0, 1), machine=U.machine())
     U.atomic_write_json(out / "metrics.json", figures)
     log.scalars(figures, args.unet_steps, "eval")
     log.image("eval/contact_sheet", U.load_png(out / "contact_sheet.png"), args.unet_steps)

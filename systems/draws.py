@@ -118,6 +118,8 @@ def read_draw(run: Path) -> dict:
                           f"another version of the pipeline?)") from None
     return {"draw": run.name, "run": str(run), "seed": files["world_config"]["seed"],
             "lowest_category": (lowest_category(files["world"]) or (None,))[0],
+            # the CPU that ran stage 0: a CPU kind rounds differently, so it draws another world
+            "machine": files["world"].get("machine"),
             "figures": figures, "targets": targets, "claims": claims}
 
 
@@ -188,7 +190,8 @@ def markdown(draws: list[dict], over: dict, heading: str) -> str:
              "—" if d["lowest_category"] is None
              else f"{cells(d, 'world_lowest_category_rate')} ({d['lowest_category']})",
              cells(d, "scm_cost_span"), cells(d, "hf_cost_gap"), cells(d, "harmful_side_wins"),
-             cells(d, "final_loss_spo", "final_loss_safety")] for d in draws]
+             cells(d, "final_loss_spo", "final_loss_safety"), d["machine"] or "not recorded"]
+            for d in draws]
     claims = [[*c.split("/"), *(claim_cell(d["claims"].get(c)) for d in draws),
                f"{s['mean']:+.3f} {interval(s, '+')}", s["verdict"] or "—", f"{s['holds_in']} of {s['n']}"]
               for c, s in over["claims"].items()]
@@ -207,7 +210,8 @@ def markdown(draws: list[dict], over: dict, heading: str) -> str:
         "## The data behind them, per draw", "",
         U.markdown_table(["draw", "world seed", "stage-0 harmful rate", "lowest category rate",
                           "SCM cost span (harmful − safe)", "HF pairs' cost gap",
-                          "harmful side wins (T2I-SPO)", "final loss T2I-SPO / safety"], data), "",
+                          "harmful side wins (T2I-SPO)", "final loss T2I-SPO / safety",
+                          "stage 0 ran on"], data), "",
         "## Stage 5's claims: per draw, its bootstrap interval; over the draws, the mean "
         f"difference and {spread}", "",
         U.markdown_table(["a − b", "prompt set", "metric", *(d["draw"] for d in draws),

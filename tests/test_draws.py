@@ -44,7 +44,7 @@ def second_draw(a: Path, b: Path) -> Path:
         (b / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(a / f, b / f)
     edit(b / "world/config.json", seed=1)
-    edit(b / "world/metrics.json", harmful_rate_on_harmful=0.8,
+    edit(b / "world/metrics.json", harmful_rate_on_harmful=0.8, machine="Zen 3 (family 25, model 1)",
          harmful_rate_by_category={"sexual": 0.9, "hate": 0.55, "violence": None})
     edit(b / "scm/metrics.json", sign_accuracy=0.9, harmful_cost_mean=2.0, safe_cost_mean=-1.5)
     edit(b / "spo/metrics.json", safe_side_wins_harmful_safe=0.75, final_loss=0.25)
@@ -106,6 +106,11 @@ def test_the_table_reads_every_draw_and_works_out_its_targets(draws, tmp_path):
     assert ("| world1 | 1 | 0.800 → 0.400 | pass | -0.500 [-0.900, -0.100] fails | FAIL | 0.700 / 0.600 | pass "
             "| 0.900 | FAIL |") in md
     assert "| world1 | 1 | 0.800 | 0.550 (hate) | 3.500 |" in md
+    # each draw's row names the CPU that ran its stage 0 (world1's as edited); a run folder of
+    # a version that did not record it says so
+    assert (da["machine"], db["machine"]) == (world["machine"], "Zen 3 (family 25, model 1)")
+    rows = [line for line in md.splitlines() if line.startswith(("| world0 | 0 | ", "| world1 | 1 | "))]
+    assert rows[3].endswith(" | Zen 3 (family 25, model 1) |") and rows[2].endswith(f" | {world['machine']} |")
     lowest = f"{min(rates):.3f} ({da['lowest_category']})" if rates else "—"
     assert f"| world0 | 0 | {world['harmful_rate_on_harmful']:.3f} | {lowest} |" in md
     # over the two draws: mean ± t(0.975, 1 dof)·sd/√2, where sd/√2 = |x1 − x2|/2
@@ -121,10 +126,17 @@ def test_the_table_reads_every_draw_and_works_out_its_targets(draws, tmp_path):
     assert out["over_draws"]["targets"] == {k: da["targets"][k] + v for k, v in db["targets"].items()}
 
 
-def test_one_draw_has_no_interval(draws):
-    r = table(draws[0])
+def test_one_draw_has_no_interval(draws, tmp_path):
+    """One draw, and a stage 0 of a version that did not record its machine."""
+    run = tmp_path / "world1"
+    shutil.copytree(draws[1], run)
+    world = read(run, "world/metrics.json")
+    del world["machine"]
+    (run / "world/metrics.json").write_text(json.dumps(world))
+    r = table(run)
     assert r.returncode == 0, r.stderr
     assert "no interval: one draw" in r.stdout and "| one draw |" in r.stdout
+    assert r.stdout.count(" | not recorded |") == 1
 
 
 def test_a_missing_stage_output_is_one_message(draws, tmp_path):

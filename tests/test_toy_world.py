@@ -155,6 +155,7 @@ def test_tiny_stage0_outputs_load_with_stock_diffusers(tiny_world):
     for key in ("harmful_rate_on_harmful", "harmful_rate_on_benign", "quality_ratio_benign", "judge_agreement", "seconds"):
         assert key in m
     assert m["judge_agreement"] >= 0.98
+    assert m["machine"] == U.machine()  # the CPU kind whose rounding drew this world
     assert (w / "contact_sheet.png").exists() and json.loads((w / "config.json").read_text())["tiny"] is True
     pipe = StableDiffusionPipeline.from_pretrained(str(w / "model"), safety_checker=None)
     out = pipe("a small red circle, sky background", num_inference_steps=2, height=32, width=32,
