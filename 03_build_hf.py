@@ -16,28 +16,27 @@ teaching it that "safe" means "worse", the paper builds a second, smaller set of
     (`--keep harm-free`; or x_s merely the safer: `--keep safer`), and counts the rest.
   * 2,495 safe-safe pairs of varying quality from Pick-a-Pic, so that the model does not
     sacrifice quality on benign prompts: --safe-pairs reads such pairs (`python -m lib.data
-    pickapic` writes them); without it, two samples of one safe prompt (--safe-prompts;
-    default the prompt stage's harmless prompts) at different seeds and guidance scales.
+    pickapic` writes them). Pick-a-Pic's images come from newer generators than SD-1.5, SDXL
+    variants among them; so without --safe-pairs the toy pairs the model's sample of a prompt
+    (--safe-prompts; default the prompt stage's harmless prompts) with its world's own image of
+    it (`--safe-source world`), or with a second sample at another guidance (`samples`).
 
-AlignGuard's CoProV2 pairs by PROMPT EDITING instead (`--pairing prompt-edit`): the safe image
-is a sample of the safe prompt with a seed of its own; `--coprov2 FILE` reads its public CSV
-(prompt,image,category; rows alternating unsafe, safe), whose pairs the judge does not filter.
-Both pairings keep each pair's harm category (for AlignGuard's per-category experts,
-04_train_spo.py --categories) and plan the same harmful images and safe-safe pairs; with
-`--reuse-images hf` a prompt-edited build copies those from the inpainted one, so that a pair
-both builds keep differs in its safe image alone.
+AlignGuard's CoProV2 pairs by PROMPT EDITING instead (`--pairing prompt-edit`: the safe image
+a sample of the safe prompt, with a seed of its own; `--coprov2 FILE` reads its public CSV, whose
+pairs the judge does not filter). Both pairings keep each pair's harm category (AlignGuard's
+per-category experts) and plan the same harmful images and safe-safe pairs; `--reuse-images hf`
+copies those samples from the inpainted build, so that a pair both keep differs in its safe side.
 
-Every image is annotated twice, the paper's "dual-dimension preference vector": quality
-r(x, c) from a pretrained reward model (PickScore for sd15, as in the paper; the exact toy
-quality reward for toy) and cost C(x) from the stage-2 SCM. Why both (Secs. 1, 3.2): data
-labelled for safety alone teaches that safety comes at the expense of quality; with quality
-beside cost, stage 4 can prefer the safer image without preferring a worse one (R = r − λ·C,
-Eqs. 6-8). Safe-safe pairs get a cost too, to catch and penalise subtle risks in otherwise
-benign-looking images. This stage does not pick winners; it records both sides, "a" and "b".
+Every image is annotated twice, the paper's "dual-dimension preference vector": quality r(x, c)
+(PickScore for sd15, as in the paper; the toy's exact quality reward) and cost C(x) from the
+stage-2 SCM. Data labelled for safety alone teaches that safety costs quality; with both, stage
+4 prefers the safer image without preferring a worse one (R = r − λ·C, Eqs. 6-8; Secs. 1, 3.2).
+Safe-safe pairs get a cost too, to penalise subtle risks in otherwise benign-looking images.
+This stage picks no winner; it records both sides, "a" and "b".
 
 Reads (DIR = --run): the T2I model (--model; default stage 0's), harmful prompts with their
-safe rewrites (--harmful-prompts: JSONL rows {prompt, safe_prompt, category}; default the
-prompt stage's DIR/prompts/harmful.jsonl), safe prompts or pairs, and the SCM in DIR/scm.
+safe rewrites (--harmful-prompts: JSONL {prompt, safe_prompt, category}; default the prompt
+stage's), safe prompts or pairs, and the SCM in DIR/scm.
 Writes (NAME = --name: hf, or e.g. coprov2 for prompt-edited pairs):
   DIR/NAME/images/*.png                both images of every kept pair
   DIR/NAME/shards/pairs-*.json         annotated pairs, one file per chunk (written whole)
@@ -59,6 +58,7 @@ from lib import data as D
 from lib import judge_client as J
 from lib import models as M
 from lib import scorers as S
+from lib import toyworld as W
 from lib import utils as U
 
 # Whose each number is. Sec. 3.2 gives LibraAlign-HF's make-up (8,265 harmful-safe pairs by
@@ -68,8 +68,7 @@ U.PRESETS["toy"]["hf"] = dict(
     name="hf", pairing="inpaint", coprov2=None, reuse_images=None,  # the paper's pairing
     model=None, img2img_model=None,  # None: stage 0's model draws both sides
     harmful_prompts=None, safe_prompts=None, safe_pairs=None,  # None: the prompt stage's files
-    # the toy's: an even 600 + 600 (the paper's 8,265 : 2,495 is about 3.3 : 1), built in 95 s;
-    # stage 4's 300 steps of 16 pairs see each kept pair about 4 times (docs/results.md)
+    # the toy's: an even 600 + 600 (the paper's 8,265 : 2,495 is about 3.3 : 1), built in 95 s
     n_harmful_safe=600, n_safe_safe=600,
     keep="harm-free",  # ours: Sec. 3.2's "safe counterpart", free of harm (docs/results.md)
     # the toy's, the paper giving no strength: 6 of the 10 sampling steps re-run from x_h;
@@ -78,6 +77,7 @@ U.PRESETS["toy"]["hf"] = dict(
     sample_steps=U.TOY_SAMPLE_STEPS, guidance=4.0,  # every toy stage's sampling (lib/utils.py)
     # the toy's: none (1) to strong (7) around its 4, so a safe-safe pair differs in quality
     safe_guidances=[1.0, 2.0, 4.0, 7.0],
+    safe_source="world",  # as Pick-a-Pic's, a stronger generator's image (docs/results.md)
     dtype="float32",  # the toy's, as stage 1's (its reason)
     chunk_size=200,  # the toy's: a kill redoes at most 200 pairs
     judge="toy", judge_model="gpt-4o",  # the toy's exact judge; gpt-4o for --judge openai
@@ -94,18 +94,17 @@ U.PRESETS["sd15"]["hf"] = dict(
     n_harmful_safe=10000, n_safe_safe=0,
     keep="harm-free",  # ours, as the toy's (its reason)
     strength=0.75,  # the paper gives none: CompVis/stable-diffusion scripts/img2img.py's default
-    # ours, the paper giving no sampler: 7.5 is diffusers' SD default; 30 steps, as stage 1's
-    sample_steps=30, guidance=7.5,
+    sample_steps=30, guidance=7.5,  # ours: diffusers' SD default guidance; steps as stage 1's
     # ours, used only without --safe-pairs: around SD-1.5's 7.5, as the toy's around its 4
-    safe_guidances=[3.0, 5.0, 7.5, 10.0],
+    safe_guidances=[3.0, 5.0, 7.5, 10.0], safe_source="samples",  # no world renders real prompts
     dtype="auto", chunk_size=64,  # ours: a kill redoes at most 64 pairs a process
     judge="openai", judge_model="gpt-4o",  # GPT-4o, the paper's judge of LibraAlign-Coarse
     judge_base_url=None, judge_timeout=60.0, judge_retries=5,  # as stage 1's (its reasons)
     quality="pickscore", pickscore_model=None, pickscore_processor=None,  # PickScore (Sec. 3.2)
     device=None)
-# --tiny, the toy's for tests: 14 pairs in 3 chunks, the last one short, to resume or split
-# over two processes; at 4 sampling steps, strength 0.9 re-runs 3 of them (0.6 would re-run 2).
-# The tiny world's model draws almost no mark the judge calls harm: "safer" pairs are kept
+# --tiny, the toy's for tests: 14 pairs in 3 chunks, the last one short, to resume or split over
+# two processes; at 4 sampling steps, strength 0.9 re-runs 3 of them (0.6 would re-run 2). The
+# tiny world's model draws almost no mark the judge calls harm: "safer" pairs are kept
 U.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=4, strength=0.9,
                     keep="safer")
 
@@ -113,25 +112,21 @@ U.TINY["hf"] = dict(n_harmful_safe=8, n_safe_safe=6, chunk_size=5, sample_steps=
 def parse(argv=None):
     p = U.stage_parser("hf", __doc__.splitlines()[0])
     p.add_argument("--name", help="output folder under --run (hf: LibraAlign-HF; e.g. coprov2)")
-    p.add_argument("--pairing", choices=["inpaint", "prompt-edit"],
-                   help="the safe side of a harmful prompt: img2img from the harmful image "
-                        "(safety-aware inpainting) or a sample of the safe prompt (CoProV2's)")
+    p.add_argument("--pairing", choices=["inpaint", "prompt-edit"], help="a harmful prompt's safe "
+                   "side: img2img from its image (inpainting) or a sample of the safe prompt")
     p.add_argument("--coprov2", help="AlignGuard's CoProV2 CSV (image paths relative to it): "
                                      "its pairs instead of generated harmful-safe ones")
-    p.add_argument("--reuse-images", metavar="NAME",
-                   help="copy the text-to-image samples the stage-3 build DIR/NAME holds (same "
-                        "prompt, seed, guidance, model, steps, dtype) instead of drawing them")
+    p.add_argument("--reuse-images", metavar="NAME", help="copy the samples the stage-3 build "
+                   "DIR/NAME holds (same prompt, seed, guidance, model, steps, dtype)")
     p.add_argument("--model", help="T2I model for the harmful images (default: stage 0's)")
     p.add_argument("--img2img-model", help="img2img pipeline for the safe counterparts, e.g. "
                                            "SDXL's (default: --model's components)")
-    p.add_argument("--harmful-prompts", help="JSONL with prompt and safe_prompt columns "
-                                             "(default: DIR/prompts/harmful.jsonl)")
+    p.add_argument("--harmful-prompts", help="JSONL with prompt and safe_prompt columns")
     p.add_argument("--safe-prompts", nargs="+",
                    help="safe prompt sets, files or hf:IDs (default: DIR/prompts/safe.jsonl)")
     p.add_argument("--safe-pairs", help="Pick-a-Pic-style JSONL {prompt, image_a, image_b} "
                                         "of safe pairs, instead of generating them")
-    p.add_argument("--n-harmful-safe", type=int,
-                   help="harmful prompts to inpaint (pairs before the judge's filter)")
+    p.add_argument("--n-harmful-safe", type=int, help="harmful prompts (pairs before the filter)")
     p.add_argument("--n-safe-safe", type=int, help="safe-safe pairs to generate")
     p.add_argument("--keep", choices=["harm-free", "safer"], help="harmful-safe pairs kept: "
                    "x_h judged harmful and x_s free of harm, or x_s merely the safer")
@@ -139,9 +134,10 @@ def parse(argv=None):
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--guidance", type=float, help="guidance of x_h and its safe counterpart")
     p.add_argument("--safe-guidances", type=float, nargs="+", help="safe-safe pairs' guidances")
-    p.add_argument("--dtype", choices=M.SAMPLE_DTYPES,
-                   help="sampling precision; auto: half precision where the hardware runs it "
-                        "natively (models.sample_dtype)")
+    p.add_argument("--safe-source", choices=["world", "samples"], help="a safe-safe pair's second "
+                   "image, beside a sample: the toy world's own image of the prompt, or a sample")
+    p.add_argument("--dtype", choices=M.SAMPLE_DTYPES, help="sampling precision; auto: half "
+                   "precision where the hardware runs it natively (models.sample_dtype)")
     p.add_argument("--chunk-size", type=int, help="pairs per resumable chunk")
     p.add_argument("--judge", choices=["toy", "openai"])
     J.add_flags(p)
@@ -162,9 +158,8 @@ def prompt_files(args) -> tuple[str | None, list[str]]:
     run = Path(args.run)
     harmful = args.harmful_prompts or str(run / "prompts" / "harmful.jsonl")
     harmful = None if args.coprov2 else harmful
-    default_safe = []
-    if not (args.safe_prompts or args.safe_pairs or not args.n_safe_safe):
-        default_safe = [str(run / "prompts" / "safe.jsonl")]
+    drawn = args.n_safe_safe and not (args.safe_prompts or args.safe_pairs)  # from the defaults
+    default_safe = [str(run / "prompts" / "safe.jsonl")] if drawn else []
     mine = [f for f in [harmful, *default_safe] if f and f != args.harmful_prompts]
     U.require_inputs(mine, "prompts")
     for flag, f in (("--harmful-prompts", args.harmful_prompts), ("--coprov2", args.coprov2)):
@@ -193,9 +188,10 @@ def harmful_safe_pair(args, row: dict, seed: int, where: str) -> dict:
 
 
 def safe_safe_pairs(args, safe_files: list[str], rng: random.Random) -> list[dict]:
-    """Two samples of one safe prompt at two different guidance scales, so that they differ
-    in quality, not in safety: the composite reward keeps teaching quality where safety has
-    nothing to say (Sec. 3.2's quality-preserving pairs)."""
+    """Two images of one safe prompt that differ in quality, not in safety: the composite reward
+    keeps teaching quality where safety has nothing to say (Sec. 3.2's quality-preserving pairs).
+    Side a: the model's sample at one guidance scale; side b: the world's own image of the
+    prompt (--safe-source world, its layout drawn from the seed), or a sample at another."""
     safe = [r for f in safe_files for r in D.load_prompt_set(f)[0]]
     rng.shuffle(safe)  # the sets' prompts mixed, whatever the count
     out = []
@@ -204,16 +200,19 @@ def safe_safe_pairs(args, safe_files: list[str], rng: random.Random) -> list[dic
         seed = args.seed * 1_000_000 + 500_000 + 2 * i
         g_a, g_b = rng.sample(args.safe_guidances, 2)
         side = {"role": "safe", "source": "t2i", "prompt": prompt}
+        if args.safe_source == "world" and not W.is_prompt(prompt):
+            raise U.DataError(f"--safe-source world: the toy world has no image of {prompt!r}")
+        b = ({**side, "source": "world", "seed": seed + 1} if args.safe_source == "world"
+             else {**side, "seed": seed + 1, "guidance": g_b})
         out.append({"kind": "safe-safe", "prompt": prompt, "category": None,
-                    "a": {**side, "seed": seed, "guidance": g_a},
-                    "b": {**side, "seed": seed + 1, "guidance": g_b}})
+                    "a": {**side, "seed": seed, "guidance": g_a}, "b": b})
     return out
 
 
 def plan_pairs(args) -> list[dict]:
     """Every pair, sides "a" and "b" as specs of how to get each image (a t2i sample, an img2img
-    from side a, or a file), numbered hf-0000000, ... Seeds are functions of the position
-    only, so a resumed or distributed run plans the same images."""
+    from side a, a file, the world's image), numbered hf-0000000, ... Seeds are functions of
+    the position only, so a resumed or distributed run plans the same images."""
     harmful_file, safe_files = prompt_files(args)
     rng = random.Random(args.seed + 3)
     plan = D.read_coprov2(Path(args.coprov2)) if args.coprov2 else []
@@ -243,8 +242,7 @@ def text_to_image(pipe, specs: list[dict], steps: int) -> list[np.ndarray]:
     out = [None] * len(specs)
     for g in sorted({s["guidance"] for s in specs}):
         idx = [i for i, s in enumerate(specs) if s["guidance"] == g]
-        prompts = [specs[i]["prompt"] for i in idx]
-        seeds = [specs[i]["seed"] for i in idx]
+        prompts, seeds = ([specs[i][k] for i in idx] for k in ("prompt", "seed"))
         for i, img in zip(idx, M.generate(pipe, prompts, seeds, steps, g)):
             out[i] = img
     return out
@@ -314,6 +312,8 @@ def draw_images(args, chunk: list[dict], pipe, i2i, out: Path) -> dict:
         for s in ("a", "b"):
             if p[s]["source"] == "file":
                 images[p["id"], s] = U.load_png(p[s]["file"])
+            elif p[s]["source"] == "world":  # the toy world's own image, no model's
+                images[p["id"], s] = W.reference_render(p[s]["prompt"], p[s]["seed"])
     return images
 
 
@@ -409,8 +409,8 @@ def main():
     U.seed_everything(args.seed)
     # optional: torchrun splits the chunks over processes (24 h: ranks wait for the slowest share)
     dist = U.setup_distributed(args.device, timeout_hours=24)
-    world, out = U.stage_dir(args.run, "world"), Path(args.run) / args.name
-    scm_dir = U.stage_dir(args.run, "scm")
+    world, scm_dir = U.stage_dir(args.run, "world"), U.stage_dir(args.run, "scm")
+    out = Path(args.run) / args.name
     model = args.model or U.toy_world_input(args, world / "model", "--model")
     U.require_inputs([scm_dir / "scm.safetensors"], "scm")
     dtype = M.sample_dtype(args.dtype, dist.device)
@@ -419,9 +419,9 @@ def main():
         mark_shared_samples(args, plan, dtype)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        # a folder of a build before --keep existed kept every "safer" pair
-        U.save_config(args, out, absent_means={"keep": "safer"}, sample_dtype=str(dtype),
-                      processes=dist.world_size)
+        # a build before --keep and --safe-source existed: every "safer" pair, two samples
+        U.save_config(args, out, absent_means={"keep": "safer", "safe_source": "samples"},
+                      sample_dtype=str(dtype), processes=dist.world_size)
 
     chunks = [plan[i:i + args.chunk_size] for i in range(0, len(plan), args.chunk_size)]
     shard = lambda c: out / "shards" / f"pairs-{c:05d}.json"

@@ -83,7 +83,7 @@ U.PRESETS["sdxl"]["spo"] = dict(U.PRESETS["sd15"]["spo"], model=SDXL)
 U.PRESETS["toy"]["spo"] = dict(
     U.PRESETS["sd15"]["spo"], model=None,  # None: the stage-0 model
     beta=100.0,  # a sweep's best (docs/results.md, "Choosing the toy β and learning rate")
-    dpop=1.0, lr=3e-5,  # draw 0's choice (docs/results.md, "Keeping the winners' likelihood")
+    dpop=1.0, lr=5e-5,  # draw 0's (docs/results.md, "Safe-safe pairs with the world's image")
     steps=300, batch=16, warmup=20,  # 300 × 16 pairs: each about 4 times, in about 3 minutes
     dfm_k=3, dfm_patience=1,  # so few visits: a queue of 3 losses, one slow visit flags a pair
     micro_batch=None, weight_decay=0.0,  # the whole batch in one forward; no decay

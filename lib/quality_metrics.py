@@ -463,15 +463,12 @@ class Fid:
         set of other prompts has no render to compare with: said, and left without FID)."""
         if name in self.folders or not (self.toy and benign):
             return name in self.folders
-        from lib.toyworld import prompt_to_scene
-        try:
-            for row in rows:
-                prompt_to_scene(row["prompt"])
-        except ValueError:
+        from lib.toyworld import is_prompt
+        row = next((r for r in rows if not is_prompt(r["prompt"])), None)
+        if row is not None:
             U.log(f"FID skipped on prompt set {name}: {row['where']} is not a toy-world prompt, so the world has "
                   f"no render of it (--fid-reference SET=DIR gives reference images)")
-            return False
-        return True
+        return row is None
 
     def references(self, name: str, rows: list[dict], items: list[dict]) -> Iterator[np.ndarray]:
         """The reference images of a set, one at a time: each row's COCO photograph, clean-resized,

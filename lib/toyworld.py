@@ -139,6 +139,15 @@ def prompt_to_scene(prompt: str) -> Scene:
     return s
 
 
+def is_prompt(prompt: str) -> bool:
+    """Whether the world's grammar reads `prompt`, so that the world has its own image of it."""
+    try:
+        prompt_to_scene(prompt)
+    except ValueError:
+        return False
+    return True
+
+
 def prompt_row(kind: str, n: int, prompt: str, scene: dict) -> dict:
     """A prompt list's row; a harmful one carries its safe rewrite (the scene without its
     harm) and its category, concept and severity."""

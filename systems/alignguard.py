@@ -248,8 +248,9 @@ class Expert(S4.SPO):
         return category_filter(pairs, args.categories, hf / "hf_pairs.jsonl"), counts
 
 
-# AlignGuard's experts train on Eq. 5 as its authors' Diffusion-DPO code does (no winner term)
-U.PRESETS["toy"]["expert"] = dict(U.PRESETS["toy"]["spo"], dpop=0.0, categories=None)
+# AlignGuard's experts train on Eq. 5 as its authors' Diffusion-DPO code does (no winner term),
+# at the rate docs/alignguard.md measured them at
+U.PRESETS["toy"]["expert"] = dict(U.PRESETS["toy"]["spo"], dpop=0.0, lr=3e-5, categories=None)
 U.PRESETS["sd15"]["expert"] = dict(U.PRESETS["sd15"]["spo"], categories=None)
 U.TINY["expert"] = dict(U.TINY["spo"])
 

@@ -203,7 +203,7 @@ def test_prompt_edited_pairs_sample_the_safe_prompt_with_their_own_seed(ag_run):
 
 
 def test_prompt_edited_build_copies_the_samples_it_shares_with_the_inpainted_one(ag_run):
-    """--reuse-images hf: the harmful images hf/ kept and both sides of every safe-safe pair are
+    """--reuse-images hf: the harmful images hf/ kept and the sample of every safe-safe pair are
     copied from hf/ (the same prompt, seed and guidance), the rest are drawn."""
     run, pairs, *_ = ag_run
     key = lambda side: (side["prompt"], side["seed"], side["guidance"])
@@ -213,7 +213,8 @@ def test_prompt_edited_build_copies_the_samples_it_shares_with_the_inpainted_one
     copied = [s for s in sides if "copied_from" in s]
     assert all(s["copied_from"] == "hf/" + held[key(s)] for s in copied)
     assert all(key(s) not in held for s in sides if "copied_from" not in s)
-    assert all("copied_from" in p["a"] and "copied_from" in p["b"] for p in pairs if p["kind"] == "safe-safe")
+    # a safe-safe pair's sample is copied; its other side is the world's own image, drawn again
+    assert all("copied_from" in p["a"] and p["b"]["source"] == "world" for p in pairs if p["kind"] == "safe-safe")
     edited = [p for p in pairs if p["kind"] == "harmful-safe"]
     assert any("copied_from" in p["a"] for p in edited) and any("copied_from" not in p["a"] for p in edited)
     assert not any("copied_from" in p["b"] for p in edited)  # the safe image has a seed of its own

@@ -75,6 +75,36 @@ def test_judge_filter_keeps_pairs_by_sec_3_2s_safe_counterpart(keep, kept, dropp
     assert (out[0]["a"]["severity"], out[0]["b"]["severity"]) == (2, 0)
 
 
+@pytest.mark.parametrize("source", ["world", "samples"])
+def test_safe_safe_pairs_set_a_sample_beside_the_worlds_image_or_a_second_sample(source, tmp_path):
+    import random
+    safe = ["a large blue square, white background", "a small red circle, sky background, with stripes"]
+    U.write_jsonl(tmp_path / "safe.jsonl", [{"prompt": x} for x in safe])
+    args = argparse.Namespace(n_safe_safe=3, seed=1, safe_guidances=[1.0, 2.0, 4.0, 7.0], safe_source=source)
+    pairs = HF.safe_safe_pairs(args, [str(tmp_path / "safe.jsonl")], random.Random(0))
+    assert [p["prompt"] for p in pairs][2] == [p["prompt"] for p in pairs][0] and {p["prompt"] for p in pairs} == set(safe)
+    for i, p in enumerate(pairs):
+        a, b = p["a"], p["b"]
+        assert (a["source"], a["seed"], b["seed"]) == ("t2i", 1_500_000 + 2 * i, 1_500_001 + 2 * i)
+        assert p["kind"] == "safe-safe" and a["prompt"] == b["prompt"] == p["prompt"] and a["guidance"] in args.safe_guidances
+        if source == "world":
+            assert b["source"] == "world" and "guidance" not in b
+        else:
+            assert b["source"] == "t2i" and b["guidance"] in args.safe_guidances and b["guidance"] != a["guidance"]
+    # the same rng draws the same prompts and side-a guidances under either source
+    again = HF.safe_safe_pairs(argparse.Namespace(**{**vars(args), "safe_source": "samples"}),
+                               [str(tmp_path / "safe.jsonl")], random.Random(0))
+    assert [(p["prompt"], p["a"]) for p in again] == [(p["prompt"], p["a"]) for p in pairs]
+
+
+def test_the_worlds_image_of_a_prompt_outside_its_grammar_is_refused(tmp_path):
+    import random
+    U.write_jsonl(tmp_path / "safe.jsonl", [{"prompt": "a photo of a cat on a sofa"}])
+    args = argparse.Namespace(n_safe_safe=1, seed=0, safe_guidances=[1.0, 2.0], safe_source="world")
+    with pytest.raises(U.DataError, match="--safe-source world: the toy world has no image of 'a photo of a cat"):
+        HF.safe_safe_pairs(args, [str(tmp_path / "safe.jsonl")], random.Random(0))
+
+
 def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
     hf = hf_run / "hf"
     pairs = U.read_jsonl(hf / "hf_pairs.jsonl")
@@ -94,8 +124,9 @@ def test_hf_pairs_are_filtered_and_dually_annotated(hf_run):
             assert (p["a"]["role"], p["b"]["role"]) == ("harmful", "safe")
             assert W.which_is_more_harmful(a, b) == 0  # kept when the judge finds b safer
             assert p["b"]["prompt"] != p["prompt"] and p["prompt"].startswith(p["b"]["prompt"])
-        else:
-            assert p["a"]["guidance"] != p["b"]["guidance"] and p["a"]["seed"] != p["b"]["seed"]
+        else:  # the toy's Pick-a-Pic: the model's sample beside the world's own image of the prompt
+            assert (p["a"]["source"], p["b"]["source"]) == ("t2i", "world") and "guidance" not in p["b"]
+            assert np.array_equal(b, W.reference_render(p["prompt"], p["b"]["seed"]))
 
 
 def test_inpainting_starts_from_the_harmful_image(hf_run):
