@@ -159,11 +159,12 @@ def differences(run, one: str, other: str, base) -> dict:
 
 @pytest.mark.parametrize("n", ["two", "three"])
 def test_sharded_sd_world_takes_one_process_steps(run, n):
-    """Float reordering apart (1e-5 of the loss, 1e-3 of the distance moved, measured): the
+    """Float reordering apart (measured: 1e-5 of the loss and 1e-3 of the distance moved on a
+    Xeon; on a Zen 3, three processes, 4e-5 of the loss and 1.3e-4 of the gradient norm): the
     same steps, Eq. 10 flagging the same pairs and Eq. 11 choosing the same copies, also on
     steps where some processes had no flagged pair."""
     d = differences(run, "one", n, run / "world" / "model")
-    assert d["loss"] < 1e-4 and d["grad_norm"] < 1e-4
+    assert d["loss"] < 1e-4 and d["grad_norm"] < 5e-4
     assert 0 < d["apart"] < 0.02 * d["moved"]
     m1, m = (U.read_json(run / x / "metrics.json") for x in ("one", n))
     assert m["world_size"] == {"two": 2, "three": 3}[n] and "shard_bytes" not in m1
