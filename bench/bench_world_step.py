@@ -27,14 +27,15 @@ VAE_SIZES = [((16, 32, 64), 32), ((16, 32, 64), 64), ((8, 16, 32), 32), ((8, 16,
 UNET_SIZES = [("64,128", 32), ("64,128", 64), ("48,96", 32), ("32,64", 32), ("32,64", 64)]
 
 
-def vae_step(widths: tuple, batch: int):
+def vae_step(widths: tuple, batch: int, memory_format=torch.contiguous_format):
     """One VAE training step of stage 0 at `widths` (stage 0's config otherwise)."""
     from diffusers import AutoencoderKL
     vae = random_toy_models()[1]
     vae = AutoencoderKL.from_config({**vae.config, "block_out_channels": widths,
                                      "norm_num_groups": min(vae.config.norm_num_groups, widths[0])})
+    vae.to(memory_format=memory_format)
     opt = U.adamw(vae.parameters(), lr=1e-4)
-    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+    x = (torch.rand(batch, 3, 32, 32) * 2 - 1).to(memory_format=memory_format)
 
     def step():
         post = vae.encode(x).latent_dist
@@ -46,17 +47,23 @@ def vae_step(widths: tuple, batch: int):
     return step
 
 
-def unet_step(widths: str, batch: int):
-    """One UNet + text encoder training step of stage 0 at `widths`."""
+def unet_step(widths: str, batch: int, memory_format=torch.contiguous_format, compiled=False):
+    """One UNet + text encoder training step of stage 0 at `widths`; `compiled`: its forward
+    and loss through torch.compile (inductor), which compiles on the first step."""
     tokenizer, _, text_encoder, unet = random_toy_models(unet_channels=widths)
+    unet.to(memory_format=memory_format)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = U.adamw(params, lr=1e-4, weight_decay=0.0)
     ids = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.model_max_length))
-    z, t = torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,))
+    z = torch.randn(batch, 4, 8, 8).to(memory_format=memory_format)
+    t = torch.randint(0, 1000, (batch,))
+
+    def forward(z, t, ids, noise):
+        return F.mse_loss(unet(z, t, text_encoder(ids).last_hidden_state).sample, noise)
+    forward = torch.compile(forward) if compiled else forward
 
     def step():
-        pred = unet(z, t, text_encoder(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, torch.randn_like(z))
+        loss = forward(z, t, ids, torch.randn_like(z))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

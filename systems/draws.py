@@ -1,4 +1,4 @@
-"""The spread over draws of the world (~265 lines): `python -m systems.draws table --runs DIR ...`
+"""The spread over draws of the world (~310 lines): `python -m systems.draws table --runs DIR ...`
 tables what each finished `make toy` run folder measured, one draw of the world per folder
 (stage 0's --seed; every later stage keeps its own default seed), and each figure over the draws.
 
@@ -9,6 +9,11 @@ against safety-only, per prompt set and metric). Over the draws: each figure's m
 claim's mean difference with a Student-t 95% interval (stats.paired_t_interval: n − 1 degrees
 of freedom), and how many draws pass each target. `make draws` runs the draws, then this.
 
+`python -m systems.draws fingerprint [--seed S]` says in half a minute whether two machines
+round stage 0's first steps alike: each CPU kind, and each library's instruction-set switch,
+rounds its kernels its own way (docs/results.md, "Machine against machine"). Equal digests are
+needed for one world on both, not proof of it.
+
 What it is not: a runner (the Makefile's `draws` target runs `make toy` per seed), nor the
 interval within one draw (stage 5's paired bootstrap over prompts, lib/stats.py): a claim can
 hold within each draw's bootstrap and still move from one draw of the world to the next.
@@ -17,7 +22,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import math
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from lib import stats
@@ -252,7 +262,57 @@ def table_main(args) -> None:
         U.atomic_write_json(args.json, {"machine": host, "date": day, "draws": draws, "over_draws": over})
 
 
-COMMANDS = {"table": (table_parser, table_main)}
+# Stage 0 at the preset's sizes, threads and rates, stopped after its first steps: what the
+# draw's weights are made of (drawn images, the VAE's and the UNet's steps, saving) in seconds
+FINGERPRINT_FLAGS = ("--n-images", "256", "--vae-steps", "3", "--unet-steps", "3",
+                     "--ckpt-every", "3", "--eval-per-set", "1", "--eval-per-category", "1",
+                     "--judge-check", "1")
+# The variables that choose a kernel's instruction set: ATen's vectorised ops, oneDNN's
+# convolutions, MKL's matrix products (each library's documented switch)
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def weights_digest(folder: Path) -> str:
+    """blake2b over every tensor of a safetensors file, in key order: equal iff the weights
+    are equal to the last bit (the file's header may order keys otherwise)."""
+    import torch
+    from safetensors.torch import load_file
+    h = hashlib.blake2b(digest_size=8)
+    for key, tensor in sorted(load_file(next(folder.glob("*.safetensors"))).items()):
+        h.update(key.encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def fingerprint_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Whether this machine draws the same world as another: "
+                                "the digests of stage 0's weights after its first steps")
+    p.add_argument("--seed", type=int, default=0, help="stage 0's seed (the draw)")
+    p.add_argument("--tiny", action="store_true", help="stage 0 at its --tiny sizes (seconds)")
+    p.set_defaults(_stage="fingerprint", preset="toy", run=None)
+    return p
+
+
+def fingerprint_main(args) -> None:
+    """Stage 0 (FINGERPRINT_FLAGS) in a scratch folder, then a digest of each part it saved.
+    Two machines that print the same digests rounded the first steps alike; a full draw can
+    still part later, so equal digests are necessary for the same world, not proof of it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "00_toy_world.py", "--run", tmp, "--seed", str(args.seed),
+               *FINGERPRINT_FLAGS, *(["--tiny"] if args.tiny else [])]
+        r = subprocess.run(cmd, cwd=U.ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"stage 0 failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        model = Path(tmp) / "world" / "model"
+        digests = {part: weights_digest(model / part) for part in ("vae", "text_encoder", "unet")}
+    import torch
+    pins = ", ".join(f"{v}={os.environ[v]}" for v in ISA_VARIABLES if v in os.environ) or "none"
+    print(f"{U.machine()}; torch {torch.__version__}, ATen {torch.backends.cpu.get_cpu_capability()}"
+          f"; instruction-set variables: {pins}")
+    print(f"world seed {args.seed}: " + ", ".join(f"{k} {v}" for k, v in digests.items()))
+
+
+COMMANDS = {"table": (table_parser, table_main), "fingerprint": (fingerprint_parser, fingerprint_main)}
 
 if __name__ == "__main__":
     U.run_commands(COMMANDS, __doc__)

@@ -96,6 +96,25 @@ def test_bench_world_step_times_every_size_against_the_preset():
     assert [float(row[5]) for row in (rows[0], rows[4])] == [1.0, 1.0]
 
 
+def test_bench_world_kernels_splits_the_step_and_times_each_path():
+    r = subprocess.run([sys.executable, "bench/bench_world_kernels.py", "--threads", "1", "--reps", "1",
+                        "--warmup", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parts = re.findall(r"^\| ([a-zA-Z ]+) \| ([\d.]+) \|$", r.stdout, re.M)
+    assert [name for name, _ in parts] == ["forward and loss", "backward", "gradient clipping", "AdamW",
+                                           "weight average", "the parts together"]
+    ms = [float(v) for _, v in parts]
+    assert all(v > 0 for v in ms) and abs(sum(ms[:-1]) - ms[-1]) <= 0.25  # five roundings of 0.05
+    paths = re.findall(r"^\| (VAE|UNet \+ text) \| ([\w.-]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
+                       r.stdout, re.M)
+    assert [(step, path) for step, path, *_ in paths] == [
+        ("VAE", "plain"), ("VAE", "channels-last"), ("UNet + text", "plain"), ("UNet + text", "channels-last")]
+    for (_, _, plain, *_), (_, _, other, ratio, _) in (paths[0:2], paths[2:4]):
+        # each ratio is against its step's plain path, to the rounding of the printed milliseconds
+        assert abs(float(ratio) - int(other) / int(plain)) <= 0.005 + int(other) / int(plain) ** 2
+    assert float(paths[0][3]) == float(paths[2][3]) == 1.0
+
+
 def test_memory_plan_counts_and_arithmetic_on_the_toy(tmp_path):
     """bench/memory_plan.py on the toy's UNet: 4 bytes a parameter of weights and of gradients
     and 8 of AdamW, a 1/N share of each under --shard, LoRA training what models.add_lora

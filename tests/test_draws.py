@@ -7,14 +7,18 @@ figures edited so that its targets come out as worked by hand below."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import stage
+from lib import utils as U
+from systems import draws as draws_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["world/config.json", "world/metrics.json", "scm/metrics.json", "hf/metrics.json",
@@ -165,3 +169,41 @@ def test_make_draws_runs_each_unfinished_draw_with_its_world_seed(tmp_path):
     assert any(x.endswith(f"05_evaluate.py --run {tmp_path}/world4") for x in lines)
     assert not any(f"--run {tmp_path}/world3" in x for x in lines)
     assert f"-m systems.draws table --runs {tmp_path}/world3 {tmp_path}/world4 --out {tmp_path}/draws.md" in r.stdout
+
+
+def fingerprint(*flags, pins=None):
+    """The command's two lines, under this environment without the instruction-set variables
+    but for `pins`."""
+    env = {k: v for k, v in os.environ.items() if k not in draws_cmd.ISA_VARIABLES}
+    r = subprocess.run([sys.executable, "-m", "systems.draws", "fingerprint", "--tiny", *flags], cwd=ROOT,
+                       capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1", **(pins or {})})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()
+
+
+def test_the_fingerprint_names_the_machine_and_repeats_on_it():
+    """Two runs on one machine print the same digests (nothing of the scratch folder or the
+    clock enters them); a run of another world seed prints others; the instruction-set
+    variables set are named."""
+    first, again = fingerprint(), fingerprint()
+    assert first == again and len(first) == 2
+    assert first[0].startswith(U.machine() + "; torch ") and first[0].endswith("variables: none")
+    parts = re.fullmatch(r"world seed 0: vae ([0-9a-f]{16}), text_encoder ([0-9a-f]{16}), unet ([0-9a-f]{16})",
+                         first[1])
+    assert parts, first[1]
+    other = fingerprint("--seed", "1", pins={"ATEN_CPU_CAPABILITY": "default"})
+    assert other[0].endswith("variables: ATEN_CPU_CAPABILITY=default")
+    seed1 = re.fullmatch(r"world seed 1: vae (\w+), text_encoder (\w+), unet (\w+)", other[1])
+    assert all(a != b for a, b in zip(parts.groups(), seed1.groups()))
+
+
+def test_weights_digest_follows_the_bits_not_the_file(tmp_path):
+    from safetensors.torch import save_file
+    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.ones(4)
+    for name, tensors in (("xy", {"x": a, "y": b}), ("yx", {"y": b, "x": a})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    assert draws_cmd.weights_digest(tmp_path / "xy") == draws_cmd.weights_digest(tmp_path / "yx")
+    (tmp_path / "bit").mkdir()
+    save_file({"x": a, "y": torch.nextafter(b, torch.tensor(2.0))}, tmp_path / "bit" / "model.safetensors")
+    assert draws_cmd.weights_digest(tmp_path / "bit") != draws_cmd.weights_digest(tmp_path / "xy")
