@@ -22,22 +22,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_world_step import random_toy_models, seconds, unet_step, vae_step
-from lib import utils as U  # noqa: E402 (bench_spo_step put the repository on sys.path)
+from bench_world_step import UNET_SIZES, VAE_SIZES, seconds, unet_setup, unet_step, vae_step
+from lib import utils as U  # noqa: E402 (bench_world_step's import put the repository on sys.path)
 
+VAE, UNET = VAE_SIZES[0], UNET_SIZES[0]  # (widths, batch): the toy preset's, listed first there
 PARTS = ("forward and loss", "backward", "gradient clipping", "AdamW", "weight average")
 
 
 def unet_parts(reps: int, warmup: int) -> dict[str, float]:
     """Median milliseconds of each part of stage 0's UNet step at the preset's sizes."""
-    tokenizer, _, text_encoder, unet = random_toy_models()
-    world = U.preset_defaults("toy", "world", False)  # set when random_toy_models loads stage 0
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = U.adamw(params, lr=1e-4, weight_decay=0.0)
+    unet, text_encoder, params, opt, ids, z, t = unet_setup(*UNET)
+    decay = U.preset_defaults("toy", "world", False)["ema_decay"]  # set once stage 0 is loaded
     ema = [p.detach().clone() for p in params]
-    batch = world["unet_batch"]
-    ids = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.model_max_length))
-    z, t = torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,))
     times = {part: [] for part in PARTS}
     for rep in range(warmup + reps):
         clock = [time.perf_counter()]
@@ -53,7 +49,7 @@ def unet_parts(reps: int, warmup: int) -> dict[str, float]:
         clock.append(time.perf_counter())
         with torch.no_grad():  # 00_toy_world.train_unet's update, at its decay
             for e, p in zip(ema, params):
-                e.mul_(world["ema_decay"]).add_(p.detach(), alpha=1 - world["ema_decay"])
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         clock.append(time.perf_counter())
         if rep >= warmup:
             for part, start, end in zip(PARTS, clock, clock[1:]):
@@ -79,13 +75,12 @@ def main():
     print("| step | path | ms per step | against the plain path | first step, s |")
     print("|---|---|---|---|---|")
     cl = torch.channels_last
-    paths = [("VAE", "plain", lambda: vae_step((16, 32, 64), 32)),
-             ("VAE", "channels-last", lambda: vae_step((16, 32, 64), 32, cl)),
-             ("UNet + text", "plain", lambda: unet_step("64,128", 32)),
-             ("UNet + text", "channels-last", lambda: unet_step("64,128", 32, cl))]
+    paths = [("VAE", "plain", lambda: vae_step(*VAE)),
+             ("VAE", "channels-last", lambda: vae_step(*VAE, cl)),
+             ("UNet + text", "plain", lambda: unet_step(*UNET)),
+             ("UNet + text", "channels-last", lambda: unet_step(*UNET, cl))]
     if args.compile:
-        paths.append(("UNet + text", "torch.compile",
-                      lambda: unet_step("64,128", 32, compiled=True)))
+        paths.append(("UNet + text", "torch.compile", lambda: unet_step(*UNET, compiled=True)))
     plain = {}
     for part, path, build in paths:
         step = build()

@@ -47,16 +47,22 @@ def vae_step(widths: tuple, batch: int, memory_format=torch.contiguous_format):
     return step
 
 
-def unet_step(widths: str, batch: int, memory_format=torch.contiguous_format, compiled=False):
-    """One UNet + text encoder training step of stage 0 at `widths`; `compiled`: its forward
-    and loss through torch.compile (inductor), which compiles on the first step."""
+def unet_setup(widths: str, batch: int, memory_format=torch.contiguous_format):
+    """Stage 0's UNet and text encoder at `widths` with random weights, their AdamW, and one
+    random batch: (unet, text_encoder, params, opt, ids, z, t)."""
     tokenizer, _, text_encoder, unet = random_toy_models(unet_channels=widths)
     unet.to(memory_format=memory_format)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = U.adamw(params, lr=1e-4, weight_decay=0.0)
     ids = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.model_max_length))
     z = torch.randn(batch, 4, 8, 8).to(memory_format=memory_format)
-    t = torch.randint(0, 1000, (batch,))
+    return unet, text_encoder, params, opt, ids, z, torch.randint(0, 1000, (batch,))
+
+
+def unet_step(widths: str, batch: int, memory_format=torch.contiguous_format, compiled=False):
+    """One UNet + text encoder training step of stage 0 at `widths`; `compiled`: its forward
+    and loss through torch.compile (inductor), which compiles on the first step."""
+    unet, text_encoder, params, opt, ids, z, t = unet_setup(widths, batch, memory_format)
 
     def forward(z, t, ids, noise):
         return F.mse_loss(unet(z, t, text_encoder(ids).last_hidden_state).sample, noise)

@@ -285,8 +285,8 @@ def weights_digest(folder: Path) -> str:
 
 
 def fingerprint_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Whether this machine draws the same world as another: "
-                                "the digests of stage 0's weights after its first steps")
+    p = argparse.ArgumentParser(description="Whether this machine rounds stage 0's first steps as "
+                                "another does: the digests of its weights after them")
     p.add_argument("--seed", type=int, default=0, help="stage 0's seed (the draw)")
     p.add_argument("--tiny", action="store_true", help="stage 0 at its --tiny sizes (seconds)")
     p.set_defaults(_stage="fingerprint", preset="toy", run=None)
