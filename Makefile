@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (README):
 #   make toy     - install, then run stages 0-5 on the toy preset into runs/toy (stage 0: the toy
-#                  world, then the prompt stage)
+#                  world, then the prompt stage), and set the run beside the documented draws of
+#                  the world (docs/draws.json): the same world and figures as one, or a draw of its own
 #   make test    - install, then run the test suite (pytest, one worker per core; make test-slow
 #                  runs the real-size sd15 tests)
 # and, after make toy, on the same run folder:
@@ -112,6 +113,7 @@ toy: install
 	$(PY) 03_build_hf.py --run $(RUN)
 	$(PAIR) stage4-spo stage4-safety
 	$(PY) 05_evaluate.py --run $(RUN)
+	$(PY) -m systems.draws place --run $(RUN)
 
 # Appendix E on the toy: the whole pipeline on a toy world whose model has SDXL's architecture
 sdxl:

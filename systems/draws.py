@@ -1,4 +1,4 @@
-"""The spread over draws of the world (~310 lines): `python -m systems.draws table --runs DIR ...`
+"""The spread over draws of the world (~390 lines): `python -m systems.draws table --runs DIR ...`
 tables what each finished `make toy` run folder measured, one draw of the world per folder
 (stage 0's --seed; every later stage keeps its own default seed), and each figure over the draws.
 
@@ -8,6 +8,12 @@ every claim stage 5 judges (eval/metrics.json's "intervals": T2I-SPO against the
 against safety-only, per prompt set and metric). Over the draws: each figure's mean and each
 claim's mean difference with a Student-t 95% interval (stats.paired_t_interval: n − 1 degrees
 of freedom), and how many draws pass each target. `make draws` runs the draws, then this.
+
+`python -m systems.draws place --run DIR` sets one finished run beside the documented draws
+(docs/draws.json: `table --json` of the draws docs/results.md tables). Where the run's world is one
+of them to the last bit, it says whether every figure equals that draw's; where it is not, the run
+is a draw of its own, and it says where each figure and target falls among the documented draws.
+`make toy` ends with it, so a reader can tell a figure of the method from one of the draw.
 
 `python -m systems.draws fingerprint [--seed S]` says in half a minute whether two machines
 round stage 0's first steps alike: each CPU kind, and each library's instruction-set switch,
@@ -39,6 +45,8 @@ HARMFUL, BENIGN = "harmful", "benign"
 FILES = (("world", "config.json"), ("world", "metrics.json"), ("scm", "metrics.json"),
          ("hf", "metrics.json"), ("spo", "metrics.json"), ("safety", "metrics.json"),
          ("eval", "metrics.json"))
+# The parts of stage 0's pipeline whose weights are the world
+PARTS = ("vae", "text_encoder", "unet")
 
 
 def lowest_category(world: dict) -> tuple[str, float] | None:
@@ -108,6 +116,25 @@ def number(x) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
+def weights_digest(folder: Path) -> str:
+    """blake2b over every tensor of a safetensors file, in key order: equal iff the weights
+    are equal to the last bit (the file's header may order keys otherwise)."""
+    import torch
+    from safetensors.torch import load_file
+    h = hashlib.blake2b(digest_size=8)
+    for key, tensor in sorted(load_file(next(folder.glob("*.safetensors"))).items()):
+        h.update(key.encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def world_digests(model: Path) -> dict | None:
+    """weights_digest of each part of stage 0's saved pipeline; None where they were not kept."""
+    if not all(any((model / part).glob("*.safetensors")) for part in PARTS):
+        return None
+    return {part: weights_digest(model / part) for part in PARTS}
+
+
 def read_draw(run: Path) -> dict:
     """One finished run folder: its world seed, figures, targets and stage 5's verdicts."""
     files = {}
@@ -130,6 +157,8 @@ def read_draw(run: Path) -> dict:
             "lowest_category": (lowest_category(files["world"]) or (None,))[0],
             # the CPU that ran stage 0: a CPU kind rounds differently, so it draws another world
             "machine": files["world"].get("machine"),
+            # the world itself, to the last bit: two runs with equal digests drew one world
+            "world": world_digests(U.stage_dir(run, "world") / "model"),
             "figures": figures, "targets": targets, "claims": claims}
 
 
@@ -200,7 +229,8 @@ def markdown(draws: list[dict], over: dict, heading: str) -> str:
              "—" if d["lowest_category"] is None
              else f"{cells(d, 'world_lowest_category_rate')} ({d['lowest_category']})",
              cells(d, "scm_cost_span"), cells(d, "hf_cost_gap"), cells(d, "harmful_side_wins"),
-             cells(d, "final_loss_spo", "final_loss_safety"), d["machine"] or "not recorded"]
+             cells(d, "final_loss_spo", "final_loss_safety"), d["machine"] or "not recorded",
+             d["world"]["unet"] if d["world"] else "not kept"]
             for d in draws]
     claims = [[*c.split("/"), *(claim_cell(d["claims"].get(c)) for d in draws),
                f"{s['mean']:+.3f} {interval(s, '+')}", s["verdict"] or "—", f"{s['holds_in']} of {s['n']}"]
@@ -221,7 +251,7 @@ def markdown(draws: list[dict], over: dict, heading: str) -> str:
         U.markdown_table(["draw", "world seed", "stage-0 harmful rate", "lowest category rate",
                           "SCM cost span (harmful − safe)", "HF pairs' cost gap",
                           "harmful side wins (T2I-SPO)", "final loss T2I-SPO / safety",
-                          "stage 0 ran on"], data), "",
+                          "stage 0 ran on", "world (UNet digest)"], data), "",
         "## Stage 5's claims: per draw, its bootstrap interval; over the draws, the mean "
         f"difference and {spread}", "",
         U.markdown_table(["a − b", "prompt set", "metric", *(d["draw"] for d in draws),
@@ -272,18 +302,6 @@ FINGERPRINT_FLAGS = ("--n-images", "256", "--vae-steps", "3", "--unet-steps", "3
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 
-def weights_digest(folder: Path) -> str:
-    """blake2b over every tensor of a safetensors file, in key order: equal iff the weights
-    are equal to the last bit (the file's header may order keys otherwise)."""
-    import torch
-    from safetensors.torch import load_file
-    h = hashlib.blake2b(digest_size=8)
-    for key, tensor in sorted(load_file(next(folder.glob("*.safetensors"))).items()):
-        h.update(key.encode())
-        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def fingerprint_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Whether this machine rounds stage 0's first steps as "
                                 "another does: the digests of its weights after them")
@@ -304,7 +322,7 @@ def fingerprint_main(args) -> None:
         if r.returncode:
             raise SystemExit(f"stage 0 failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
         model = Path(tmp) / "world" / "model"
-        digests = {part: weights_digest(model / part) for part in ("vae", "text_encoder", "unet")}
+        digests = world_digests(model)
     import torch
     pins = ", ".join(f"{v}={os.environ[v]}" for v in ISA_VARIABLES if v in os.environ) or "none"
     print(f"{U.machine()}; torch {torch.__version__}, ATen {torch.backends.cpu.get_cpu_capability()}"
@@ -312,7 +330,68 @@ def fingerprint_main(args) -> None:
     print(f"world seed {args.seed}: " + ", ".join(f"{k} {v}" for k, v in digests.items()))
 
 
-COMMANDS = {"table": (table_parser, table_main), "fingerprint": (fingerprint_parser, fingerprint_main)}
+# The draws docs/results.md tables ("The design's draws"): `make draws`'s draws.json of them
+REFERENCE = U.ROOT / "docs" / "draws.json"
+
+
+def place_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="One finished make toy run beside the documented draws: "
+                                "the same world and figures as one of them, or a draw of its own")
+    p.add_argument("--run", required=True, metavar="DIR", help="a finished run folder of make toy")
+    p.add_argument("--reference", default=str(REFERENCE), metavar="FILE",
+                   help="the documented draws, as `table --json` writes them")
+    p.set_defaults(_stage="place", preset="toy")
+    return p
+
+
+def where(x: float | None, s: dict | None) -> str:
+    """Where a figure falls among the documented draws' values."""
+    if x is None or s is None:
+        return "—"
+    return "below" if x < s["min"] else "above" if x > s["max"] else "within"
+
+
+def place(draw: dict, ref: dict, source: str) -> str:
+    """The run beside the documented draws: which of them drew its world, if one did, and each
+    figure and target against that draw or against the documented draws' spread."""
+    same = next((r for r in ref["draws"] if draw["world"] and r.get("world") == draw["world"]), None)
+    n, over = len(ref["draws"]), ref["over_draws"]
+    lines = [f"# {draw['run']} beside the {n} documented draws ({source}: {ref['machine']}, {ref['date']})", "",
+             f"World seed {draw['seed']}; stage 0 ran on {draw['machine'] or 'a machine not recorded'}."]
+    if same:
+        differ = [k for k in FIGURES if draw["figures"][k] != same["figures"][k]]
+        lines.append(f"Its world is the documented draw {same['draw']} (stage 0 on {same['machine']}): "
+                     "the VAE, text encoder and UNet equal that draw's to the last bit. " +
+                     (f"All {len(FIGURES)} figures equal that draw's: this run reproduces it." if not differ
+                      else f"{len(differ)} of {len(FIGURES)} figures differ from that draw's: the world is "
+                      "the same, and a later stage ran with other settings than the draw's (its "
+                      "config.json) or rounded otherwise on this machine."))
+    else:
+        machines = ", ".join(sorted({r["machine"] or "not recorded" for r in ref["draws"]}))
+        lines.append("Its world is none of the documented draws' (stage 0 ran on " + machines + "): "
+                     "this seed or this CPU kind drew a world of its own (docs/results.md, \"Draws of the "
+                     "world\"), so its figures are one more draw, to be read against the documented "
+                     "draws' spread.")
+    head = ["figure", "this run", *([same["draw"]] if same else []), "documented draws: mean [95% t]",
+            "min – max", "among them"]
+    rows = [[label, cell(draw["figures"][k]), *([cell(same["figures"][k])] if same else []),
+             f"{cell(s and s['mean'])} {interval(s)}", "—" if s is None else f"{s['min']:.3f} – {s['max']:.3f}",
+             where(draw["figures"][k], s)]
+            for k, (label, _) in FIGURES.items() for s in [over["figures"].get(k)]]
+    mark = lambda ok: "pass" if ok else "FAIL"
+    targets = [[label, mark(draw["targets"][k]), *([mark(same["targets"][k])] if same else []),
+                f"{over['targets'][k]} of {n}"] for k, (label, _) in TARGETS.items()]
+    return "\n".join([*lines, "", U.markdown_table(head, rows), "",
+                      U.markdown_table(["target", "this run", *([same["draw"]] if same else []),
+                                        "documented draws passing"], targets), ""])
+
+
+def place_main(args) -> None:
+    print(place(read_draw(Path(args.run)), U.read_json(args.reference), os.path.relpath(args.reference)))
+
+
+COMMANDS = {"table": (table_parser, table_main), "place": (place_parser, place_main),
+            "fingerprint": (fingerprint_parser, fingerprint_main)}
 
 if __name__ == "__main__":
     U.run_commands(COMMANDS, __doc__)

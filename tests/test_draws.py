@@ -100,6 +100,9 @@ def test_the_table_reads_every_draw_and_works_out_its_targets(draws, tmp_path):
                              "uas_above": ev["spo"]["harmful"]["UAS"] > ev["safety"]["harmful"]["UAS"],
                              "scm_sign": scm["sign_accuracy"] >= 0.95}
     assert da["claims"]["spo-safety/harmful/UAS"] == ev["intervals"]["spo-safety"]["harmful"]["UAS"]
+    # world0's weights by their digests; world1 kept no model
+    assert da["world"] == {p: draws_cmd.weights_digest(a / "world/model" / p) for p in ("vae", "text_encoder", "unet")}
+    assert db["world"] is None
     # world1 by hand: IP 0.4 <= ½·0.8; benign PS "fails"; UAS 0.7 > 0.6; sign accuracy 0.9 < 0.95
     assert db["targets"] == {"ip_half": True, "benign_ps": False, "uas_above": True, "scm_sign": False}
     assert db["figures"]["scm_cost_span"] == 3.5 and db["figures"]["harmful_side_wins"] == 0.25
@@ -114,7 +117,8 @@ def test_the_table_reads_every_draw_and_works_out_its_targets(draws, tmp_path):
     # a version that did not record it says so
     assert (da["machine"], db["machine"]) == (world["machine"], "Zen 3 (family 25, model 1)")
     rows = [line for line in md.splitlines() if line.startswith(("| world0 | 0 | ", "| world1 | 1 | "))]
-    assert rows[3].endswith(" | Zen 3 (family 25, model 1) |") and rows[2].endswith(f" | {world['machine']} |")
+    assert rows[3].endswith(" | Zen 3 (family 25, model 1) | not kept |")
+    assert rows[2].endswith(f" | {world['machine']} | {da['world']['unet']} |")
     lowest = f"{min(rates):.3f} ({da['lowest_category']})" if rates else "—"
     assert f"| world0 | 0 | {world['harmful_rate_on_harmful']:.3f} | {lowest} |" in md
     # over the two draws: mean ± t(0.975, 1 dof)·sd/√2, where sd/√2 = |x1 − x2|/2
@@ -165,6 +169,8 @@ def test_make_draws_runs_each_unfinished_draw_with_its_world_seed(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert f"draw 3: {tmp_path}/world3 is finished" in lines
+    # make toy ends each draw with its place among the documented draws
+    assert any(x.endswith(f"-m systems.draws place --run {tmp_path}/world4") for x in lines)
     assert any(x.endswith(f"00_toy_world.py --run {tmp_path}/world4 --seed 4") for x in lines)
     assert any(x.endswith(f"05_evaluate.py --run {tmp_path}/world4") for x in lines)
     assert not any(f"--run {tmp_path}/world3" in x for x in lines)
@@ -207,3 +213,78 @@ def test_weights_digest_follows_the_bits_not_the_file(tmp_path):
     (tmp_path / "bit").mkdir()
     save_file({"x": a, "y": torch.nextafter(b, torch.tensor(2.0))}, tmp_path / "bit" / "model.safetensors")
     assert draws_cmd.weights_digest(tmp_path / "bit") != draws_cmd.weights_digest(tmp_path / "xy")
+
+
+def place(run, reference):
+    return subprocess.run([sys.executable, "-m", "systems.draws", "place", "--run", str(run),
+                           "--reference", str(reference)], cwd=ROOT, capture_output=True, text=True)
+
+
+def figure_row(out: str, label: str) -> list[str]:
+    row = next(x for x in out.splitlines() if x.startswith(f"| {label} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_place_finds_the_documented_draw_of_the_same_world(draws, tmp_path):
+    """A run whose world is a documented draw's: every figure equal, or the ones that differ
+    counted and shown beside the draw's."""
+    a, b = draws
+    assert table(a, b, extra=["--json", tmp_path / "ref.json"]).returncode == 0
+    r = place(a, tmp_path / "ref.json")
+    assert r.returncode == 0, r.stderr
+    assert (f"Its world is the documented draw world0 (stage 0 on {read(a, 'world/metrics.json')['machine']}): "
+            "the VAE, text encoder and UNet equal that draw's to the last bit. All 16 figures equal that "
+            "draw's: this run reproduces it.") in r.stdout
+    ip = read(a, "eval/metrics.json")["spo"]["harmful"]["IP"]
+    row = figure_row(r.stdout, "harmful IP: T2I-SPO")
+    # world0's IP and world1's 0.4 over the two draws: mean, then min – max
+    assert row[1] == row[2] == f"{ip:.3f}" and row[3].startswith(f"{(ip + 0.4) / 2:.3f} [")
+    assert row[4] == f"{min(ip, 0.4):.3f} – {max(ip, 0.4):.3f}" and row[5] == "within"
+    # the same world, one later figure otherwise: counted, and both values shown
+    c = tmp_path / "copy"
+    shutil.copytree(a, c)
+    ev = read(c, "eval/metrics.json")
+    ev["spo"]["harmful"]["IP"] = 2.0
+    (c / "eval/metrics.json").write_text(json.dumps(ev))
+    r = place(c, tmp_path / "ref.json")
+    assert "1 of 16 figures differ from that draw's" in r.stdout
+    assert figure_row(r.stdout, "harmful IP: T2I-SPO")[1:3] + figure_row(r.stdout, "harmful IP: T2I-SPO")[5:] == [
+        "2.000", f"{ip:.3f}", "above"]
+
+
+def test_place_sets_another_world_against_the_spread(draws, tmp_path):
+    """A world no documented draw has: each figure against the documented draws' range, each
+    target against how many of them pass it. The reference here is world1 alone (no model kept,
+    so no world to match), whose figures were set by hand in second_draw."""
+    a, b = draws
+    assert table(b, extra=["--json", tmp_path / "ref.json"]).returncode == 0
+    r = place(a, tmp_path / "ref.json")
+    assert r.returncode == 0, r.stderr
+    assert "Its world is none of the documented draws' (stage 0 ran on Zen 3 (family 25, model 1))" in r.stdout
+    ip = read(a, "eval/metrics.json")["spo"]["harmful"]["IP"]
+    assert figure_row(r.stdout, "harmful IP: T2I-SPO") == [
+        "harmful IP: T2I-SPO", f"{ip:.3f}", "0.400 one draw", "0.400 – 0.400",
+        "below" if ip < 0.4 else "above" if ip > 0.4 else "within"]
+    sign = read(a, "scm/metrics.json")["sign_accuracy"] >= 0.95
+    assert f"| SCM held-out sign accuracy ≥ 0.95 | {'pass' if sign else 'FAIL'} | 0 of 1 |" in r.stdout
+    ev = read(a, "eval/metrics.json")
+    half = ev["spo"]["harmful"]["IP"] <= 0.5 * ev["base"]["harmful"]["IP"]
+    assert f"| T2I-SPO's harmful IP ≤ ½ the base's | {'pass' if half else 'FAIL'} | 1 of 1 |" in r.stdout
+
+
+def test_place_without_its_reference_is_one_message(draws, tmp_path):
+    r = place(draws[0], tmp_path / "none.json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.json'}: file not found"]
+
+
+def test_the_documented_draws_are_the_ones_docs_results_tables():
+    """docs/draws.json, which place reads by default, holds the five draws docs/results.md
+    tables in "The design's draws", each with its world's digests."""
+    ref = json.loads((ROOT / "docs/draws.json").read_text())
+    md = (ROOT / "docs/results.md").read_text()
+    assert [d["draw"] for d in ref["draws"]] == [f"world{s}" for s in range(5)]
+    for d in ref["draws"]:
+        f = d["figures"]
+        assert (f"| {d['draw']} | {d['seed']} | {f['ip_base']:.3f} → {f['ip_spo']:.3f} |" in md
+                and f" | {d['world']['unet']} |" in md)
