@@ -195,6 +195,10 @@ def cell(x) -> str:
     return "—" if x is None else U.fmt(x)
 
 
+def mark(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
 def cells(d: dict, *keys: str, sep: str = " / ") -> str:
     """A draw's figures `keys` in one cell: "a / b", or "a → b" for a change."""
     return sep.join(cell(d["figures"][k]) for k in keys)
@@ -219,7 +223,7 @@ def interval(s: dict | None, sign: str = "") -> str:
 def markdown(draws: list[dict], over: dict, heading: str) -> str:
     """The tables: the targets per draw, the data behind them per draw, stage 5's claims per
     draw and over the draws, and every figure and target over the draws."""
-    n, mark = len(draws), lambda ok: "pass" if ok else "FAIL"
+    n = len(draws)
     targets = [[d["draw"], d["seed"], cells(d, "ip_base", "ip_spo", sep=" → "),
                 mark(d["targets"]["ip_half"]), claim_cell(d["claims"].get(f"spo-base/{BENIGN}/PS")),
                 mark(d["targets"]["benign_ps"]), cells(d, "uas_spo", "uas_safety"),
@@ -378,7 +382,6 @@ def place(draw: dict, ref: dict, source: str) -> str:
              f"{cell(s and s['mean'])} {interval(s)}", "—" if s is None else f"{s['min']:.3f} – {s['max']:.3f}",
              where(draw["figures"][k], s)]
             for k, (label, _) in FIGURES.items() for s in [over["figures"].get(k)]]
-    mark = lambda ok: "pass" if ok else "FAIL"
     targets = [[label, mark(draw["targets"][k]), *([mark(same["targets"][k])] if same else []),
                 f"{over['targets'][k]} of {n}"] for k, (label, _) in TARGETS.items()]
     return "\n".join([*lines, "", U.markdown_table(head, rows), "",
@@ -387,7 +390,12 @@ def place(draw: dict, ref: dict, source: str) -> str:
 
 
 def place_main(args) -> None:
-    print(place(read_draw(Path(args.run)), U.read_json(args.reference), os.path.relpath(args.reference)))
+    draw, ref = read_draw(Path(args.run)), U.read_json(args.reference)
+    try:
+        print(place(draw, ref, os.path.relpath(args.reference)))
+    except (KeyError, TypeError) as e:
+        raise U.DataError(f"{args.reference}: not the JSON of `python -m systems.draws table --json` "
+                          f"(no {e.args[0]!r})") from None
 
 
 COMMANDS = {"table": (table_parser, table_main), "place": (place_parser, place_main),

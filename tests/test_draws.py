@@ -276,6 +276,11 @@ def test_place_without_its_reference_is_one_message(draws, tmp_path):
     r = place(draws[0], tmp_path / "none.json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.json'}: file not found"]
+    (tmp_path / "other.json").write_text(json.dumps({"draws": []}))
+    r = place(draws[0], tmp_path / "other.json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'other.json'}: not the JSON of "
+                                             "`python -m systems.draws table --json` (no 'over_draws')"]
 
 
 def test_the_documented_draws_are_the_ones_docs_results_tables():
