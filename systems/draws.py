@@ -220,6 +220,11 @@ def interval(s: dict | None, sign: str = "") -> str:
     return f"[{s['lo']:{sign}.3f}, {s['hi']:{sign}.3f}]"
 
 
+def span(s: dict | None) -> str:
+    """A summary's range over the draws, "min – max"."""
+    return "—" if s is None else f"{s['min']:.3f} – {s['max']:.3f}"
+
+
 def markdown(draws: list[dict], over: dict, heading: str) -> str:
     """The tables: the targets per draw, the data behind them per draw, stage 5's claims per
     draw and over the draws, and every figure and target over the draws."""
@@ -240,7 +245,7 @@ def markdown(draws: list[dict], over: dict, heading: str) -> str:
                f"{s['mean']:+.3f} {interval(s, '+')}", s["verdict"] or "—", f"{s['holds_in']} of {s['n']}"]
               for c, s in over["claims"].items()]
     figures = [[label, s["n"] if s else 0, cell(s and s["mean"]), interval(s),
-                "—" if s is None else f"{s['min']:.3f} – {s['max']:.3f}"]
+                span(s)]
                for k, (label, _) in FIGURES.items() for s in [over["figures"][k]]]
     passed = [[label, f"{over['targets'][k]} of {n}"] for k, (label, _) in TARGETS.items()]
     spread = ("a Student-t 95% interval (n − 1 degrees of freedom)" if n > 1
@@ -379,7 +384,7 @@ def place(draw: dict, ref: dict, source: str) -> str:
     head = ["figure", "this run", *([same["draw"]] if same else []), "documented draws: mean [95% t]",
             "min – max", "among them"]
     rows = [[label, cell(draw["figures"][k]), *([cell(same["figures"][k])] if same else []),
-             f"{cell(s and s['mean'])} {interval(s)}", "—" if s is None else f"{s['min']:.3f} – {s['max']:.3f}",
+             f"{cell(s and s['mean'])} {interval(s)}", span(s),
              where(draw["figures"][k], s)]
             for k, (label, _) in FIGURES.items() for s in [over["figures"].get(k)]]
     targets = [[label, mark(draw["targets"][k]), *([mark(same["targets"][k])] if same else []),
